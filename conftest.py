@@ -1,0 +1,64 @@
+"""Root fixtures: devices, the tolerance table, marker skips, Hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from moekit.testing import TOLERANCE, assert_close_to_reference
+
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False
+)
+settings.register_profile("gpu", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _skip_reason(marker: str) -> str | None:
+    """Why a test with this marker cannot run here, or None when it can."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if marker == "gpu" and gpus == 0:
+        return "needs a CUDA device; none here"
+    if marker == "multigpu" and gpus < 2:
+        return f"needs 2 or more CUDA devices; {gpus} here"
+    if marker == "nvshmem":
+        if gpus == 0:
+            return "needs NVSHMEM, which needs CUDA; no CUDA device here"
+        try:
+            from torch.distributed._symmetric_memory import is_nvshmem_available
+        except ImportError:
+            return "this torch has no torch.distributed._symmetric_memory.is_nvshmem_available"
+        if not is_nvshmem_available():
+            return "NVSHMEM is not available to this torch"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker in ("gpu", "multigpu", "nvshmem"):
+            if item.get_closest_marker(marker) and (reason := _skip_reason(marker)):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(params=DEVICES, scope="session")
+def device(request) -> torch.device:
+    """Every device here: the CPU always, CUDA when present."""
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def tolerance():
+    """The dtype -> relative-error table (moekit.testing.TOLERANCE)."""
+    return TOLERANCE
+
+
+@pytest.fixture
+def assert_close():
+    """assert_close(out, ref, dtype, what): ||out - ref|| / ||ref|| within the dtype's tolerance."""
+    return assert_close_to_reference

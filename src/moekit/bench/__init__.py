@@ -1,0 +1,1 @@
+"""Benchmarks: timing (CUDA events on GPU), cases, tables and plots."""

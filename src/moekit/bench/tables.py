@@ -1,0 +1,28 @@
+"""Printing benchmark results as rich tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence], console: Console | None = None):
+    """One rich table: a header of `columns`, then `rows`; a console that is not a terminal is 200 wide."""
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(format_value(v) for v in row))
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 200)
+    console.print(table)
+
+
+def format_value(value) -> str:
+    """Floats: thousands separators from 100 up, else 3 significant digits; the rest: str()."""
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)

@@ -1,0 +1,117 @@
+"""The `moekit` command: `moekit bench router`, more stages as they land."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from moekit.bench.machine import machine_info
+from moekit.bench.router import bench_routers
+from moekit.bench.tables import print_table
+from moekit.config import MoEConfig
+from moekit.routing import ROUTERS
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    return device
+
+
+def _router_parser(sub) -> None:
+    p = sub.add_parser("router", help="time logits, selection and packing per router, with load statistics")
+    p.add_argument("--tokens", type=int, help="T (default 4096 on CPU, 16384 on GPU)")
+    p.add_argument("--hidden", type=int, help="H (default 1024 on CPU, 7168 on GPU)")
+    p.add_argument("--experts", type=int, help="E (default 64 on CPU, 256 on GPU)")
+    p.add_argument("--topk", type=int, default=8, help="K")
+    p.add_argument("--n-group", type=int, default=8, help="grouped_topk: expert groups")
+    p.add_argument("--topk-group", type=int, default=4, help="grouped_topk: groups kept per token")
+    p.add_argument("--router", action="append", choices=ROUTERS.names(), help="repeatable; default all")
+    p.add_argument("--skew-experts", type=int, default=0, help="bias the logits of the first N experts")
+    p.add_argument("--skew-bias", type=float, default=0.0, help="by this amount")
+    p.add_argument("--capacity-factor", type=float, help="count tokens over this capacity as dropped")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, float32 on CPU")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per step (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.set_defaults(run=_run_router)
+
+
+def _run_router(args) -> int:
+    device = _device(args.device)
+    gpu = device.type == "cuda"
+    config = MoEConfig(
+        hidden_size=args.hidden or (7168 if gpu else 1024),
+        ffn_size=1,  # the router bench needs no expert weights
+        num_experts=args.experts or (256 if gpu else 64),
+        top_k=args.topk,
+        n_group=args.n_group,
+        topk_group=args.topk_group,
+        capacity_factor=args.capacity_factor,
+        dtype=DTYPES[args.dtype or ("bf16" if gpu else "float32")],
+    )
+    num_tokens = args.tokens or (16384 if gpu else 4096)
+    results = bench_routers(
+        config,
+        num_tokens,
+        args.router or ROUTERS.names(),
+        device,
+        skew_experts=args.skew_experts,
+        skew_amount=args.skew_bias,
+        seed=args.seed,
+        runs=args.runs,
+    )
+    info = machine_info(device)
+    title = (
+        f"routers on {info['device']} ({info['kind']}): T={num_tokens} H={config.hidden_size} "
+        f"E={config.num_experts} K={config.top_k} {config.dtype}, median µs"
+    )
+    columns = ["router", "T_logit", "T_select", "T_pack", "T_route", "max/mean", "CV", "dropped"]
+    rows = [
+        [
+            r.router,
+            r.t_logit_us,
+            r.t_select_us,
+            r.t_pack_us,
+            r.t_route_us,
+            r.stats.max_over_mean,
+            r.stats.cv,
+            r.stats.dropped if r.stats.capacity is not None else "-",
+        ]
+        for r in results
+    ]
+    print_table(title, columns, rows)
+    if args.json:
+        payload = {
+            "machine": info,
+            "config": repr(config),
+            "tokens": num_tokens,
+            "results": [r.as_dict() for r in results],
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="run a benchmark").add_subparsers(dest="stage", required=True)
+    _router_parser(bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"moekit: {error}") from None

@@ -1,0 +1,29 @@
+"""grouped_topk: DeepSeek-V3's router (sigmoid scores, correction bias, group-limited top-k, scaling)."""
+
+import torch
+
+from moekit.routing.registry import ROUTERS, Routing, score_dtype, stable_topk
+
+
+@ROUTERS.register("grouped_topk")
+def grouped_topk(logits: torch.Tensor, config, correction_bias=None) -> Routing:
+    """logits [T, E], correction_bias [E] or None -> Routing.
+
+    scores = sigmoid(logits); the bias shifts which experts are chosen, not their weights.
+    A group's score is the sum of its two best biased scores (its best one when a group holds one
+    expert); each token keeps topk_group groups and picks K experts among them. The weights are the
+    unbiased scores, renormalised to sum to 1 when config.renormalize, times routed_scaling_factor.
+    """
+    T, E = logits.shape
+    scores = torch.sigmoid(logits.to(score_dtype(logits)))
+    biased = scores if correction_bias is None else scores + correction_bias.to(scores.dtype)
+    per_group = biased.view(T, config.n_group, config.experts_per_group)
+    group_scores = stable_topk(per_group, min(2, config.experts_per_group))[0].sum(dim=-1)
+    kept_groups = stable_topk(group_scores, config.topk_group)[1]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
+    expert_mask = group_mask.repeat_interleave(config.experts_per_group, dim=1)
+    ids = stable_topk(biased.masked_fill(~expert_mask, float("-inf")), config.top_k)[1]
+    weights = scores.gather(1, ids)
+    if config.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(ids.to(torch.int32), weights * config.routed_scaling_factor)

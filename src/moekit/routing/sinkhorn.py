@@ -1,0 +1,32 @@
+"""sinkhorn: balanced assignment by Sinkhorn-Knopp normalisation of exp(logits / temperature)."""
+
+import math
+
+import torch
+
+from moekit.routing.registry import ROUTERS, Routing, score_dtype, stable_topk
+
+
+def sinkhorn_log_plan(logits: torch.Tensor, iterations: int, temperature: float) -> torch.Tensor:
+    """logits [T, E] -> log of a transport plan whose rows sum to 1 and columns to about T / E.
+
+    Each iteration normalises the rows, then the columns, in log space (no overflow for large logits).
+    """
+    T, E = logits.shape
+    log_plan = logits / temperature
+    column_mass = math.log(T / E) if T else 0.0
+    for _ in range(iterations):
+        log_plan = log_plan - torch.logsumexp(log_plan, dim=1, keepdim=True)
+        log_plan = log_plan - torch.logsumexp(log_plan, dim=0, keepdim=True) + column_mass
+    return log_plan
+
+
+@ROUTERS.register("sinkhorn")
+def sinkhorn(logits: torch.Tensor, config, correction_bias=None) -> Routing:
+    """logits [T, E] -> Routing: experts chosen from the balanced plan, weighted by the softmax of the
+    logits at the chosen experts, renormalised to sum to 1 (the plan decides who, the router how much)."""
+    scores = logits.to(score_dtype(logits))
+    plan = sinkhorn_log_plan(scores, config.sinkhorn_iterations, config.sinkhorn_temperature)
+    ids = stable_topk(plan, config.top_k)[1]
+    weights = torch.softmax(scores, dim=-1).gather(1, ids)
+    return Routing(ids.to(torch.int32), weights / weights.sum(dim=-1, keepdim=True))

@@ -1,0 +1,74 @@
+"""Run a function on N ranks, one process each, with a process group set up and a deadline.
+
+Used by the distributed tests and by the multi-rank benchmarks. A collective that hangs fails with
+TimeoutError after `timeout_s` instead of hanging the caller.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# Never let NVLink multicast run on the shared GPU machines (KINDS.md): set in every rank we start.
+SAFE_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on localhost."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, fn, world_size, port, backend, timeout_s, args, results) -> None:
+    os.environ.update(SAFE_GPU_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    try:
+        # serialised to bytes: a tensor sent through the queue as is lives in the rank's shared memory,
+        # which is gone once the rank exits
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        results.put((rank, buffer.getvalue()))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout_s: float = 120.0) -> list:
+    """Run fn(rank, world_size, *args) on world_size spawned ranks; return their results by rank.
+
+    fn must be importable (module level). An exception on any rank is raised here; a rank that is
+    still running after timeout_s is killed and TimeoutError raised.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(
+            f"backend nccl with world_size {world_size} needs that many GPUs, found {torch.cuda.device_count()}"
+        )
+    os.environ.update(SAFE_GPU_ENV)
+    results = mp.get_context("spawn").SimpleQueue()
+    context = mp.start_processes(
+        _rank_main,
+        args=(fn, world_size, free_port(), backend, timeout_s, args, results),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{world_size} ranks of {fn.__name__} still running after {timeout_s:.0f} s")
+    by_rank = dict(results.get() for _ in range(world_size))
+    return [torch.load(io.BytesIO(by_rank[r]), weights_only=False) for r in range(world_size)]

@@ -1,0 +1,74 @@
+"""MoEWeights: every parameter of one MoE layer, in the layout Hugging Face transformers 5 and vLLM use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from moekit.config import MoEConfig
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    """Parameters of one MoE layer (E routed experts, S shared experts).
+
+    w_gate_up:  [E, 2F, H]  gate rows first, then up rows
+    w_down:     [E, H, F]
+    router_weight: [E, H]   logits = x @ router_weight.T (+ router_logit_bias)
+    router_logit_bias: [E] or None   added to the logits (synthetic skew lives here)
+    score_correction_bias: [E] or None   grouped_topk only: shifts selection, not the weights
+    shared_gate_up: [S, 2Fs, H] or None;  shared_down: [S, H, Fs] or None
+    """
+
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+    router_weight: torch.Tensor
+    router_logit_bias: torch.Tensor | None = None
+    score_correction_bias: torch.Tensor | None = None
+    shared_gate_up: torch.Tensor | None = None
+    shared_down: torch.Tensor | None = None
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> MoEWeights:
+        """Move every tensor; dtype applies to the expert weights, router tensors stay float32 or wider."""
+
+        def move(name: str, t: torch.Tensor | None):
+            if t is None:
+                return None
+            router_side = name.startswith(("router", "score"))
+            target = dtype if dtype is not None and not router_side else t.dtype
+            return t.to(device=device, dtype=target)
+
+        return replace(self, **{f.name: move(f.name, getattr(self, f.name)) for f in fields(self)})
+
+
+def _normal(shape, std: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float32) * std
+
+
+def init_weights(
+    config: MoEConfig,
+    *,
+    seed: int,
+    logit_bias: torch.Tensor | None = None,
+) -> MoEWeights:
+    """Seeded float32 CPU weights with magnitudes that keep activations O(1) (std 1/sqrt(fan_in)).
+
+    The same seed gives the same weights on every machine; move them with .to(device, dtype).
+    logit_bias [E] (e.g. from moekit.routing.skew_bias) becomes router_logit_bias.
+    """
+    g = torch.Generator().manual_seed(seed)
+    E, H, F = config.num_experts, config.hidden_size, config.ffn_size
+    S, Fs = config.num_shared_experts, config.shared_size
+    weights = MoEWeights(
+        w_gate_up=_normal((E, 2 * F, H), H**-0.5, g),
+        w_down=_normal((E, H, F), F**-0.5, g),
+        router_weight=_normal((E, H), H**-0.5, g),
+        router_logit_bias=logit_bias,
+        score_correction_bias=_normal((E,), 0.1, g) if config.router == "grouped_topk" else None,
+        shared_gate_up=_normal((S, 2 * Fs, H), H**-0.5, g) if S else None,
+        shared_down=_normal((S, H, Fs), Fs**-0.5, g) if S else None,
+    )
+    if logit_bias is not None and tuple(logit_bias.shape) != (E,):
+        raise ValueError(f"logit_bias must have shape ({E},), got {tuple(logit_bias.shape)}")
+    return weights
