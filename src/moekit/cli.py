@@ -1,4 +1,4 @@
-"""The `moekit` command: `moekit bench router`, more stages as they land."""
+"""The `moekit` command: `moekit bench router`, `moekit gate`, more stages as they land."""
 
 from __future__ import annotations
 
@@ -101,11 +101,44 @@ def _run_router(args) -> int:
     return 0
 
 
+def _gate_parser(commands) -> None:
+    p = commands.add_parser("gate", help="compare a perf run with the committed baseline of its machine kind")
+    p.add_argument("current", type=Path, help="pytest --benchmark-json output of tests/perf")
+    p.add_argument("--baseline", type=Path, help="default: baselines/<machine kind>.json")
+    p.add_argument("--ratios-only", action="store_true", help="gate on speedup ratios only (CPU)")
+    p.add_argument("--abs-margin", type=float, default=0.25, help="allowed growth of a median (default 25%%)")
+    p.add_argument("--plot", type=Path, help="also draw the comparison as a PNG")
+    p.set_defaults(run=_run_gate)
+
+
+def _run_gate(args) -> int:
+    from moekit.bench import gate
+
+    current = gate.load_run(args.current)
+    baseline_path = args.baseline or Path("baselines") / f"{gate.machine_kind_of(current)}.json"
+    if not baseline_path.exists():
+        raise SystemExit(
+            f"moekit gate: no baseline {baseline_path} for this machine kind; record one as "
+            "baselines/README.md says and commit it"
+        )
+    verdicts = gate.compare_runs(
+        gate.load_run(baseline_path), current, ratios_only=args.ratios_only, abs_margin=args.abs_margin
+    )
+    title = f"perf gate: {args.current} against {baseline_path}" + (" (ratios only)" if args.ratios_only else "")
+    gate.print_report(verdicts, title)
+    if args.plot:
+        gate.plot_report(verdicts, args.plot, title)
+    failed = [v.case for v in verdicts if not v.ok]
+    print(f"{len(failed)} of {len(verdicts)} cases failed" + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="run a benchmark").add_subparsers(dest="stage", required=True)
     _router_parser(bench)
+    _gate_parser(commands)
     return parser
 
 

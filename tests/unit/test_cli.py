@@ -12,9 +12,34 @@ from moekit.routing import ROUTERS
 
 def test_bench_router_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "router.json"
-    args = ["bench", "router", "--tokens", "256", "--hidden", "64", "--experts", "16", "--topk", "4",
-            "--n-group", "4", "--topk-group", "2", "--runs", "3", "--skew-experts", "2", "--skew-bias", "2",
-            "--capacity-factor", "1.0", "--device", "cpu", "--json", str(out)]
+    args = [
+        "bench",
+        "router",
+        "--tokens",
+        "256",
+        "--hidden",
+        "64",
+        "--experts",
+        "16",
+        "--topk",
+        "4",
+        "--n-group",
+        "4",
+        "--topk-group",
+        "2",
+        "--runs",
+        "3",
+        "--skew-experts",
+        "2",
+        "--skew-bias",
+        "2",
+        "--capacity-factor",
+        "1.0",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     for name in ROUTERS.names():

@@ -1,10 +1,14 @@
-"""Timing one callable: warm-up, then the median of many runs (CUDA events on GPU, perf_counter on CPU)."""
+"""Timing callables: warm-up, then the median of many runs (CUDA events on GPU, perf_counter on CPU).
+
+Paths compared with each other are timed interleaved (a, b, a, b, ...), so a slow spell of a shared
+machine lands on both and their ratio holds.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,35 +23,37 @@ class Timing:
     runs: int
 
 
-def _time_cuda(fn: Callable[[], object], runs: int) -> list[float]:
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
-    for start, end in zip(starts, ends):
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
 
 
-def _time_cpu(fn: Callable[[], object], runs: int) -> list[float]:
-    times = []
+def measure_interleaved(
+    fns: Sequence[Callable[[], object]], device: torch.device, *, warmup: int = 3, runs: int = 20
+) -> list[Timing]:
+    """Warm each fn up, then time them in turn `runs` times; one Timing per fn."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(runs):
-        begin = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - begin) * 1e3)
-    return times
+        for fn, record in zip(fns, times):
+            record.append(_time_once(fn, device))
+    return [Timing(statistics.median(t), min(t), runs) for t in times]
 
 
 def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, runs: int = 20) -> Timing:
-    """Run fn warmup times, then time `runs` calls on device and return the median and minimum."""
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs}")
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        times = _time_cuda(fn, runs)
-    else:
-        times = _time_cpu(fn, runs)
-    return Timing(statistics.median(times), min(times), runs)
+    """Warm fn up, then time `runs` calls on device."""
+    return measure_interleaved([fn], device, warmup=warmup, runs=runs)[0]

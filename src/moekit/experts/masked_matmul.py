@@ -22,7 +22,9 @@ def masked_matmul(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     """x [T, H] -> y [T, H]: dense expert compute masked by the routing."""
     num_experts = weights.w_gate_up.shape[0]
     check_routing(topk_ids, topk_weights, num_experts)
-    gate, up = torch.einsum("th,efh->tef", x, weights.w_gate_up).chunk(2, dim=-1)
-    expert_out = torch.einsum("tef,ehf->teh", F.silu(gate) * up, weights.w_down)
-    mask = combine_matrix(topk_ids, topk_weights, num_experts).to(x.dtype)
-    return torch.einsum("te,teh->th", mask, expert_out)
+    # matmuls in x.dtype; activation and the weighted sum in float32 (or wider), as fused kernels do
+    acc = torch.promote_types(x.dtype, torch.float32)
+    gate, up = torch.einsum("th,efh->tef", x, weights.w_gate_up).to(acc).chunk(2, dim=-1)
+    expert_out = torch.einsum("tef,ehf->teh", (F.silu(gate) * up).to(x.dtype), weights.w_down)
+    mask = combine_matrix(topk_ids, topk_weights, num_experts).to(acc)
+    return torch.einsum("te,teh->th", mask, expert_out.to(acc)).to(x.dtype)

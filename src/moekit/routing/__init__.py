@@ -10,10 +10,8 @@ import torch
 
 from moekit.config import MoEConfig
 
-# isort: off  (registration order is table order: the naive baseline first)
-from moekit.routing import grouped_topk, sinkhorn, softmax_topk, topk_softmax  # noqa: F401
-
-# isort: on
+# registration order is table order, the naive baseline first (I001 is off for this file)
+from moekit.routing import softmax_topk, topk_softmax, grouped_topk, sinkhorn  # noqa: F401
 from moekit.routing.load_stats import LoadStats, load_stats, tokens_per_expert
 from moekit.routing.registry import ROUTERS, Routing
 from moekit.routing.skew import apply_skew, skew_bias

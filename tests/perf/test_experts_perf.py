@@ -1,0 +1,35 @@
+"""Every expert backend against the naive per-expert loop, on the same routed tokens."""
+
+import pytest
+
+from moekit import EXPERT_BACKENDS, MoEConfig, make_problem, route
+from moekit.bench.flops import routed_expert_flops
+
+from sizes import DTYPE, EXPERT_SHAPE, EXPERT_TOKENS
+
+pytestmark = pytest.mark.perf
+
+CONFIG = MoEConfig(**EXPERT_SHAPE, router="topk_softmax", dtype=DTYPE)
+
+
+@pytest.fixture(scope="module")
+def routed_problem(perf_device):
+    problem = make_problem(CONFIG, EXPERT_TOKENS, seed=0, device=perf_device)
+    return problem, route(problem.router_logits(), CONFIG)
+
+
+@pytest.mark.benchmark(group="experts")
+@pytest.mark.parametrize("backend", [n for n in EXPERT_BACKENDS.names() if n != "naive"])
+def test_expert_backend(backend, perf, routed_problem, perf_device):
+    ok, reason = EXPERT_BACKENDS.get(backend).supports(perf_device, DTYPE)
+    if not ok:
+        pytest.skip(reason)
+    problem, routing = routed_problem
+    args = (problem.x, routing.topk_ids, routing.topk_weights, problem.weights)
+    fast, naive = EXPERT_BACKENDS.get(backend).fn, EXPERT_BACKENDS.get("naive").fn
+    perf(
+        lambda: fast(*args),
+        lambda: naive(*args),
+        reference_name="naive",
+        flops=routed_expert_flops(EXPERT_TOKENS, CONFIG),
+    )

@@ -1,0 +1,57 @@
+"""Routers against the naive softmax_topk, and the expert layout against a per-expert loop."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moekit import MoEConfig, route
+from moekit.permute import expert_layout
+from moekit.routing import ROUTERS
+
+from sizes import DTYPE, ROUTER_EXPERTS, ROUTER_TOKENS, ROUTER_TOPK
+
+pytestmark = pytest.mark.perf
+
+CONFIG = MoEConfig(
+    hidden_size=16, ffn_size=16, num_experts=ROUTER_EXPERTS, top_k=ROUTER_TOPK, n_group=8, topk_group=4, dtype=DTYPE
+)
+
+
+def _logits(device):
+    return torch.randn(ROUTER_TOKENS, ROUTER_EXPERTS, device=device)
+
+
+@pytest.mark.benchmark(group="routers")
+@pytest.mark.parametrize("router", [n for n in ROUTERS.names() if n != "softmax_topk"])
+def test_router(router, perf, perf_device):
+    logits = _logits(perf_device)
+    config = replace(CONFIG, router=router)
+    bias = torch.randn(ROUTER_EXPERTS, device=perf_device) * 0.1 if router == "grouped_topk" else None
+    io_bytes = logits.nbytes + ROUTER_TOKENS * ROUTER_TOPK * 8
+    perf(
+        lambda: route(logits, config, bias, check_values=False),
+        lambda: route(logits, CONFIG, check_values=False),
+        reference_name="softmax_topk",
+        bytes_moved=io_bytes,
+    )
+
+
+def per_expert_loop_layout(topk_ids, num_experts):
+    """The obvious layout: for each expert, the (token, slot) pairs that chose it."""
+    flat = topk_ids.flatten()
+    rows = [torch.nonzero(flat == e).flatten() for e in range(num_experts)]
+    counts = torch.stack([torch.tensor(r.numel(), device=flat.device) for r in rows])
+    return torch.cat(rows), counts
+
+
+@pytest.mark.benchmark(group="permute")
+def test_expert_layout(perf, perf_device):
+    ids = route(_logits(perf_device), CONFIG).topk_ids
+    io_bytes = ids.nbytes + ids.numel() * 8 * 3
+    perf(
+        lambda: expert_layout(ids, ROUTER_EXPERTS),
+        lambda: per_expert_loop_layout(ids, ROUTER_EXPERTS),
+        reference_name="per_expert_loop",
+        bytes_moved=io_bytes,
+    )
