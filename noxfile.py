@@ -1,4 +1,4 @@
-"""nox sessions: `cpu` (the CI suite), `gpu` (on the GPU machine), `perf`, `lint`.
+"""nox sessions: `cpu` (unit + distributed), `perf` (the CPU perf gate), `gpu` (on the GPU machine), `lint`.
 
 Pytest arguments go after `--`, e.g. `nox -s cpu -- -k routers -x`.
 """
@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "cpu"]
+nox.options.sessions = ["lint", "cpu", "perf"]
 nox.options.error_on_missing_interpreters = True
 
-CPU_INSTALL = ("-c", "constraints/cpu.txt", "-e", ".[test,triton,plot]")
+CPU_INSTALL = ["-c", "constraints/cpu.txt", "-e", ".[test,triton,plot]"]
+PYTEST = ["python", "-m", "pytest"]
+GATE = ["python", "-m", "moekit", "gate"]
 # Never let NVLink multicast run on the shared GPU machines; set in every process we start there.
 SAFE_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -19,32 +21,30 @@ SAFE_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 def cpu(session: nox.Session) -> None:
     """Unit and distributed tests on the CPU: Triton kernels under the interpreter, gloo for ranks."""
     session.install(*CPU_INSTALL)
-    session.run(
-        "python",
-        "-m",
-        "pytest",
-        "tests/unit",
-        "tests/distributed",
-        "-n",
-        "2",
-        *session.posargs,
-        env={"TRITON_INTERPRET": "1", "HYPOTHESIS_PROFILE": "ci"},
-    )
+    env = {"TRITON_INTERPRET": "1", "HYPOTHESIS_PROFILE": "ci"}
+    session.run(*PYTEST, "tests/unit", "tests/distributed", "-n", "2", *session.posargs, env=env)
+
+
+@nox.session
+def perf(session: nox.Session) -> None:
+    """CPU perf cases against baselines/cpu.json, gated on speedup ratios only (absolute CPU times vary
+    too much between machines); the gate's own end-to-end test runs here too. Plot: .perf/cpu.png."""
+    session.install(*CPU_INSTALL)
+    current = ".perf/cpu.json"
+    session.run(*PYTEST, "tests/perf", "-p", "no:xdist", f"--benchmark-json={current}", *session.posargs)
+    session.run(*GATE, current, "--baseline", "baselines/cpu.json", "--ratios-only", "--plot", ".perf/cpu.png")
 
 
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
     """Everything on the GPU machine, in the interpreter nox was started from (its torch is the CUDA
-    build and nothing can be installed there): see ../shared/device/README.md."""
-    session.run(
-        "python",
-        "-m",
-        "pytest",
-        "tests/unit",
-        "tests/distributed",
-        *session.posargs,
-        env={**SAFE_GPU_ENV, "HYPOTHESIS_PROFILE": "gpu", "PYTHONPATH": "src"},
-    )
+    build and nothing can be installed there): see ../shared/device/README.md. The perf cases are
+    gated against baselines/<machine kind>.json on speedup ratios and absolute medians."""
+    env = {**SAFE_GPU_ENV, "HYPOTHESIS_PROFILE": "gpu", "PYTHONPATH": "src"}
+    session.run(*PYTEST, "tests/unit", "tests/distributed", *session.posargs, env=env)
+    current = ".perf/gpu.json"
+    session.run(*PYTEST, "tests/perf", "-m", "perf", f"--benchmark-json={current}", env=env)
+    session.run(*GATE, current, "--plot", ".perf/gpu.png", env=env)
 
 
 @nox.session

@@ -1,13 +1,14 @@
 """The committed baselines are real moekit perf runs that the gate and pytest-benchmark both read."""
 
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from moekit.bench.gate import load_run, machine_kind_of
 
+COMPARE = Path(sys.executable).parent / "pytest-benchmark"  # the command of this environment
 BASELINES = sorted((Path(__file__).resolve().parents[2] / "baselines").glob("*.json"))
 
 
@@ -25,8 +26,8 @@ def test_baseline_is_a_moekit_run_of_its_kind(path):
         assert case["extra_info"]["speedup"] > 0 and case["extra_info"]["reference"], case["fullname"]
 
 
-@pytest.mark.skipif(shutil.which("pytest-benchmark") is None, reason="the pytest-benchmark command is not on PATH")
+@pytest.mark.skipif(not COMPARE.exists(), reason=f"no pytest-benchmark command beside {sys.executable}")
 def test_pytest_benchmark_compare_reads_the_baselines():
-    result = subprocess.run(["pytest-benchmark", "compare", *map(str, BASELINES)], capture_output=True, text=True)
+    result = subprocess.run([str(COMPARE), "compare", *map(str, BASELINES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "test_expert_layout" in result.stdout

@@ -28,7 +28,8 @@ def test_backend_matches_oracle(backend, dtype, device, data):
         config = MoEConfig(hidden_size=24, ffn_size=40, num_experts=5, top_k=5, dtype=dtype)
         case = MoECase(config, 33, seed=7, skew_experts=1, skew_amount=50.0)
     else:
-        case = data.draw(moe_cases(dtypes=(dtype,), max_experts=12))
+        low_precision = dtype in (torch.float16, torch.bfloat16)  # see moe_configs' min_hidden
+        case = data.draw(moe_cases(dtypes=(dtype,), max_experts=12, min_hidden=16 if low_precision else 1))
     problem = case.problem(device)
     routing = route(problem.router_logits(), problem.config, problem.weights.score_correction_bias)
     out = impl.fn(problem.x, routing.topk_ids, routing.topk_weights, problem.weights)

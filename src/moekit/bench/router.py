@@ -46,7 +46,8 @@ def bench_routers(
     x = torch.randn(num_tokens, H, generator=g).to(device, config.dtype)
     router_weight = (torch.randn(E, H, generator=g) * H**-0.5).to(device, config.dtype)
     logit_bias = skew_bias(E, skew_experts, skew_amount).to(device)
-    correction_bias = (torch.randn(E, generator=g) * 0.1).to(device)
+    # learned correction biases are small (DeepSeek-V3 updates them by 1e-3 a step); 0.1 would skew the load
+    correction_bias = (torch.randn(E, generator=g) * 0.01).to(device)
 
     def logits_of():
         return (x @ router_weight.T).float() + logit_bias
