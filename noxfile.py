@@ -5,6 +5,8 @@ Pytest arguments go after `--`, e.g. `nox -s cpu -- -k routers -x`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "cpu", "perf"]
@@ -30,6 +32,7 @@ def perf(session: nox.Session) -> None:
     """CPU perf cases against baselines/cpu.json, gated on speedup ratios only (absolute CPU times vary
     too much between machines); the gate's own end-to-end test runs here too. Plot: .perf/cpu.png."""
     session.install(*CPU_INSTALL)
+    Path(".perf").mkdir(exist_ok=True)
     current = ".perf/cpu.json"
     session.run(*PYTEST, "tests/perf", "-p", "no:xdist", f"--benchmark-json={current}", *session.posargs)
     session.run(*GATE, current, "--baseline", "baselines/cpu.json", "--ratios-only", "--plot", ".perf/cpu.png")
@@ -42,6 +45,7 @@ def gpu(session: nox.Session) -> None:
     gated against baselines/<machine kind>.json on speedup ratios and absolute medians."""
     env = {**SAFE_GPU_ENV, "HYPOTHESIS_PROFILE": "gpu", "PYTHONPATH": "src"}
     session.run(*PYTEST, "tests/unit", "tests/distributed", *session.posargs, env=env)
+    Path(".perf").mkdir(exist_ok=True)
     current = ".perf/gpu.json"
     session.run(*PYTEST, "tests/perf", "-m", "perf", f"--benchmark-json={current}", env=env)
     session.run(*GATE, current, "--plot", ".perf/gpu.png", env=env)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moekit import EXPERT_BACKENDS, MoEConfig, route
@@ -13,29 +13,43 @@ from moekit.testing.strategies import MoECase, moe_cases
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", EXPERT_BACKENDS.names())
-@example(data=None)
-@given(data=st.data())
-def test_backend_matches_oracle(backend, dtype, device, data):
-    impl = EXPERT_BACKENDS.get(backend)
-    ok, reason = impl.supports(device, dtype)
+@pytest.fixture
+def impl(backend, dtype, device):
+    """The backend, or a skip that says why it cannot run here (decided before Hypothesis draws)."""
+    implementation = EXPERT_BACKENDS.get(backend)
+    ok, reason = implementation.supports(device, dtype)
     if not ok:
         pytest.skip(reason)
     if device.type == "cpu" and dtype == torch.bfloat16:
         pytest.skip("bf16 is checked on GPU; CPU bf16 matmuls round intermediates differently per backend")
-    if data is None:  # the edge the strategy may miss: K = E with all tokens on expert 0
-        config = MoEConfig(hidden_size=24, ffn_size=40, num_experts=5, top_k=5, dtype=dtype)
-        case = MoECase(config, 33, seed=7, skew_experts=1, skew_amount=50.0)
-    else:
-        low_precision = dtype in (torch.float16, torch.bfloat16)  # see moe_configs' min_hidden
-        case = data.draw(moe_cases(dtypes=(dtype,), max_experts=12, min_hidden=16 if low_precision else 1))
+    return implementation
+
+
+def check_against_oracle(impl, case: MoECase, device):
     problem = case.problem(device)
     routing = route(problem.router_logits(), problem.config, problem.weights.score_correction_bias)
     out = impl.fn(problem.x, routing.topk_ids, routing.topk_weights, problem.weights)
+    dtype = problem.config.dtype
     assert out.dtype == dtype and out.shape == problem.x.shape and out.device == problem.x.device
     expected = reference_experts(problem.x, routing.topk_ids, routing.topk_weights, problem.weights)
-    assert_close_to_reference(out, expected, dtype, f"{backend} on {device}")
+    assert_close_to_reference(out, expected, dtype, f"{impl.name} on {device}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", EXPERT_BACKENDS.names())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # impl is immutable
+@given(data=st.data())
+def test_backend_matches_oracle(impl, dtype, device, data):
+    low_precision = dtype in (torch.float16, torch.bfloat16)  # see moe_configs' min_hidden
+    case = data.draw(moe_cases(dtypes=(dtype,), max_experts=12, min_hidden=16 if low_precision else 1))
+    check_against_oracle(impl, case, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", EXPERT_BACKENDS.names())
+def test_backend_with_k_equal_e_and_every_token_on_expert_zero(impl, dtype, device):
+    config = MoEConfig(hidden_size=24, ffn_size=40, num_experts=5, top_k=5, dtype=dtype)
+    check_against_oracle(impl, MoECase(config, 33, seed=7, skew_experts=1, skew_amount=50.0), device)
 
 
 @pytest.mark.parametrize("backend", EXPERT_BACKENDS.names())
