@@ -1,4 +1,4 @@
-"""The `moekit` command: `moekit bench router`, `moekit gate`, more stages as they land."""
+"""The `moekit` command: `moekit bench router|journey|experts` and `moekit gate`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.bench.expert_commands import add_experts_parser, add_journey_parser
 from moekit.bench.machine import machine_info
 from moekit.bench.router import bench_routers
 from moekit.bench.tables import print_table
@@ -22,12 +23,22 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
+        raise ValueError("--device cuda: no CUDA device is available here")
     return device
 
 
-def _router_parser(sub) -> None:
-    p = sub.add_parser("router", help="time logits, selection and packing per router, with load statistics")
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    common.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, float32 on CPU")
+    common.add_argument("--runs", type=int, default=20, help="timed runs per case (median reported)")
+    common.add_argument("--json", type=Path, help="write the results here")
+    common.add_argument("--plot", type=Path, help="draw the results into this PNG (needs matplotlib)")
+    return common
+
+
+def _router_parser(sub, common) -> None:
+    p = sub.add_parser("router", parents=[common], help="time logits, selection and packing per router")
     p.add_argument("--tokens", type=int, help="T (default 4096 on CPU, 16384 on GPU)")
     p.add_argument("--hidden", type=int, help="H (default 1024 on CPU, 7168 on GPU)")
     p.add_argument("--experts", type=int, help="E (default 64 on CPU, 256 on GPU)")
@@ -38,16 +49,11 @@ def _router_parser(sub) -> None:
     p.add_argument("--skew-experts", type=int, default=0, help="bias the logits of the first N experts")
     p.add_argument("--skew-bias", type=float, default=0.0, help="by this amount")
     p.add_argument("--capacity-factor", type=float, help="count tokens over this capacity as dropped")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, float32 on CPU")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per step (median reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="write the results here")
     p.set_defaults(run=_run_router)
 
 
-def _run_router(args) -> int:
-    device = _device(args.device)
+def _run_router(args, device: torch.device, dtype: torch.dtype) -> int:
     gpu = device.type == "cuda"
     config = MoEConfig(
         hidden_size=args.hidden or (7168 if gpu else 1024),
@@ -57,13 +63,14 @@ def _run_router(args) -> int:
         n_group=args.n_group,
         topk_group=args.topk_group,
         capacity_factor=args.capacity_factor,
-        dtype=DTYPES[args.dtype or ("bf16" if gpu else "float32")],
+        dtype=dtype,
     )
     num_tokens = args.tokens or (16384 if gpu else 4096)
+    routers = args.router or [n for n in ROUTERS.names() if ROUTERS.get(n).supports(device, torch.float32)[0]]
     results = bench_routers(
         config,
         num_tokens,
-        args.router or ROUTERS.names(),
+        routers,
         device,
         skew_experts=args.skew_experts,
         skew_amount=args.skew_bias,
@@ -98,6 +105,13 @@ def _run_router(args) -> int:
             "results": [r.as_dict() for r in results],
         }
         args.json.write_text(json.dumps(payload, indent=2))
+    if args.plot:
+        from moekit.bench.plots import plot_lines
+
+        series = {
+            r.router: [(1, r.t_logit_us), (2, r.t_select_us), (3, r.t_pack_us), (4, r.t_route_us)] for r in results
+        }
+        plot_lines(series, args.plot, title=title, xlabel="1 logit, 2 select, 3 pack, 4 route", ylabel="µs", logx=False)
     return 0
 
 
@@ -117,9 +131,8 @@ def _run_gate(args) -> int:
     current = gate.load_run(args.current)
     baseline_path = args.baseline or Path("baselines") / f"{gate.machine_kind_of(current)}.json"
     if not baseline_path.exists():
-        raise SystemExit(
-            f"moekit gate: no baseline {baseline_path} for this machine kind; record one as "
-            "baselines/README.md says and commit it"
+        raise ValueError(
+            f"no baseline {baseline_path} for this machine kind; record one as baselines/README.md says and commit it"
         )
     verdicts = gate.compare_runs(
         gate.load_run(baseline_path), current, ratios_only=args.ratios_only, abs_margin=args.abs_margin
@@ -137,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="run a benchmark").add_subparsers(dest="stage", required=True)
-    _router_parser(bench)
+    common = _common_options()
+    _router_parser(bench, common)
+    add_journey_parser(bench, common)
+    add_experts_parser(bench, common)
     _gate_parser(commands)
     return parser
 
@@ -145,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        if args.command == "gate":
+            return args.run(args)
+        device = _device(args.device)
+        dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "float32")]
+        return args.run(args, device, dtype)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"moekit: {error}") from None

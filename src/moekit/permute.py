@@ -1,4 +1,10 @@
-"""Routing -> expert-sorted layout and back (torch; no host synchronisation)."""
+"""Routing -> expert-sorted row buffer and back, in torch, with no host synchronisation.
+
+Rows are grouped by expert (stable: token order within an expert). With pad_to > 1 each expert's
+block starts at a multiple of pad_to, for kernels that want whole tiles per expert; padding rows are
+zero. The buffer's row count is a bound known without looking at the data (T*K + E*(pad_to - 1)),
+so nothing waits for the device and a forward can be captured in a CUDA graph.
+"""
 
 from __future__ import annotations
 
@@ -9,42 +15,65 @@ import torch
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """Where each (token, slot) assignment sits once rows are sorted by expert (stable in token order).
+    """Where each (token, slot) assignment sits in the expert-sorted row buffer.
 
-    sorted_assignments [T*K] int64: flat assignment index t*K + k of each sorted row
-    sorted_token_ids   [T*K] int64: token index t of each sorted row
-    inverse            [T*K] int64: sorted row of each flat assignment (sorted_assignments inverted)
-    expert_counts      [E]   int64: rows per expert
-    expert_offsets     [E+1] int64: first row of each expert, then T*K
+    sorted_assignments [T*K] int64: flat assignment index t*K + k of the i-th assignment in expert order
+    sorted_token_ids   [T*K] int64: token index t of the i-th assignment in expert order
+    assignment_rows    [T*K] int64: buffer row of each flat assignment
+    expert_counts      [E]   int64: assignments per expert
+    expert_offsets     [E+1] int64: first buffer row of each expert, then the end of the used rows
+    num_tokens T, top_k K; num_rows: rows of the buffer (T*K without padding); pad_to: the block multiple
     """
 
     sorted_assignments: torch.Tensor
     sorted_token_ids: torch.Tensor
-    inverse: torch.Tensor
+    assignment_rows: torch.Tensor
     expert_counts: torch.Tensor
     expert_offsets: torch.Tensor
+    num_tokens: int
+    top_k: int
+    num_rows: int
+    pad_to: int
 
 
-def expert_layout(topk_ids: torch.Tensor, num_experts: int) -> ExpertLayout:
-    """topk_ids [T, K] (ids in [0, E), distinct per token) -> ExpertLayout, on topk_ids' device."""
+def expert_layout(topk_ids: torch.Tensor, num_experts: int, *, pad_to: int = 1) -> ExpertLayout:
+    """topk_ids [T, K] (ids in [0, E), distinct per token) -> ExpertLayout on topk_ids' device."""
+    if pad_to < 1:
+        raise ValueError(f"pad_to must be >= 1, got {pad_to}")
+    T, K = topk_ids.shape
     flat = topk_ids.flatten().long()
     sorted_assignments = torch.sort(flat, stable=True)[1]
-    inverse = torch.empty_like(sorted_assignments)
-    inverse[sorted_assignments] = torch.arange(flat.numel(), device=flat.device)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return ExpertLayout(sorted_assignments, sorted_assignments // max(topk_ids.shape[1], 1), inverse, counts, offsets)
+    blocks = (counts + pad_to - 1) // pad_to * pad_to
+    offsets = torch.cat([counts.new_zeros(1), blocks.cumsum(0)])
+    # rank of each sorted assignment within its expert, then its row in the (padded) buffer
+    sorted_experts = flat[sorted_assignments]
+    unpadded_starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])[:-1]
+    rank_in_expert = torch.arange(flat.numel(), device=flat.device) - unpadded_starts[sorted_experts]
+    assignment_rows = torch.empty_like(sorted_assignments)
+    assignment_rows[sorted_assignments] = offsets[sorted_experts] + rank_in_expert
+    num_rows = T * K + (num_experts * (pad_to - 1) if pad_to > 1 else 0)
+    return ExpertLayout(
+        sorted_assignments, sorted_assignments // max(K, 1), assignment_rows, counts, offsets, T, K, num_rows, pad_to
+    )
 
 
 def permute_tokens(x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
-    """x [T, H] -> rows [T*K, H] in expert order (row i is x[layout.sorted_token_ids[i]])."""
-    return x.index_select(0, layout.sorted_token_ids)
+    """x [T, H] -> rows [num_rows, H] in expert order (padding rows zero)."""
+    if layout.pad_to == 1:
+        return x.index_select(0, layout.sorted_token_ids)
+    rows = x.new_zeros(layout.num_rows, x.shape[1])
+    token_of_assignment = torch.arange(layout.assignment_rows.numel(), device=x.device) // layout.top_k
+    return rows.index_copy_(0, layout.assignment_rows, x.index_select(0, token_of_assignment))
 
 
-def unpermute_reduce(rows: torch.Tensor, layout: ExpertLayout, topk_weights: torch.Tensor) -> torch.Tensor:
-    """rows [T*K, H] in expert order, topk_weights [T, K] -> y [T, H] = sum_k w[t, k] * row of (t, k),
-    accumulated in float32 and returned in rows.dtype."""
-    T, K = topk_weights.shape
-    per_assignment = rows.index_select(0, layout.inverse).view(T, K, rows.shape[1]).float()
-    return (per_assignment * topk_weights.float().unsqueeze(-1)).sum(dim=1).to(rows.dtype)
+def unpermute_reduce(rows: torch.Tensor, layout: ExpertLayout, topk_weights: torch.Tensor | None) -> torch.Tensor:
+    """rows [num_rows, H] -> y [T, H] = sum_k w[t, k] * row of (t, k) (w = 1 when topk_weights is None),
+    accumulated in float32 (or wider) and returned in rows.dtype."""
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    shape = (layout.num_tokens, layout.top_k, rows.shape[1])
+    per_assignment = rows.index_select(0, layout.assignment_rows).view(shape).to(acc)
+    if topk_weights is not None:
+        per_assignment = per_assignment * topk_weights.to(acc).unsqueeze(-1)
+    return per_assignment.sum(dim=1).to(rows.dtype)

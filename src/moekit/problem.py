@@ -41,11 +41,12 @@ def make_problem(
     skew_amount: float = 0.0,
     device: torch.device | str = "cpu",
 ) -> MoEProblem:
-    """Draw x ~ N(0, 1) [T, H] and the layer's weights from seed; skew biases the first experts' logits."""
+    """Draw x ~ N(0, 1) [T, H] and the layer's weights from seed on device; skew biases the first
+    experts' logits. The same seed on the same kind of device gives the same problem."""
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
         raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
     bias = skew_bias(config.num_experts, skew_experts, skew_amount) if skew_experts else None
-    weights = init_weights(config, seed=seed, logit_bias=bias).to(device, config.dtype)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(num_tokens, config.hidden_size, generator=g).to(device=device, dtype=config.dtype)
+    weights = init_weights(config, seed=seed, device=device, logit_bias=bias)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(num_tokens, config.hidden_size, generator=g, device=device).to(config.dtype)
     return MoEProblem(config, x, weights)

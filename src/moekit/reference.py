@@ -49,7 +49,7 @@ def reference_route(
     logits = logits.double().cpu()
     T, E = logits.shape
     K = config.top_k
-    kind = config.router
+    kind = "softmax_topk" if config.router == "fused_select" else config.router  # the same router, fused
     if kind == "softmax_topk":
         selection = torch.softmax(logits, dim=1)
     elif kind == "topk_softmax":

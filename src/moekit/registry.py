@@ -17,13 +17,22 @@ def runs_anywhere(device: torch.device, dtype: torch.dtype) -> Support:
     return True, ""
 
 
+def any_size(dtype: torch.dtype) -> int:
+    return 1
+
+
 @dataclass(frozen=True)
 class Implementation:
-    """One registered implementation of a stage."""
+    """One registered implementation of a stage.
+
+    supports(device, dtype) -> (ok, reason); size_multiple(dtype): the feature sizes (H, F) it takes
+    must be multiples of this (e.g. 16-byte aligned rows for torch._grouped_mm), else it raises.
+    """
 
     name: str
     fn: Callable
     supports: Callable[[torch.device, torch.dtype], Support]
+    size_multiple: Callable[[torch.dtype], int] = any_size
 
 
 class Registry:
@@ -33,13 +42,18 @@ class Registry:
         self.stage = stage
         self._entries: dict[str, Implementation] = {}
 
-    def register(self, name: str, supports: Callable[[torch.device, torch.dtype], Support] = runs_anywhere):
-        """Decorator: register fn under name; supports(device, dtype) answers (ok, reason)."""
+    def register(
+        self,
+        name: str,
+        supports: Callable[[torch.device, torch.dtype], Support] = runs_anywhere,
+        size_multiple: Callable[[torch.dtype], int] = any_size,
+    ):
+        """Decorator: register fn under name; see Implementation for supports and size_multiple."""
 
         def decorate(fn: Callable) -> Callable:
             if name in self._entries:
                 raise ValueError(f"{self.stage} {name!r} is registered twice")
-            self._entries[name] = Implementation(name, fn, supports)
+            self._entries[name] = Implementation(name, fn, supports, size_multiple)
             return fn
 
         return decorate

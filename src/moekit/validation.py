@@ -45,11 +45,22 @@ def check_ids_in_range(name: str, ids: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"{name} must lie in [0, {num_experts}), got values in [{int(ids.min())}, {int(ids.max())}]")
 
 
-def check_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, *, sync: bool = True):
-    """topk_ids [T, K] int32/int64 in [0, E), topk_weights [T, K] floating; sync=False skips value checks."""
+def capturing_cuda_graph(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on the current stream of t's device."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_routing(
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, *, sync: bool | None = None
+) -> None:
+    """topk_ids [T, K] int32/int64 in [0, E), topk_weights [T, K] floating.
+
+    The range check waits for the device; sync=None does it except while a CUDA graph is captured
+    (a capture cannot wait; the replayed ids come from a router, in range by construction).
+    """
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), floating=True)
     if topk_ids.device != topk_weights.device:
         raise ValueError(f"topk_weights must be on {topk_ids.device}, got {topk_weights.device}")
-    if sync:
+    if sync if sync is not None else not capturing_cuda_graph(topk_ids):
         check_ids_in_range("topk_ids", topk_ids, num_experts)

@@ -42,33 +42,35 @@ class MoEWeights:
         return replace(self, **{f.name: move(f.name, getattr(self, f.name)) for f in fields(self)})
 
 
-def _normal(shape, std: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float32) * std
-
-
 def init_weights(
     config: MoEConfig,
     *,
     seed: int,
+    device: torch.device | str = "cpu",
     logit_bias: torch.Tensor | None = None,
 ) -> MoEWeights:
-    """Seeded float32 CPU weights with magnitudes that keep activations O(1) (std 1/sqrt(fan_in)).
+    """Seeded weights on device with magnitudes that keep activations O(1) (std 1/sqrt(fan_in)).
 
-    The same seed gives the same weights on every machine; move them with .to(device, dtype).
+    Expert weights come in config.dtype (drawn in float32, then rounded), router tensors in float32.
+    The same seed on the same kind of device gives the same weights. Drawn on the device itself, so
+    DeepSeek-V3-sized experts (22 GB in bf16) take seconds, not minutes on the host.
     logit_bias [E] (e.g. from moekit.routing.skew_bias) becomes router_logit_bias.
     """
-    g = torch.Generator().manual_seed(seed)
     E, H, F = config.num_experts, config.hidden_size, config.ffn_size
-    S, Fs = config.num_shared_experts, config.shared_size
-    weights = MoEWeights(
-        w_gate_up=_normal((E, 2 * F, H), H**-0.5, g),
-        w_down=_normal((E, H, F), F**-0.5, g),
-        router_weight=_normal((E, H), H**-0.5, g),
-        router_logit_bias=logit_bias,
-        score_correction_bias=_normal((E,), 0.1, g) if config.router == "grouped_topk" else None,
-        shared_gate_up=_normal((S, 2 * Fs, H), H**-0.5, g) if S else None,
-        shared_down=_normal((S, H, Fs), Fs**-0.5, g) if S else None,
-    )
     if logit_bias is not None and tuple(logit_bias.shape) != (E,):
         raise ValueError(f"logit_bias must have shape ({E},), got {tuple(logit_bias.shape)}")
-    return weights
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(shape, std: float, dtype: torch.dtype = config.dtype) -> torch.Tensor:
+        return (torch.randn(shape, generator=g, device=device) * std).to(dtype)
+
+    S, Fs = config.num_shared_experts, config.shared_size
+    return MoEWeights(
+        w_gate_up=normal((E, 2 * F, H), H**-0.5),
+        w_down=normal((E, H, F), F**-0.5),
+        router_weight=normal((E, H), H**-0.5, torch.float32),
+        router_logit_bias=None if logit_bias is None else logit_bias.to(device),
+        score_correction_bias=normal((E,), 0.1, torch.float32) if config.router == "grouped_topk" else None,
+        shared_gate_up=normal((S, 2 * Fs, H), H**-0.5) if S else None,
+        shared_down=normal((S, H, Fs), Fs**-0.5) if S else None,
+    )

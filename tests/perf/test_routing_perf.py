@@ -25,6 +25,9 @@ def _logits(device):
 @pytest.mark.benchmark(group="routers")
 @pytest.mark.parametrize("router", [n for n in ROUTERS.names() if n != "softmax_topk"])
 def test_router(router, perf, perf_device):
+    ok, reason = ROUTERS.get(router).supports(perf_device, torch.float32)
+    if not ok:
+        pytest.skip(reason)
     logits = _logits(perf_device)
     config = replace(CONFIG, router=router)
     bias = torch.randn(ROUTER_EXPERTS, device=perf_device) * 0.1 if router == "grouped_topk" else None

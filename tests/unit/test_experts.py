@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moekit import EXPERT_BACKENDS, MoEConfig, route
+from moekit import EXPERT_BACKENDS, ROUTERS, MoEConfig, route
 from moekit.reference import reference_experts
 from moekit.testing import assert_close_to_reference
 from moekit.testing.strategies import MoECase, moe_cases
@@ -41,24 +41,27 @@ def check_against_oracle(impl, case: MoECase, device):
 @given(data=st.data())
 def test_backend_matches_oracle(impl, dtype, device, data):
     low_precision = dtype in (torch.float16, torch.bfloat16)  # see moe_configs' min_hidden
-    case = data.draw(moe_cases(dtypes=(dtype,), max_experts=12, min_hidden=16 if low_precision else 1))
+    sizes = dict(min_hidden=16 if low_precision else 1, size_multiple=impl.size_multiple(dtype))
+    routers = tuple(name for name in ROUTERS.names() if ROUTERS.get(name).supports(device, dtype)[0])
+    case = data.draw(moe_cases(dtypes=(dtype,), max_experts=12, max_hidden=64, routers=routers, **sizes))
     check_against_oracle(impl, case, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", EXPERT_BACKENDS.names())
 def test_backend_with_k_equal_e_and_every_token_on_expert_zero(impl, dtype, device):
-    config = MoEConfig(hidden_size=24, ffn_size=40, num_experts=5, top_k=5, dtype=dtype)
+    config = MoEConfig(hidden_size=32, ffn_size=48, num_experts=5, top_k=5, dtype=dtype)
     check_against_oracle(impl, MoECase(config, 33, seed=7, skew_experts=1, skew_amount=50.0), device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
 @pytest.mark.parametrize("backend", EXPERT_BACKENDS.names())
-def test_backend_rejects_out_of_range_ids(backend):
-    config = MoEConfig(hidden_size=4, ffn_size=4, num_experts=3, top_k=1, dtype=torch.float32)
-    problem = MoECase(config, 2, seed=0).problem()
-    ids = torch.tensor([[0], [3]], dtype=torch.int32)
+def test_backend_rejects_out_of_range_ids(impl, dtype, device):
+    config = MoEConfig(hidden_size=16, ffn_size=16, num_experts=3, top_k=1, dtype=dtype)
+    problem = MoECase(config, 2, seed=0).problem(device)
+    ids = torch.tensor([[0], [3]], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 3\)"):
-        EXPERT_BACKENDS.get(backend).fn(problem.x, ids, torch.ones(2, 1), problem.weights)
+        impl.fn(problem.x, ids, torch.ones(2, 1, device=device), problem.weights)
 
 
 def test_unknown_backend_lists_the_known_ones():

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moekit import MoEConfig
@@ -15,6 +15,15 @@ from moekit.routing import ROUTERS, apply_skew, load_stats, route
 from moekit.testing.strategies import MoECase, moe_cases
 
 ROUTER_NAMES = ROUTERS.names()
+
+
+@pytest.fixture
+def supported_router(router, device, logits_dtype):
+    """The router, or a skip with its supports() reason when it cannot take these logits here (before any draw)."""
+    ok, reason = ROUTERS.get(router).supports(device, logits_dtype)
+    if not ok:
+        pytest.skip(reason)
+    return router
 
 
 def _ambiguous_tokens(ref: ReferenceRouting, config: MoEConfig, eps: float) -> torch.Tensor:
@@ -59,9 +68,11 @@ def _check_against_reference(case: MoECase, logits_dtype: torch.dtype, device, e
     torch.testing.assert_close(weights[clear], ref.topk_weights[clear], rtol=weight_tol, atol=weight_tol)
 
 
+@pytest.mark.parametrize("logits_dtype", [torch.float64], ids=str)
 @pytest.mark.parametrize("router", ROUTER_NAMES)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # supported_router only skips
 @given(data=st.data())
-def test_router_matches_float64_oracle(router, device, data):
+def test_router_matches_float64_oracle(supported_router, router, device, data):
     """float64 logits: the same experts as the oracle (ties to the lower index) and the same weights."""
     case = data.draw(moe_cases(routers=(router,), dtypes=(torch.float64,)))
     # sinkhorn's oracle normalises exp(logits) where the router works in log space: allow 1e-9 near-ties
@@ -69,17 +80,21 @@ def test_router_matches_float64_oracle(router, device, data):
     _check_against_reference(case, torch.float64, device, eps=eps, weight_tol=1e-10)
 
 
+@pytest.mark.parametrize("logits_dtype", [torch.float32], ids=str)
 @pytest.mark.parametrize("router", ROUTER_NAMES)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # supported_router only skips
 @given(data=st.data())
-def test_router_float32_close_to_oracle(router, device, data):
+def test_router_float32_close_to_oracle(supported_router, router, device, data):
     """float32 logits: the oracle's choice wherever it is not a near-tie, weights within float32 rounding."""
     case = data.draw(moe_cases(routers=(router,), dtypes=(torch.float32,)))
     _check_against_reference(case, torch.float32, device, eps=1e-4, weight_tol=1e-4)
 
 
+@pytest.mark.parametrize("logits_dtype", [torch.float64], ids=str)
 @pytest.mark.parametrize("router", ROUTER_NAMES)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # supported_router only skips
 @given(case=moe_cases(dtypes=(torch.float32,)), tie_seed=st.integers(0, 2**31 - 1))
-def test_router_invariants_with_many_ties(router, case, tie_seed, device):
+def test_router_invariants_with_many_ties(supported_router, router, case, tie_seed, device):
     """Logits on a coarse grid (many exact ties): ids in range, distinct, int32; weights >= 0 and
     summing as the router specifies; the result is exactly the float64 oracle's."""
     config = replace(case.config, router=router, n_group=1, topk_group=1)
@@ -105,8 +120,9 @@ def test_router_invariants_with_many_ties(router, case, tie_seed, device):
         assert torch.equal(ids, ref.topk_ids)
 
 
+@pytest.mark.parametrize("logits_dtype", [torch.float32], ids=str)
 @pytest.mark.parametrize("router", ROUTER_NAMES)
-def test_equal_logits_choose_the_lowest_indices(router, device):
+def test_equal_logits_choose_the_lowest_indices(supported_router, router, device):
     config = MoEConfig(hidden_size=4, ffn_size=4, num_experts=8, top_k=3, router=router)
     ids = route(torch.zeros(5, 8, device=device) + 0.25, config).topk_ids.cpu()
     assert ids.tolist() == [[0, 1, 2]] * 5
@@ -149,6 +165,8 @@ def test_grouped_topk_picks_only_from_kept_groups():
 @given(num_tokens=st.integers(0, 3))
 def test_no_tokens_give_empty_routing(num_tokens):
     for name in ROUTER_NAMES:
+        if not ROUTERS.get(name).supports(torch.device("cpu"), torch.float32)[0]:
+            continue  # e.g. a Triton router without the interpreter
         config = MoEConfig(hidden_size=4, ffn_size=4, num_experts=4, top_k=2, router=name)
         out = route(torch.randn(num_tokens, 4), config)
         assert out.topk_ids.shape == out.topk_weights.shape == (num_tokens, 2)

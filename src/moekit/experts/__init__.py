@@ -1,6 +1,22 @@
-"""Expert-compute backends, registered by name in EXPERT_BACKENDS."""
+"""Expert-compute backends, registered by name in EXPERT_BACKENDS.
 
-from moekit.experts import naive, masked_matmul  # noqa: F401  (registers; order = table order)
+The first nine are the levels of the optimisation journey (`moekit bench journey`), in order.
+"""
+
+from moekit.experts import naive, batched, fused_act, memeff, grouped_loop, grouped_mm  # noqa: F401
+from moekit.experts import triton_grouped, cuda_graph, compiled, masked_matmul  # noqa: F401
 from moekit.experts.registry import EXPERT_BACKENDS
 
-__all__ = ["EXPERT_BACKENDS"]
+JOURNEY = (
+    "naive",
+    "batched",
+    "fused_act",
+    "memeff",
+    "grouped_loop",
+    "grouped_mm",
+    "triton_grouped",
+    "cuda_graph",
+    "compiled",
+)
+
+__all__ = ["EXPERT_BACKENDS", "JOURNEY"]

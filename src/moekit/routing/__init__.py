@@ -11,7 +11,7 @@ import torch
 from moekit.config import MoEConfig
 
 # registration order is table order, the naive baseline first (I001 is off for this file)
-from moekit.routing import softmax_topk, topk_softmax, grouped_topk, sinkhorn  # noqa: F401
+from moekit.routing import softmax_topk, topk_softmax, grouped_topk, sinkhorn, fused_select  # noqa: F401
 from moekit.routing.load_stats import LoadStats, load_stats, tokens_per_expert
 from moekit.routing.registry import ROUTERS, Routing
 from moekit.routing.skew import apply_skew, skew_bias
@@ -53,7 +53,11 @@ def route(
     """Route logits [T, E] with config.router (correction_bias [E]: grouped_topk only).
 
     check_values=False skips the NaN check, the only one that waits for the device (hot paths, graphs).
+    Raises ValueError when the router's supports() refuses the logits' device or dtype.
     """
     impl = ROUTERS.get(config.router)
     check_router_inputs(logits, config, correction_bias, finite=check_values)
+    ok, reason = impl.supports(logits.device, logits.dtype)
+    if not ok:
+        raise ValueError(f"router {config.router!r} cannot run on {logits.device} with {logits.dtype}: {reason}")
     return impl.fn(logits, config, correction_bias)

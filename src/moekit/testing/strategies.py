@@ -51,13 +51,18 @@ def moe_configs(
     max_experts: int = 16,
     min_hidden: int = 1,
     max_hidden: int = 48,
+    size_multiple: int = 1,
     shared: bool = True,
 ) -> MoEConfig:
     """A valid MoEConfig: E in [1, max_experts], K in [1, E] (K = E included), odd sizes allowed.
 
-    H, F and the shared size lie in [min_hidden, max_hidden]. fp16/bf16 tests ask for min_hidden >= 16:
-    a one-element output (H = 1) that cancels to near zero has no rounding budget left to average.
+    H, F and the shared size lie in [min_hidden, max_hidden] (multiples of size_multiple, for backends
+    that need aligned rows). fp16/bf16 tests ask for min_hidden >= 16: a one-element output (H = 1)
+    that cancels to near zero has no rounding budget left to average.
     """
+    sizes = st.integers(-(-min_hidden // size_multiple), max(1, max_hidden // size_multiple)).map(
+        lambda n: n * size_multiple
+    )
     router = draw(st.sampled_from(routers or tuple(ROUTERS.names())))
     num_experts = draw(st.integers(1, max_experts))
     n_group = topk_group = 1
@@ -67,12 +72,12 @@ def moe_configs(
     top_k = draw(st.integers(1, topk_group * (num_experts // n_group)))
     num_shared = draw(st.integers(0, 2)) if shared else 0
     return MoEConfig(
-        hidden_size=draw(st.integers(min_hidden, max_hidden)),
-        ffn_size=draw(st.integers(min_hidden, max_hidden)),
+        hidden_size=draw(sizes),
+        ffn_size=draw(sizes),
         num_experts=num_experts,
         top_k=top_k,
         num_shared_experts=num_shared,
-        shared_ffn_size=draw(st.integers(min_hidden, max_hidden)) if num_shared else None,
+        shared_ffn_size=draw(sizes) if num_shared else None,
         router=router,
         renormalize=draw(st.booleans()),
         n_group=n_group,

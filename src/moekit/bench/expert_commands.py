@@ -1,0 +1,164 @@
+"""`moekit bench journey` and `moekit bench experts`: argument parsing, tables, JSON and plots."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from moekit.bench.ceilings import measure_ceilings
+from moekit.bench.forward import SHAPES, time_forward
+from moekit.bench.journey import journey_rows, run_journey
+from moekit.bench.machine import machine_info
+from moekit.bench.tables import print_table
+from moekit.config import MoEConfig
+from moekit.experts import EXPERT_BACKENDS
+from moekit.problem import make_problem
+from moekit.routing import ROUTERS
+
+FAST_BACKENDS = ["grouped_loop", "grouped_mm", "triton_grouped", "cuda_graph", "compiled"]
+
+
+def _router(device: torch.device) -> str:
+    """The fused router where it runs, else the torch top-k + softmax."""
+    if "fused_select" in ROUTERS and ROUTERS.get("fused_select").supports(device, torch.bfloat16)[0]:
+        return "fused_select"
+    return "topk_softmax"
+
+
+def add_journey_parser(sub, common) -> None:
+    p = sub.add_parser("journey", parents=[common], help="expert compute level by level, then over token counts")
+    p.add_argument("--tokens", type=int, help="T of the level table (default 8192 on GPU, 512 on CPU)")
+    p.add_argument("--scale", help="comma-separated T of the scale table (default 2048,8192,16384,32768 on GPU)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--hidden", type=int, help="H (default 4096 on GPU, 256 on CPU)")
+    p.add_argument("--ffn", type=int, help="F (default 14336 on GPU, 512 on CPU)")
+    p.set_defaults(run=run_journey_command)
+
+
+def add_experts_parser(sub, common) -> None:
+    p = sub.add_parser("experts", parents=[common], help="expert backends x model shapes x token counts")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {list(SHAPES)}")
+    p.add_argument("--tokens-list", help="comma-separated T (default 16,128,4096,16384 on GPU, 16,128 on CPU)")
+    p.add_argument("--backends", help=f"comma-separated (default {','.join(FAST_BACKENDS)})")
+    p.add_argument("--skew-experts", type=int, default=0, help="skewed routing: bias the first N experts")
+    p.add_argument("--skew-bias", type=float, default=2.0)
+    p.add_argument("--shrink", type=int, default=1, help="divide H and F by this (CPU runs of the GPU shapes)")
+    p.set_defaults(run=run_experts_command)
+
+
+def _ints(text: str | None, default: list[int]) -> list[int]:
+    return [int(v) for v in text.split(",")] if text else default
+
+
+def run_journey_command(args, device: torch.device, dtype: torch.dtype) -> int:
+    gpu = device.type == "cuda"
+    config = MoEConfig(
+        hidden_size=args.hidden or (4096 if gpu else 256),
+        ffn_size=args.ffn or (14336 if gpu else 512),
+        num_experts=args.experts,
+        top_k=args.topk,
+        router=_router(device),
+        dtype=dtype,
+    )
+    tokens = args.tokens or (8192 if gpu else 512)
+    scale = _ints(args.scale, [2048, 8192, 16384, 32768] if gpu else [128, 256, 512, 1024])
+    ceilings = measure_ceilings(device)
+    info = machine_info(device)
+    levels = run_journey(config, tokens, device, ceilings, args.runs)
+    head = (
+        f"on {info['device']} ({info['kind']}), E={config.num_experts} K={config.top_k} H={config.hidden_size} "
+        f"F={config.ffn_size} {dtype}, router {config.router}; dense matmul {ceilings.matmul_tflops:.3g} TFLOP/s"
+    )
+    print_table(
+        f"journey at T={tokens} {head}",
+        ["level", "backend", "ms", "x level 0", "x previous", "TFLOP/s", "% matmul"],
+        journey_rows(levels),
+    )
+    by_tokens = {t: (levels if t == tokens else run_journey(config, t, device, ceilings, args.runs)) for t in scale}
+    rows = [
+        [level.backend]
+        + [by_tokens[t][i].ms if by_tokens[t][i].ms is not None else by_tokens[t][i].status[:3] for t in scale]
+        for i, level in enumerate(levels)
+    ]
+    print_table(f"journey scale (ms) {head}", ["backend"] + [f"T={t}" for t in scale], rows)
+    payload = {
+        "machine": info,
+        "ceilings": vars(ceilings),
+        "config": repr(config),
+        "tokens": tokens,
+        "levels": [t.as_dict() for t in levels],
+        "scale": {str(t): [x.as_dict() for x in by_tokens[t]] for t in scale},
+    }
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=2))
+    if args.plot:
+        from moekit.bench.plots import plot_lines
+
+        series = {
+            lv.backend: [(t, by_tokens[t][i].ms) for t in scale if by_tokens[t][i].ms is not None]
+            for i, lv in enumerate(levels)
+        }
+        plot_lines(series, args.plot, title=f"MoE FFN forward by level ({info['kind']})", xlabel="tokens", ylabel="ms")
+    return 0
+
+
+def run_experts_command(args, device: torch.device, dtype: torch.dtype) -> int:
+    gpu = device.type == "cuda"
+    token_counts = _ints(args.tokens_list, [16, 128, 4096, 16384] if gpu else [16, 128])
+    backends = args.backends.split(",") if args.backends else FAST_BACKENDS
+    for name in backends:
+        EXPERT_BACKENDS.get(name)  # unknown names fail before anything runs
+    ceilings = measure_ceilings(device)
+    info = machine_info(device)
+    results = []
+    for shape in args.shapes.split(","):
+        if shape not in SHAPES:
+            raise ValueError(f"--shapes: unknown shape {shape!r}; expected some of {list(SHAPES)}")
+        sizes = dict(SHAPES[shape])
+        sizes["hidden_size"] //= args.shrink
+        sizes["ffn_size"] //= args.shrink
+        config = MoEConfig(**sizes, router=_router(device), dtype=dtype)
+        rows = []
+        for tokens in token_counts:
+            problem = make_problem(
+                config,
+                tokens,
+                seed=0,
+                device=device,
+                skew_experts=args.skew_experts,
+                skew_amount=args.skew_bias if args.skew_experts else 0.0,
+            )
+            for backend in backends:
+                t = time_forward(problem, backend, ceilings, runs=args.runs)
+                results.append({"shape": shape, "skew_experts": args.skew_experts, **t.as_dict()})
+                rows.append(
+                    [
+                        backend,
+                        tokens,
+                        t.ms if t.ms is not None else t.status,
+                        t.tflops or "-",
+                        t.pct_of_matmul or "-",
+                        t.weight_gbps or "-",
+                        t.pct_of_copy or "-",
+                    ]
+                )
+            del problem
+        title = (
+            f"{shape} {sizes} {dtype} on {info['kind']}, routing "
+            f"{'skewed' if args.skew_experts else 'uniform'} ({config.router}); dense "
+            f"{ceilings.matmul_tflops:.3g} TFLOP/s, copy {ceilings.copy_gbps:.3g} GB/s"
+        )
+        print_table(title, ["backend", "T", "ms", "TFLOP/s", "% matmul", "weight GB/s", "% copy"], rows)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "ceilings": vars(ceilings), "results": results}, indent=2))
+    if args.plot:
+        from moekit.bench.plots import plot_lines
+
+        series = {f"{r['shape']}/{r['backend']}": [] for r in results}
+        for r in results:
+            if r["ms"] is not None:
+                series[f"{r['shape']}/{r['backend']}"].append((r["tokens"], r["tflops"]))
+        plot_lines(series, args.plot, title=f"expert backends ({info['kind']})", xlabel="tokens", ylabel="TFLOP/s")
+    return 0

@@ -1,0 +1,90 @@
+"""Timing one MoE FFN forward (router logits, routing, permute, experts, unpermute) per expert backend,
+with the figures the expert benchmarks print: TFLOP/s and share of the dense matmul rate, and for small
+batches the bandwidth on the active experts' weight bytes and its share of the copy bandwidth."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from moekit.bench.ceilings import Ceilings
+from moekit.bench.flops import routed_expert_flops
+from moekit.bench.timing import measure
+from moekit.experts import EXPERT_BACKENDS
+from moekit.problem import MoEProblem
+from moekit.routing import route
+
+SHAPES = {
+    "mixtral": dict(hidden_size=4096, ffn_size=14336, num_experts=8, top_k=2),
+    "qwen3": dict(hidden_size=2048, ffn_size=768, num_experts=128, top_k=8),
+    "deepseek_v3": dict(hidden_size=7168, ffn_size=2048, num_experts=256, top_k=8),
+}
+
+
+@dataclass(frozen=True)
+class ForwardTiming:
+    """One backend on one problem; ms is None when it did not run (status says why: OOM, unsupported)."""
+
+    backend: str
+    tokens: int
+    status: str
+    ms: float | None = None
+    tflops: float | None = None
+    pct_of_matmul: float | None = None
+    weight_gbps: float | None = None
+    pct_of_copy: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def batched_bytes(problem: MoEProblem) -> int:
+    """Memory the batched backend's per-token weight copies take: T*K*3*H*F elements."""
+    c = problem.config
+    return problem.num_tokens * c.top_k * 3 * c.hidden_size * c.ffn_size * problem.x.element_size()
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def active_weight_bytes(topk_ids: torch.Tensor, problem: MoEProblem) -> int:
+    """Bytes of the expert weights the batch touches: each active expert's gate, up and down once."""
+    c = problem.config
+    active = int(torch.unique(topk_ids).numel())
+    return active * 3 * c.hidden_size * c.ffn_size * problem.weights.w_down.element_size()
+
+
+def time_forward(
+    problem: MoEProblem, backend: str, ceilings: Ceilings, *, runs: int = 20, warmup: int = 3
+) -> ForwardTiming:
+    """Time logits -> route -> backend on problem.x; OOM and unsupported backends become a status."""
+    device, T = problem.x.device, problem.num_tokens
+    impl = EXPERT_BACKENDS.get(backend)
+    ok, reason = impl.supports(device, problem.x.dtype)
+    if not ok:
+        return ForwardTiming(backend, T, f"unsupported: {reason}")
+    if backend == "batched" and batched_bytes(problem) > 0.8 * free_memory(device):
+        return ForwardTiming(backend, T, f"OOM: needs {batched_bytes(problem) / 2**30:.0f} GiB of weight copies")
+    weights, config = problem.weights, problem.config
+
+    def forward():
+        routing = route(problem.router_logits(), config, weights.score_correction_bias, check_values=False)
+        return impl.fn(problem.x, routing.topk_ids, routing.topk_weights, weights)
+
+    try:
+        ms = measure(forward, device, runs=runs, warmup=warmup).median_ms
+    except torch.OutOfMemoryError as error:
+        torch.cuda.empty_cache()
+        return ForwardTiming(backend, T, f"OOM: {str(error).splitlines()[0][:80]}")
+    tflops = routed_expert_flops(T, config) / ms / 1e9
+    routing = route(problem.router_logits(), config, weights.score_correction_bias)
+    gbps = active_weight_bytes(routing.topk_ids, problem) / ms / 1e6
+    return ForwardTiming(
+        backend, T, "ok", ms, tflops, 100 * tflops / ceilings.matmul_tflops, gbps, 100 * gbps / ceilings.copy_gbps
+    )

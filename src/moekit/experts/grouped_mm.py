@@ -1,0 +1,54 @@
+"""grouped_mm (level 5): torch._grouped_mm over the expert-sorted buffer, one launch per projection,
+with no host synchronisation between routing and output (capturable in a CUDA graph)."""
+
+import torch
+import torch.nn.functional as F
+
+from moekit.experts.registry import EXPERT_BACKENDS
+from moekit.permute import expert_layout, permute_tokens, unpermute_reduce
+from moekit.validation import check_routing
+from moekit.weights import MoEWeights
+
+
+def grouped_mm_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    if not hasattr(torch, "_grouped_mm"):
+        return False, f"torch {torch.__version__} has no torch._grouped_mm"
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 9:
+            return False, "torch._grouped_mm needs compute capability 9.0 or newer"
+        if dtype != torch.bfloat16:
+            return False, "torch._grouped_mm on CUDA takes bf16"
+        return True, ""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False, f"torch._grouped_mm on the CPU takes float32, float16 or bfloat16, not {dtype}"
+    return True, ""
+
+
+def sixteen_byte_rows(dtype: torch.dtype) -> int:
+    """H and F must be multiples of this: torch._grouped_mm wants 16-byte aligned row strides."""
+    return max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+
+
+def check_alignment(x: torch.Tensor, weights: MoEWeights) -> None:
+    multiple = sixteen_byte_rows(x.dtype)
+    hidden, ffn = x.shape[1], weights.w_down.shape[2]
+    if hidden % multiple or ffn % multiple:
+        raise ValueError(
+            f"grouped_mm needs hidden size and ffn size that are multiples of {multiple} for {x.dtype} "
+            f"(16-byte rows), got H={hidden}, F={ffn}"
+        )
+
+
+@EXPERT_BACKENDS.register("grouped_mm", supports=grouped_mm_support, size_multiple=sixteen_byte_rows)
+def grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
+    """x [T, H] -> y [T, H]: permute, grouped gate+up, SiLU * up, grouped down, weighted unpermute."""
+    num_experts = weights.w_gate_up.shape[0]
+    check_routing(topk_ids, topk_weights, num_experts)
+    check_alignment(x, weights)
+    layout = expert_layout(topk_ids, num_experts)
+    ends = layout.expert_offsets[1:].to(torch.int32)
+    rows = permute_tokens(x, layout)
+    gate, up = torch._grouped_mm(rows, weights.w_gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+    out = torch._grouped_mm(F.silu(gate) * up, weights.w_down.transpose(1, 2), offs=ends)
+    return unpermute_reduce(out, layout, topk_weights)

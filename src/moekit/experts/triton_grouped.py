@@ -1,0 +1,27 @@
+"""triton_grouped (level 6): moekit's own kernels end to end. A Triton permute, one grouped-GEMM launch
+for gate+up with SiLU(gate) * up fused into its epilogue, one for down with each row's router weight
+fused into its epilogue, and a Triton unpermute that sums each token's K rows. No host synchronisation."""
+
+import torch
+
+from moekit.experts.registry import EXPERT_BACKENDS
+from moekit.kernels.availability import triton_support
+from moekit.permute import expert_layout
+from moekit.validation import check_routing
+from moekit.weights import MoEWeights
+
+
+@EXPERT_BACKENDS.register("triton_grouped", supports=triton_support)
+def triton_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
+    """x [T, H] -> y [T, H]."""
+    from moekit.kernels.grouped_gemm import grouped_gemm
+    from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_triton
+
+    num_experts = weights.w_gate_up.shape[0]
+    check_routing(topk_ids, topk_weights, num_experts)
+    layout = expert_layout(topk_ids, num_experts)
+    rows = permute_tokens_triton(x, layout)
+    activation = grouped_gemm(rows, weights.w_gate_up, layout.expert_offsets, swiglu=True)
+    row_weights = topk_weights.flatten()[layout.sorted_assignments].float()  # row i is sorted assignment i
+    out = grouped_gemm(activation, weights.w_down, layout.expert_offsets, row_scale=row_weights)
+    return unpermute_reduce_triton(out, layout, None)

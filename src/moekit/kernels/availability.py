@@ -1,0 +1,26 @@
+"""Where the Triton kernels can run: on CUDA, or on the CPU under the Triton interpreter."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+INTERPRETER_DTYPES = (torch.float32, torch.float16)  # the interpreter computes bf16 wrongly (DESIGN.md)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """(ok, reason) for running a moekit Triton kernel on device with dtype."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install moekit[triton])"
+    if dtype not in KERNEL_DTYPES:
+        return False, f"the Triton kernels take {[str(d) for d in KERNEL_DTYPES]}, not {dtype}"
+    if device.type == "cuda":
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "a Triton kernel needs CUDA, or TRITON_INTERPRET=1 on the CPU"
+    if dtype not in INTERPRETER_DTYPES:
+        return False, f"the Triton interpreter computes {dtype} wrongly; checked on GPU"
+    return True, ""

@@ -1,0 +1,330 @@
+"""grouped_gemm: every expert's GEMM (a[rows of e] @ b[e].T) in one persistent Triton launch.
+
+Rows of `a` are sorted by expert; expert e owns rows expert_offsets[e]:expert_offsets[e+1]. The per-expert
+row counts live on the device, so the launcher cannot size the grid by them without a host sync (which would
+also break CUDA-graph capture). Instead the grid is a fixed number of persistent programs (one per SM at
+most), and the kernel itself turns the offsets into a tile table: expert e has cdiv(count_e, BLOCK_M) m-tiles
+times cdiv(N_OUT, BLOCK_N) n-tiles, laid out expert after expert in one linear index space. Program p takes
+tiles p, p + P, p + 2P, ... and finds a tile's expert as the number of experts whose tiles all end at or
+before it (one vector compare and sum over the cumulative tile counts: a branch-free search).
+
+With swiglu the weight holds gate rows [0, F) and up rows [F, 2F); each tile accumulates both halves from the
+same A loads and stores silu(gate) * up, so the [M, 2F] intermediate never reaches memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+OFFSET_DTYPES = (torch.int32, torch.int64)
+
+# triton.jit reads TRITON_INTERPRET when the kernel is decorated, so the launcher must read it at import too
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# the interpreter runs programs one after another on the host: a few of them still exercise the persistent
+# loop (several tiles per program, programs with no tile) without paying for idle ones
+_INTERPRETER_PROGRAMS = 4
+
+# swizzle width: this many m-tiles of one expert share each sweep over its n-tiles (see the kernel)
+_GROUP_M = 8
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:
+        # the interpreter is slow and ignores warps and stages; small blocks keep the masked edges in play
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    # Hopper (228 KiB shared memory, 64K registers per SM): 64-wide K steps for 128-byte fp16/bf16 rows,
+    # wide tiles for large-M prefill, 64-row tiles for the many small experts, and 16/32-row tiles for
+    # decode, where an expert sees a handful of rows and the kernel only streams its weights
+    shapes = [
+        (16, 128, 128, 4, 4),
+        (16, 256, 64, 4, 4),
+        (32, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop the configs that ptxas would make spill (checked by compiling for sm_90a).
+
+    Tensor-core dots (fp16/bf16, tf32) afford 128 fp32 accumulator values per thread, half the 255 registers;
+    SwiGLU holds two accumulators, so it halves the tile a config can afford. float32 inputs take the exact
+    (FMA, "ieee") dot, whose operands also sit in registers: only 64 x 64 tiles stay clear of spills.
+    """
+    args = {**named_args, **kwargs}
+    accumulators = 2 if args.get("SWIGLU") else 1
+    if args.get("DOT_PRECISION") == "ieee":
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    else:
+        kept = [
+            c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * accumulators <= 128 * 32 * c.num_warps
+        ]
+    return kept or configs
+
+
+@triton.jit
+def _tile_table(offsets_ptr, E, num_n_tiles, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(tiles [BLOCK_E], tiles_end [BLOCK_E]): each expert's tile count and the running sum through it.
+
+    Slots past E count zero tiles. A decreasing pair of offsets (a caller's bug) counts zero tiles rather
+    than a negative number, which would move later experts' tiles onto the wrong rows.
+    """
+    idx = tl.arange(0, BLOCK_E)
+    start = tl.load(offsets_ptr + idx, mask=idx < E, other=0).to(tl.int32)
+    end = tl.load(offsets_ptr + idx + 1, mask=idx < E, other=0).to(tl.int32)
+    tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M) * num_n_tiles
+    return tiles, tl.cumsum(tiles, axis=0)
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["N", "K", "SWIGLU", "ROWS_PER_EXPERT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    offsets_ptr,
+    scale_ptr,
+    out_ptr,
+    E,
+    N,
+    K,
+    N_OUT,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_om,
+    stride_on,
+    ROWS_PER_EXPERT,  # only in the autotune key: decode and prefill want different tiles
+    SWIGLU: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    num_n_tiles = tl.cdiv(N_OUT, BLOCK_N)
+    tiles, tiles_end = _tile_table(offsets_ptr, E, num_n_tiles, BLOCK_M, BLOCK_E)
+    total_tiles = tl.sum(tiles)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    # a while loop, not range(): the bound is a device value, and the interpreter's program id is not an index
+    tile = tl.program_id(0)
+    while tile < total_tiles:
+        # the table is rebuilt per tile (BLOCK_E cached loads) rather than held in registers across the K loop
+        tiles, tiles_end = _tile_table(offsets_ptr, E, num_n_tiles, BLOCK_M, BLOCK_E)
+        before = tiles_end <= tile  # experts whose tiles all precede this one; empty experts fall out by themselves
+        e = tl.sum(before.to(tl.int32))
+        local = tile - tl.sum(tl.where(before, tiles, 0))
+        row_start = tl.load(offsets_ptr + e).to(tl.int32)
+        row_end = tl.load(offsets_ptr + e + 1).to(tl.int32)
+        num_m_tiles = tl.cdiv(row_end - row_start, BLOCK_M)
+
+        # Swizzle inside the expert: groups of GROUP_M m-tiles, m fastest within a group. Programs that run at
+        # the same time hold consecutive tiles, so up to GROUP_M of them read the same weight tile b[e, n-block]
+        # and each A row block is reused across the group's n-tiles: both stay in L2 instead of b[e] (often
+        # larger than L2 at prefill sizes) being streamed once per m-tile.
+        tiles_per_group = GROUP_M * num_n_tiles
+        first_m = (local // tiles_per_group) * GROUP_M
+        group_rows = tl.minimum(num_m_tiles - first_m, GROUP_M)
+        pid_m = first_m + (local % tiles_per_group) % group_rows
+        pid_n = (local % tiles_per_group) // group_rows
+
+        rows = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < row_end
+        col_ok = cols < N_OUT
+        rows64 = rows.to(tl.int64)
+        cols64 = cols.to(tl.int64)
+
+        a_ptrs = a_ptr + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
+        # the B tile is loaded as [BLOCK_K, BLOCK_N] so tl.dot computes a @ b[e].T without a transpose
+        b_ptrs = b_ptr + e.to(tl.int64) * stride_be + cols64[None, :] * stride_bn + offs_k[:, None] * stride_bk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWIGLU:
+            up_ptrs = b_ptrs + N_OUT * stride_bn
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - k0 * BLOCK_K
+            a_tile = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b_tile = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                up_tile = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_up = tl.dot(a_tile, up_tile, acc_up, input_precision=DOT_PRECISION)
+                up_ptrs += BLOCK_K * stride_bk
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        if SWIGLU:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + rows64, mask=row_ok, other=0.0)
+            acc = acc * scale[:, None]
+        out_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        tile += tl.num_programs(0)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _check_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_args(a, b, expert_offsets, swiglu, row_scale, out) -> int:
+    """Raise on a bad argument; return the output width (N, or F = N / 2 with swiglu)."""
+    _check_tensor("a", a)
+    _check_tensor("b", b)
+    _check_tensor("expert_offsets", expert_offsets)
+    if a.dim() != 2:
+        raise ValueError(f"a must be 2-D (M, K), got shape {tuple(a.shape)}")
+    if b.dim() != 3:
+        raise ValueError(f"b must be 3-D (E, N, K), got shape {tuple(b.shape)}")
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"a must be float16, bfloat16 or float32, got {a.dtype}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"b must have a's dtype {a.dtype}, got {b.dtype}")
+    M, K = a.shape
+    E, N, _ = b.shape
+    if b.shape[2] != K:
+        raise ValueError(f"b must have shape (E, N, K) with K = a.shape[1] = {K}, got {tuple(b.shape)}")
+    if expert_offsets.dtype not in OFFSET_DTYPES:
+        raise TypeError(f"expert_offsets must be int32 or int64, got {expert_offsets.dtype}")
+    if tuple(expert_offsets.shape) != (E + 1,):
+        raise ValueError(f"expert_offsets must have shape (E + 1,) = ({E + 1},), got {tuple(expert_offsets.shape)}")
+    if not isinstance(swiglu, bool):
+        raise TypeError(f"swiglu must be a bool, got {type(swiglu).__name__}")
+    if swiglu and N % 2:
+        raise ValueError(f"swiglu needs b's N = 2F (gate rows then up rows) to be even, got N = {N}")
+    n_out = N // 2 if swiglu else N
+    named = [("b", b), ("expert_offsets", expert_offsets)]
+    if row_scale is not None:
+        _check_tensor("row_scale", row_scale)
+        if tuple(row_scale.shape) != (M,):
+            raise ValueError(f"row_scale must have shape (M,) = ({M},), got {tuple(row_scale.shape)}")
+        if row_scale.dtype != torch.float32:
+            raise TypeError(f"row_scale must be float32, got {row_scale.dtype}")
+        named.append(("row_scale", row_scale))
+    if out is not None:
+        _check_tensor("out", out)
+        if tuple(out.shape) != (M, n_out):
+            raise ValueError(
+                f"out must have shape (M, {'F' if swiglu else 'N'}) = ({M}, {n_out}), got {tuple(out.shape)}"
+            )
+        if out.dtype != a.dtype:
+            raise TypeError(f"out must have a's dtype {a.dtype}, got {out.dtype}")
+        named.append(("out", out))
+    for name, tensor in named:
+        if tensor.device != a.device:
+            raise ValueError(f"{name} is on {tensor.device}, a is on {a.device}; all tensors must share a device")
+    if not _INTERPRET and a.device.type != "cuda":
+        raise ValueError(f"grouped_gemm needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU), a is on {a.device}")
+    return n_out
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    *,
+    swiglu: bool = False,
+    row_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[r] = a[r] @ b[e].T for every row r of expert e, all experts in one launch, without a host sync.
+
+    Args:
+        a: [M, K] float16/bfloat16/float32, rows sorted by expert: expert e owns rows
+            expert_offsets[e]:expert_offsets[e+1].
+        b: [E, N, K], a's dtype: each expert's weight, applied as a @ b[e].T (K contiguous is the fast layout).
+        expert_offsets: [E + 1] int32/int64 on a's device, non-decreasing, expert_offsets[0] = 0 and
+            expert_offsets[E] <= M. Not checked (that would sync with the device); offsets that break it give
+            undefined results.
+        swiglu: b[e] holds gate rows [0, F) then up rows [F, 2F) (N = 2F, N must be even); the result is
+            silu(a @ gate.T) * (a @ up.T), the activation taken in float32 on the accumulators.
+        row_scale: [M] float32, or None: each output row is multiplied by it (the router weight), in float32,
+            after the activation.
+        out: [M, N] (or [M, F] with swiglu), a's dtype, or None to allocate one. Any strides.
+
+    Returns:
+        out: [M, N] (or [M, F] with swiglu), a's dtype, accumulated in float32 (tf32 is not used for
+        float32 inputs). Only rows [0, expert_offsets[E]) are written: rows from expert_offsets[E] to M
+        (padding) keep whatever a given `out` held, and are unspecified (uninitialised memory) in an
+        allocated one.
+
+    The first call for each (N, K, swiglu, dtypes) benchmarks the autotuning configs on the GPU, which
+    synchronises: make that call before capturing a CUDA graph. Later calls launch one kernel and nothing else.
+    """
+    n_out = _check_args(a, b, expert_offsets, swiglu, row_scale, out)
+    M, K = a.shape
+    E, N, _ = b.shape
+    if out is None:
+        out = torch.empty((M, n_out), dtype=a.dtype, device=a.device)
+    if M == 0 or E == 0 or n_out == 0:
+        return out
+
+    if _INTERPRET:
+        programs = _INTERPRETER_PROGRAMS
+    else:
+        programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+
+    def grid(meta):
+        # sum_e cdiv(count_e, BLOCK_M) < M / BLOCK_M + E: a host-side bound on the tile count that needs no
+        # sync, so small problems do not launch programs that would find no tile
+        most_tiles = (triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(n_out, meta["BLOCK_N"])
+        return (min(programs, most_tiles),)
+
+    _grouped_gemm_kernel[grid](
+        a,
+        b,
+        expert_offsets,
+        row_scale if row_scale is not None else out,  # never read without HAS_SCALE
+        out,
+        E,
+        N,
+        K,
+        n_out,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        out.stride(0),
+        out.stride(1),
+        min(triton.next_power_of_2(triton.cdiv(M, E)), 4096),  # a power-of-two bucket: few autotune runs
+        SWIGLU=swiglu,
+        HAS_SCALE=row_scale is not None,
+        # float32 inputs are held to float32 accuracy; tf32 would lose 13 bits of every operand
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_E=triton.next_power_of_2(E),
+        GROUP_M=_GROUP_M,
+    )
+    return out

@@ -1,0 +1,174 @@
+"""fused_select, the Triton top-k + softmax router, against the float64 oracle in float32 and float16.
+
+On the CPU these run under the Triton interpreter (TRITON_INTERPRET=1) and skip without it; bfloat16 is
+checked on CUDA only, since the interpreter computes bf16 wrongly. E stays <= 64 to keep the interpreter quick.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from moekit import MoEConfig
+from moekit.reference import ReferenceRouting, reference_route
+from moekit.routing import ROUTERS, apply_skew, route
+
+ROUTER = ROUTERS.get("fused_select")
+
+
+@pytest.fixture
+def kernel_device(device):
+    """The device, or a skip with supports()' reason when the kernel cannot run there (before any draw)."""
+    ok, reason = ROUTER.supports(device, torch.float32)
+    if not ok:
+        pytest.skip(reason)
+    return device
+
+
+def _dtypes(device) -> list[torch.dtype]:
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+
+
+def _config(num_experts: int, top_k: int, renormalize: bool) -> MoEConfig:
+    return MoEConfig(
+        hidden_size=4, ffn_size=4, num_experts=num_experts, top_k=top_k, router="fused_select", renormalize=renormalize
+    )
+
+
+def _near_ties(ref: ReferenceRouting, top_k: int, eps: float) -> torch.Tensor:
+    """[T] bool: tokens whose K-th and (K+1)-th probabilities lie within eps (see test_routers._ambiguous_tokens)."""
+    scores = ref.selection_scores
+    if top_k == scores.shape[1]:
+        return torch.zeros(scores.shape[0], dtype=torch.bool)
+    runner_up = scores.scatter(1, ref.topk_ids, float("-inf")).max(dim=1).values
+    return (scores.gather(1, ref.topk_ids).min(dim=1).values - runner_up).abs() <= eps
+
+
+def _check(logits: torch.Tensor, config: MoEConfig, *, exact_ids: bool) -> None:
+    """route() on logits (any device, any kernel dtype) against reference_route on the same values."""
+    out = route(logits, config)
+    T, K = logits.shape[0], config.top_k
+    assert out.topk_ids.dtype == torch.int32 and out.topk_weights.dtype == torch.float32
+    assert out.topk_ids.shape == out.topk_weights.shape == (T, K)
+    assert out.topk_ids.device == logits.device
+    ref = reference_route(logits.double(), config)
+    ids, weights = out.topk_ids.cpu().long(), out.topk_weights.cpu().double()
+    clear = torch.ones(T, dtype=torch.bool) if exact_ids else ~_near_ties(ref, K, eps=1e-6)
+    assert torch.equal(ids[clear], ref.topk_ids[clear]), "expert choice differs from the oracle"
+    assert all(len(set(row)) == K for row in ids.tolist()), "an expert appears twice for one token"
+    torch.testing.assert_close(weights[clear], ref.topk_weights[clear], rtol=2e-5, atol=1e-6)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # kernel_device only skips
+@example(num_experts=5, top_k=5, num_tokens=1, renormalize=False, dtype_index=0, scale=1.0, skew=(1, 50.0), seed=0)
+@example(num_experts=12, top_k=3, num_tokens=0, renormalize=True, dtype_index=1, scale=4.0, skew=(0, 0.0), seed=1)
+@given(
+    num_experts=st.integers(1, 64),
+    top_k=st.integers(1, 64),
+    num_tokens=st.one_of(st.sampled_from([0, 1]), st.integers(0, 40)),
+    renormalize=st.booleans(),
+    dtype_index=st.integers(0, 2),
+    scale=st.sampled_from([0.1, 1.0, 4.0]),
+    skew=st.one_of(st.just((0, 0.0)), st.tuples(st.integers(1, 3), st.floats(0.5, 4.0)), st.just((1, 50.0))),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_float64_oracle(
+    kernel_device, num_experts, top_k, num_tokens, renormalize, dtype_index, scale, skew, seed
+):
+    """Random logits, rounded to the kernel dtype: the oracle's experts except at near-ties, its weights."""
+    dtypes = _dtypes(kernel_device)
+    dtype = dtypes[dtype_index % len(dtypes)]
+    top_k = min(top_k, num_experts)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=g) * scale
+    logits = apply_skew(logits, min(skew[0], num_experts), skew[1]).to(kernel_device, dtype)
+    _check(logits, _config(num_experts, top_k, renormalize), exact_ids=False)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # kernel_device only skips
+@given(
+    num_experts=st.integers(1, 64),
+    top_k=st.integers(1, 64),
+    num_tokens=st.integers(1, 40),
+    renormalize=st.booleans(),
+    half=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_ties_on_a_coarse_grid_are_exact(kernel_device, num_experts, top_k, num_tokens, renormalize, half, seed):
+    """Logits in {-1, -0.5, 0, 0.5, 1} (exact in float16 and float32): many exact ties, which go to the lower
+    index, so the ids are exactly the oracle's; the weights sum as the config says."""
+    top_k = min(top_k, num_experts)
+    config = _config(num_experts, top_k, renormalize)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-2, 3, (num_tokens, num_experts), generator=g).float() / 2
+    logits = logits.to(kernel_device, torch.float16 if half else torch.float32)
+    _check(logits, config, exact_ids=True)
+    sums = route(logits, config).topk_weights.sum(dim=1).cpu()
+    if renormalize or top_k == num_experts:
+        torch.testing.assert_close(sums, torch.ones_like(sums))
+    else:
+        assert bool((sums <= 1 + 1e-6).all())
+
+
+@pytest.mark.parametrize("num_experts", [1, 5, 12, 33, 64])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_k_equal_e_ranks_every_expert(kernel_device, num_experts, renormalize):
+    logits = torch.randn(7, num_experts, generator=torch.Generator().manual_seed(num_experts)).to(kernel_device)
+    _check(logits, _config(num_experts, num_experts, renormalize), exact_ids=False)
+    ids = route(logits, _config(num_experts, num_experts, renormalize)).topk_ids.cpu()
+    assert ids.sort(dim=1).values.tolist() == [list(range(num_experts))] * 7
+
+
+def test_equal_logits_and_minus_inf_go_to_the_lower_index(kernel_device):
+    logits = torch.full((3, 6), float("-inf"), device=kernel_device)
+    logits[:, 4] = 1.0
+    logits[:, 2] = 1.0
+    out = route(logits, _config(6, 4, renormalize=False), check_values=False)
+    assert out.topk_ids.cpu().tolist() == [[2, 4, 0, 1]] * 3
+    assert out.topk_weights.cpu().tolist() == [[0.5, 0.5, 0.0, 0.0]] * 3
+
+
+def test_strided_logits(kernel_device):
+    """A transposed view (stride(1) != 1) is read in place and gives the contiguous result."""
+    logits = torch.randn(12, 9, generator=torch.Generator().manual_seed(3)).to(kernel_device).t()
+    config = _config(12, 4, renormalize=True)
+    a, b = route(logits, config), route(logits.contiguous(), config)
+    assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_weights, b.topk_weights)
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1])
+def test_zero_and_one_token(kernel_device, num_tokens):
+    from moekit.kernels.fused_select import fused_select
+
+    logits = torch.randn(num_tokens, 8, device=kernel_device)
+    ids, weights = fused_select(logits, 3, True)
+    assert ids.shape == weights.shape == (num_tokens, 3)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32 and ids.device == logits.device
+    _check(logits, _config(8, 3, True), exact_ids=False)
+
+
+def test_launcher_rejects_bad_input():
+    pytest.importorskip("triton")
+    from moekit.kernels.fused_select import fused_select
+
+    with pytest.raises(TypeError, match=r"logits must be float16, bfloat16 or float32 .*torch.float64"):
+        fused_select(torch.randn(3, 4, dtype=torch.float64), 2, True)
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, 4\]"):
+        fused_select(torch.randn(3, 4), 5, True)
+    with pytest.raises(ValueError, match=r"logits must have shape \(T, E\)"):
+        fused_select(torch.randn(4), 2, True)
+
+
+def test_route_refuses_what_supports_refuses(monkeypatch):
+    config = _config(4, 2, renormalize=True)
+    with pytest.raises(ValueError, match=r"router 'fused_select' cannot run on cpu with torch.float64"):
+        route(torch.randn(3, 4, dtype=torch.float64), config)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs CUDA or TRITON_INTERPRET=1"):
+        route(torch.randn(3, 4), config)
+    import moekit.routing.fused_select as module
+
+    monkeypatch.setattr(module, "_triton_available", lambda: False)
+    assert ROUTER.supports(torch.device("cuda"), torch.float32) == (False, "triton is not installed")

@@ -1,0 +1,77 @@
+"""The Triton permute, unpermute and SiLU * up kernels against their torch twins: data movement bit for bit,
+reductions within the dtype's tolerance. Run under TRITON_INTERPRET=1 on the CPU, natively on GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moekit.kernels.availability import triton_support
+from moekit.permute import expert_layout, permute_tokens, unpermute_reduce
+from moekit.testing import assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def kernels(device, dtype):
+    ok, reason = triton_support(device, dtype)
+    if not ok:
+        pytest.skip(reason)
+    from moekit.kernels import permute, swiglu
+
+    return permute, swiglu
+
+
+@st.composite
+def routed(draw):
+    E = draw(st.integers(1, 9))
+    K = draw(st.integers(1, E))
+    T = draw(st.one_of(st.sampled_from([0, 1]), st.integers(0, 33)))
+    H = draw(st.integers(1, 70))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.empty(0, K)
+    return ids.to(torch.int32), E, H, draw(st.sampled_from([1, 4])), g
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=routed())
+def test_permute_and_unpermute_kernels_match_torch(kernels, dtype, device, case):
+    permute, _ = kernels
+    ids, E, H, pad_to, g = case
+    T, K = ids.shape
+    layout = expert_layout(ids.to(device), E, pad_to=pad_to)
+    x = torch.randn(T, H, generator=g).to(device, dtype)
+    rows = permute.permute_tokens_triton(x, layout)
+    assert torch.equal(rows, permute_tokens(x, layout))  # a copy: bit for bit, padding rows zero
+    rows = torch.randn(layout.num_rows, H, generator=g).to(device, dtype)
+    weights = (torch.rand(T, K, generator=g) + 0.1).to(device)
+    for w in (weights, None):
+        out = permute.unpermute_reduce_triton(rows, layout, w)
+        assert_close_to_reference(out, unpermute_reduce(rows.double(), layout, w), dtype, "unpermute")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(0, 40), f=st.integers(1, 1500), seed=st.integers(0, 2**31 - 1))
+def test_swiglu_kernel_matches_torch(kernels, dtype, device, n, f, seed):
+    _, swiglu = kernels
+    gate_up = torch.randn(n, 2 * f, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    out = torch.full((n, f), float("nan"), device=device, dtype=dtype)  # poisoned: every element written
+    swiglu.swiglu(gate_up, out=out)
+    ref = F.silu(gate_up[:, :f].double()) * gate_up[:, f:].double()
+    assert_close_to_reference(out, ref, dtype, "swiglu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+def test_kernel_arguments_are_checked(kernels, dtype, device):
+    permute, swiglu = kernels
+    with pytest.raises(ValueError, match=r"gate_up must be \[N, 2F\]"):
+        swiglu.swiglu(torch.randn(2, 3, device=device))
+    layout = expert_layout(torch.zeros(3, 1, dtype=torch.int32, device=device), 2)
+    with pytest.raises(ValueError, match="x must have 3 rows"):
+        permute.permute_tokens_triton(torch.randn(2, 4, device=device), layout)
+    with pytest.raises(ValueError, match=r"topk_weights must be \[3, 1\]"):
+        permute.unpermute_reduce_triton(torch.randn(3, 4, device=device), layout, torch.ones(3, 2, device=device))
