@@ -12,7 +12,9 @@ from moekit.weights import MoEWeights
 
 @functools.cache
 def _compiled_grouped_mm():
-    return torch.compile(grouped_mm, dynamic=False)  # built on first use: importing dynamo is slow
+    # built on first use (importing dynamo is slow); the default dynamic=None compiles the first shape
+    # statically, then once more with dynamic token counts
+    return torch.compile(grouped_mm)
 
 
 def compiled_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
