@@ -25,8 +25,9 @@ def any_size(dtype: torch.dtype) -> int:
 class Implementation:
     """One registered implementation of a stage.
 
-    supports(device, dtype) -> (ok, reason); size_multiple(dtype): the feature sizes (H, F) it takes
-    must be multiples of this (e.g. 16-byte aligned rows for torch._grouped_mm), else it raises.
+    supports(device, dtype) -> (ok, reason); size_multiple(dtype): the oracle tests draw H and F as
+    multiples of this. For torch._grouped_mm it is a requirement (16-byte rows; other sizes raise); for
+    the Triton backends a compile-cost choice (their kernels' own tests draw odd sizes).
     """
 
     name: str

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit.experts.registry import EXPERT_BACKENDS
-from moekit.experts.triton_grouped import triton_grouped
+from moekit.experts.triton_grouped import sixteen, triton_grouped
 from moekit.kernels.availability import triton_support
 from moekit.validation import check_routing
 from moekit.weights import MoEWeights
@@ -48,7 +48,7 @@ def _capture(x, topk_ids, topk_weights, weights) -> _Captured:
     return _Captured(graph, *static, y)
 
 
-@EXPERT_BACKENDS.register("cuda_graph", supports=cuda_graph_support)
+@EXPERT_BACKENDS.register("cuda_graph", supports=cuda_graph_support, size_multiple=sixteen)
 def cuda_graph(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
     """x [T, H] -> y [T, H] (a new tensor): copy the inputs into the graph's buffers, replay, copy y out.
 
