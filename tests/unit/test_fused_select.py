@@ -163,12 +163,13 @@ def test_launcher_rejects_bad_input():
 
 def test_route_refuses_what_supports_refuses(monkeypatch):
     config = _config(4, 2, renormalize=True)
-    with pytest.raises(ValueError, match=r"router 'fused_select' cannot run on cpu with torch.float64"):
+    with pytest.raises(ValueError, match=r"'fused_select' cannot run on cpu with torch.float64: the Triton kernels"):
         route(torch.randn(3, 4, dtype=torch.float64), config)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="needs CUDA or TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="needs CUDA, or TRITON_INTERPRET=1"):
         route(torch.randn(3, 4), config)
-    import moekit.routing.fused_select as module
+    import moekit.kernels.availability as availability
 
-    monkeypatch.setattr(module, "_triton_available", lambda: False)
-    assert ROUTER.supports(torch.device("cuda"), torch.float32) == (False, "triton is not installed")
+    monkeypatch.setattr(availability, "_triton_installed", lambda: False)
+    ok, reason = ROUTER.supports(torch.device("cuda"), torch.float32)
+    assert not ok and reason.startswith("triton is not installed")

@@ -1,5 +1,6 @@
 """`moekit bench router`: per router, the time to compute logits, select experts, pack the expert
-layout, and all three together, with the load statistics of the routing it produced."""
+layout, and all three together, with the load statistics of the routing it produced. On GPU each step
+is captured in a CUDA graph and its replays are timed (kernel time, no Python launch overhead)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from moekit.bench.timing import measure
+from moekit.bench.timing import as_cuda_graph, measure
 from moekit.config import MoEConfig
 from moekit.permute import expert_layout
 from moekit.routing import LoadStats, load_stats, route, skew_bias
@@ -66,10 +67,10 @@ def bench_routers(
             ids = route(logits_of(), cfg, bias, check_values=False).topk_ids
             return expert_layout(ids, E)
 
-        times = [
-            measure(fn, device, runs=runs).median_ms * 1e3
-            for fn in (logits_of, select, lambda ids=routing.topk_ids: expert_layout(ids, E), whole)
-        ]
+        steps = (logits_of, select, lambda ids=routing.topk_ids: expert_layout(ids, E), whole)
+        if device.type == "cuda":  # kernel time: each step replayed from a CUDA graph
+            steps = tuple(as_cuda_graph(step) for step in steps)
+        times = [measure(step, device, runs=runs).median_ms * 1e3 for step in steps]
         stats = load_stats(routing.topk_ids, E, cfg.expert_capacity(num_tokens))
         results.append(RouterTimes(name, *times, stats))
     return results

@@ -57,3 +57,20 @@ def measure_interleaved(
 def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, runs: int = 20) -> Timing:
     """Warm fn up, then time `runs` calls on device."""
     return measure_interleaved([fn], device, warmup=warmup, runs=runs)[0]
+
+
+def as_cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn captured in a CUDA graph (after a warm-up on a side stream): returns a callable replaying it.
+
+    Timing the replays measures the kernels without the Python and launch overhead of calling fn,
+    the figure that matters once a step runs inside a captured forward (METHOD.md).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

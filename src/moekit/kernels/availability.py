@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -11,9 +12,14 @@ INTERPRETER_DTYPES = (torch.float32, torch.float16)  # the interpreter computes 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     """(ok, reason) for running a moekit Triton kernel on device with dtype."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False, "triton is not installed (pip install moekit[triton])"
     if dtype not in KERNEL_DTYPES:
         return False, f"the Triton kernels take {[str(d) for d in KERNEL_DTYPES]}, not {dtype}"
