@@ -25,6 +25,17 @@ def impl(backend, dtype, device):
     return implementation
 
 
+@pytest.fixture
+def drawn_impl(impl):
+    """impl, for the tests that draw a new shape per example."""
+    if impl.name == "compiled":
+        pytest.skip(
+            "compiled recompiles per drawn shape (over 400 s for 100 examples on GPU): its fixed-shape "
+            "cases are test_backend_with_k_equal_e_* and tests/perf"
+        )
+    return impl
+
+
 def check_against_oracle(impl, case: MoECase, device):
     problem = case.problem(device)
     routing = route(problem.router_logits(), problem.config, problem.weights.score_correction_bias)
@@ -39,7 +50,8 @@ def check_against_oracle(impl, case: MoECase, device):
 @pytest.mark.parametrize("backend", EXPERT_BACKENDS.names())
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # impl is immutable
 @given(data=st.data())
-def test_backend_matches_oracle(impl, dtype, device, data):
+def test_backend_matches_oracle(drawn_impl, dtype, device, data):
+    impl = drawn_impl
     low_precision = dtype in (torch.float16, torch.bfloat16)  # see moe_configs' min_hidden
     sizes = dict(min_hidden=16 if low_precision else 1, size_multiple=impl.size_multiple(dtype))
     routers = tuple(name for name in ROUTERS.names() if ROUTERS.get(name).supports(device, dtype)[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import socket
 import time
 from collections.abc import Callable
@@ -56,7 +57,7 @@ def spawn_ranks(fn: Callable, world_size: int, *args, backend: str = "gloo", tim
             f"backend nccl with world_size {world_size} needs that many GPUs, found {torch.cuda.device_count()}"
         )
     os.environ.update(SAFE_GPU_ENV)
-    results = mp.get_context("spawn").SimpleQueue()
+    results = mp.get_context("spawn").Queue()
     context = mp.start_processes(
         _rank_main,
         args=(fn, world_size, free_port(), backend, timeout_s, args, results),
@@ -65,10 +66,17 @@ def spawn_ranks(fn: Callable, world_size: int, *args, backend: str = "gloo", tim
         start_method="spawn",
     )
     deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=0.5):
+    by_rank: dict[int, bytes] = {}
+    # read while the ranks run: a rank cannot exit before its result has left the pipe (64 KiB)
+    while len(by_rank) < world_size or not context.join(timeout=0.1):
+        try:
+            rank, payload = results.get(timeout=0.1)
+            by_rank[rank] = payload
+        except queue.Empty:
+            if len(by_rank) < world_size and context.join(timeout=0):
+                raise RuntimeError(f"ranks {sorted(set(range(world_size)) - set(by_rank))} exited without a result")
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"{world_size} ranks of {fn.__name__} still running after {timeout_s:.0f} s")
-    by_rank = dict(results.get() for _ in range(world_size))
     return [torch.load(io.BytesIO(by_rank[r]), weights_only=False) for r in range(world_size)]

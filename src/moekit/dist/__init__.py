@@ -1,0 +1,16 @@
+"""Expert parallelism: dispatch tokens to the ranks that own their experts and combine the results.
+
+Paths, registered by name in DISPATCHERS (registration order is table order):
+  nccl      variable-size all_to_all_single (any torch.distributed backend: NCCL, gloo)
+  padded    fixed-size messages: M slots per pair, zero-padded, M agreed per step or fixed
+  skip_a2a  one rank, no communication (the nccl path restricted to a group of one)
+"""
+
+# registration order is the order of the tables (I001 would sort it)
+from moekit.dist import nccl, padded, skip_a2a  # noqa: F401
+from moekit.dist.base import Dispatcher
+from moekit.dist.forward import ep_forward
+from moekit.dist.handle import DispatchHandle, RecvMeta
+from moekit.dist.registry import DISPATCHERS
+
+__all__ = ["DISPATCHERS", "DispatchHandle", "Dispatcher", "RecvMeta", "ep_forward"]

@@ -1,0 +1,122 @@
+"""nccl: variable-size all-to-all (torch.distributed.all_to_all_single), on any backend: NCCL on GPUs,
+gloo on the CPU.
+
+Wire format, per step:
+  1. counts: all_to_all_single of send_counts [W] int64 -> recv_counts [W] (the host reads both: the
+     split sizes of the next two collectives).
+  2. rows: all_to_all_single of x[send_token_idx] [S, H] in the dispatcher's dtype, destination-major,
+     tokens ascending within a destination; each token once per destination rank.
+  3. metadata: all_to_all_single of [S, 1 + 2K] int64 = (source token index, the K global expert ids,
+     the K router weights as float32 bits), with the same splits.
+  combine: all_to_all_single of [sum recv_counts, H] in the dispatcher's dtype (the weighted sum of each
+  received token's local expert rows) with the splits reversed.
+Collectives 2 and 3 and the combine exchange are issued with async_op=True; *_wait waits on them.
+On a group of one rank nothing is communicated (the send buffers are the receive buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moekit.dist.base import Dispatcher, expand_received, pack_meta, plan_sends
+from moekit.dist.handle import DispatchHandle, RecvMeta
+from moekit.dist.registry import DISPATCHERS
+
+
+@dataclass
+class PendingDispatch:
+    works: list
+    send_rows: torch.Tensor  # kept alive until the exchange is done
+    send_meta: torch.Tensor
+    recv_rows: torch.Tensor
+    recv_meta: torch.Tensor
+    send_counts: torch.Tensor  # [W] int64, CPU
+    recv_counts: torch.Tensor  # [W] int64, CPU
+    send_token_idx: torch.Tensor
+    num_tokens: int
+
+
+@dataclass
+class PendingCombine:
+    works: list
+    send: torch.Tensor
+    back: torch.Tensor
+    handle: DispatchHandle
+    shared_out: torch.Tensor | None
+
+
+@DISPATCHERS.register("nccl")
+class NcclDispatcher(Dispatcher):
+    """Counts first, then variable-size all-to-alls of the rows and of the packed metadata."""
+
+    name = "nccl"
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
+        self.check_dispatch_inputs(x, topk_ids, topk_weights)
+        plan = plan_sends(topk_ids, self.num_local_experts, self.world_size)
+        send_rows = x.index_select(0, plan.send_token_idx)
+        send_meta = pack_meta(plan.send_token_idx, topk_ids, topk_weights)
+        if self.world_size == 1:
+            counts = plan.send_counts.cpu()
+            return PendingDispatch(
+                [], send_rows, send_meta, send_rows, send_meta, counts, counts, plan.send_token_idx, x.shape[0]
+            )
+        recv_counts = torch.empty_like(plan.send_counts)
+        dist.all_to_all_single(recv_counts, plan.send_counts, group=self.group)
+        send_counts, recv_counts = plan.send_counts.cpu(), recv_counts.cpu()
+        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        num_recv = sum(recv_splits)
+        recv_rows = x.new_empty(num_recv, self.hidden)
+        recv_meta = send_meta.new_empty(num_recv, send_meta.shape[1])
+        works = [
+            dist.all_to_all_single(recv_rows, send_rows, recv_splits, send_splits, group=self.group, async_op=True),
+            dist.all_to_all_single(recv_meta, send_meta, recv_splits, send_splits, group=self.group, async_op=True),
+        ]
+        return PendingDispatch(
+            works, send_rows, send_meta, recv_rows, recv_meta, send_counts, recv_counts, plan.send_token_idx, x.shape[0]
+        )
+
+    def dispatch_wait(self, pending: PendingDispatch) -> tuple[torch.Tensor, RecvMeta, DispatchHandle]:
+        for work in pending.works:
+            work.wait()
+        device = pending.recv_rows.device
+        src_rank_of_slot = torch.repeat_interleave(
+            torch.arange(self.world_size, device=device), pending.recv_counts.to(device)
+        )
+        expansion = expand_received(pending.recv_meta, src_rank_of_slot, self.expert_start, self.num_local_experts)
+        recv_x = pending.recv_rows.index_select(0, expansion.slot_of_row)
+        num_send = pending.send_token_idx.numel()
+        handle = DispatchHandle(
+            send_counts=pending.send_counts,
+            recv_counts=pending.recv_counts,
+            send_token_idx=pending.send_token_idx,
+            send_slots=torch.arange(num_send, device=device),
+            recv_slot_of_row=expansion.slot_of_row,
+            row_weight=expansion.meta.weight,
+            num_send_slots=num_send,
+            num_recv_slots=pending.recv_rows.shape[0],
+            num_tokens=pending.num_tokens,
+            hidden=self.hidden,
+        )
+        return recv_x, expansion.meta, handle
+
+    def combine_async(
+        self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None
+    ) -> PendingCombine:
+        self.check_combine_inputs(expert_out, handle, shared_out)
+        send = self.reduce_rows(expert_out, handle).to(self.dtype)
+        if self.world_size == 1:
+            return PendingCombine([], send, send, handle, shared_out)
+        back = send.new_empty(handle.num_send_slots, self.hidden)
+        work = dist.all_to_all_single(
+            back, send, handle.send_counts.tolist(), handle.recv_counts.tolist(), group=self.group, async_op=True
+        )
+        return PendingCombine([work], send, back, handle, shared_out)
+
+    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
+        for work in pending.works:
+            work.wait()
+        return self.gather_back(pending.back, pending.handle, pending.shared_out)

@@ -1,0 +1,411 @@
+"""Expert-parallel dispatch and combine (moekit.dist), every registered path on every world size it runs on.
+
+One spawn per world size runs every check on every rank (spawning costs seconds; the checks
+milliseconds) and returns what each rank saw; the tests below compare it with independent
+single-process computations:
+  - layout (DeepEP style): each token row carries its provenance (column 0 = source rank, column 1 =
+    source token index); the rows, local expert counts, src_rank, src_token and weight each rank
+    received equal who-should-receive-what computed here, in the documented order, and each token went
+    to each destination rank at most once (the send counts on the wire);
+  - identity experts: combine(dispatch(x)) with expert_out = recv_x is sum_k w_k x (+ shared_out),
+    exactly for integer-valued x with weights 1;
+  - real experts: ep_forward on each rank's slice of the tokens equals reference_moe on all of them;
+  - buffers reused over calls with alternating sizes, padding_fraction, a fixed capacity, argument errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+
+from moekit import MoEConfig, make_problem, reference_moe, route
+from moekit.dist import DISPATCHERS, ep_forward
+from moekit.experts import EXPERT_BACKENDS
+from moekit.experts.mlp import swiglu_mlp
+from moekit.testing.numerics import assert_close_to_reference
+from moekit.testing.spawn import spawn_ranks
+
+WORLD_SIZES = (1, 2, 3, 4)
+SEED = 20240611
+H = 8  # hidden size of the layout problems
+MAX_TOKENS = 24
+CAPACITY = 3
+UNEVEN = {1: [11], 2: [13, 6], 3: [5, 0, 9], 4: [1, 8, 0, 16]}
+F32 = torch.float32
+
+
+def paths_for(world_size: int) -> list[str]:
+    return [impl.name for impl in DISPATCHERS if impl.fn.supports_world_size(world_size)[0]]
+
+
+def make_dispatcher(path: str, num_experts: int, hidden: int = H, max_tokens: int = MAX_TOKENS, **kwargs):
+    return DISPATCHERS.get(path).fn(None, num_experts, hidden, max_tokens, F32, "cpu", **kwargs)
+
+
+# ---- layout problems: provenance in the rows ---------------------------------------------------------
+
+
+def layout_problem(tokens_per_rank, num_experts, top_k, seed, integer):
+    """Tokens of every rank [N, H] (column 0 = source rank, 1 = token index), topk_ids [N, K] (distinct
+    per token; int32 for even seeds), topk_weights [N, K] (ones when integer) and a shared_out [N, H]."""
+    g = torch.Generator().manual_seed(seed)
+    W, N = len(tokens_per_rank), sum(tokens_per_rank)
+    src = torch.repeat_interleave(torch.arange(W), torch.tensor(tokens_per_rank, dtype=torch.int64))
+    if integer:
+        x = torch.randint(-8, 9, (N, H), generator=g).to(F32)
+    else:
+        x = torch.randn(N, H, generator=g)
+    x[:, 0] = src.to(F32)
+    x[:, 1] = torch.cat([torch.arange(T) for T in tokens_per_rank]).to(F32) if N else x[:, 1]
+    scores = torch.rand(N, num_experts, generator=g)
+    scores[:, 0] += 0.5 * (src == W - 1)  # skew: the last rank's tokens favour expert 0
+    ids = scores.argsort(dim=1, descending=True)[:, :top_k].to(torch.int32 if seed % 2 == 0 else torch.int64)
+    weights = torch.ones(N, top_k) if integer else torch.rand(N, top_k, generator=g) + 0.1
+    shared = torch.randint(-3, 4, (N, H), generator=g).to(F32) if integer else torch.randn(N, H, generator=g)
+    return x, ids, weights, shared
+
+
+def rank_slice(tokens_per_rank, rank) -> slice:
+    start = sum(tokens_per_rank[:rank])
+    return slice(start, start + tokens_per_rank[rank])
+
+
+def layout_scenarios(world_size: int, seed: int) -> list[tuple]:
+    """(name, tokens_per_rank, E, K, seed, integer, with_shared): fixed edge cases, then drawn ones."""
+    ws = world_size
+    scenarios = [
+        ("uneven", UNEVEN[ws], 3 * ws, 2, seed, True, True),
+        ("one-source", [0] * (ws - 1) + [MAX_TOKENS], 2 * ws, 2, seed + 1, False, False),
+        ("all-to-rank-0-experts", [MAX_TOKENS] * ws, 2 * ws, 1, seed + 2, True, False),
+    ]
+    g = random.Random(seed * 10 + ws)
+    for i in range(3):
+        num_experts = g.randint(1, 3) * ws
+        tokens = [g.randint(0, MAX_TOKENS) for _ in range(ws)]
+        scenarios.append((f"drawn{i}", tokens, num_experts, g.randint(1, num_experts), seed + 3 + i, i != 1, i == 1))
+    return scenarios
+
+
+def repeat_scenarios(world_size: int, seed: int) -> list[tuple]:
+    """One dispatcher (E = 2W) called with alternating token counts; K changes once (padded: new metadata)."""
+    out = []
+    for i in range(5):
+        tokens = [MAX_TOKENS if (i + r) % 2 == 0 else (i + r) % 3 for r in range(world_size)]
+        out.append((f"call{i}", tokens, 2 * world_size, 1 if i == 3 else 2, seed + 100 + i, i % 2 == 0, i == 2))
+    return out
+
+
+def problem_of(scenario):
+    _, tokens, num_experts, top_k, seed, integer, _ = scenario
+    if scenario[0] == "all-to-rank-0-experts":  # every token picks expert 0 (owned by rank 0)
+        x, ids, w, shared = layout_problem(tokens, num_experts, top_k, seed, integer)
+        return x, torch.zeros_like(ids), w, shared
+    return layout_problem(tokens, num_experts, top_k, seed, integer)
+
+
+def run_layout(dispatcher, scenario, rank: int, use_async: bool) -> dict:
+    """Dispatch this rank's tokens of the scenario, combine with identity experts; what the rank saw."""
+    tokens, with_shared = scenario[1], scenario[6]
+    x, ids, w, shared = (t[rank_slice(tokens, rank)] for t in problem_of(scenario))
+    shared_out = shared if with_shared else None
+    if use_async:
+        recv_x, meta, handle = dispatcher.dispatch_wait(dispatcher.dispatch_async(x, ids, w))
+        y = dispatcher.combine_wait(dispatcher.combine_async(recv_x, handle, shared_out))
+    else:
+        recv_x, meta, handle = dispatcher.dispatch(x, ids, w)
+        y = dispatcher.combine(recv_x, handle, shared_out)
+    return {
+        "recv_x": recv_x,
+        "counts": meta.local_expert_counts,
+        "offsets": meta.local_expert_offsets,
+        "src_rank": meta.src_rank,
+        "src_token": meta.src_token,
+        "weight": meta.weight,
+        "send_counts": handle.send_counts,
+        "recv_counts": handle.recv_counts,
+        "wire_rows": handle.send_token_idx.numel(),
+        "y": y,
+        "padding_fraction": handle.padding_fraction,
+        "last_padding_fraction": getattr(dispatcher, "last_padding_fraction", None),
+    }
+
+
+def caught(fn, *args, **kwargs) -> str:
+    """The message of the exception fn(*args, **kwargs) raises (with its type), or 'no error'."""
+    try:
+        fn(*args, **kwargs)
+    except (ValueError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+# ---- real experts ------------------------------------------------------------------------------------
+
+
+def ep_scenarios(world_size: int, seed: int) -> list[tuple]:
+    """(name, config, tokens_per_rank, seed, skew_experts, skew_amount)."""
+    ws = world_size
+    with_shared = MoEConfig(16, 12, 4 * ws, 3, num_shared_experts=2, shared_ffn_size=8, dtype=F32)
+    plain = MoEConfig(16, 8, 2 * ws, 2, dtype=F32)
+    return [
+        ("uneven-shared", with_shared, UNEVEN[ws], seed, 0, 0.0),
+        ("all-to-rank-0", plain, [5, 9, 3, 7][:ws], seed + 1, 2, 50.0),  # E_local = 2 >= top_k
+        ("one-source", with_shared, [0] * (ws - 1) + [MAX_TOKENS], seed + 2, 0, 0.0),
+    ]
+
+
+def ep_problem(scenario):
+    _, config, tokens, seed, skew_experts, skew_amount = scenario
+    return make_problem(config, sum(tokens), seed=seed, skew_experts=skew_experts, skew_amount=skew_amount)
+
+
+# ---- the rank function: every check of one world size ----------------------------------------------
+#
+# spawn_ranks returns results through a pipe it reads only after every rank has exited, so what a rank
+# returns must stay small: the ranks compare with the independent expectations themselves and return
+# "ok" or the failure message per check (and the messages of the errors they were meant to raise).
+
+
+def record(checks: dict, key: str, check, *args, **kwargs) -> None:
+    """Run a comparison check(*args, **kwargs) (no communication inside); record "ok" or its failure."""
+    try:
+        check(*args, **kwargs)
+        checks[key] = "ok"
+    except Exception as error:  # noqa: BLE001 - any failure is reported, by rank, in the test
+        checks[key] = f"{type(error).__name__}: {error}"[:600]
+
+
+def rank_main(rank: int, world_size: int, seed: int) -> dict:
+    checks, errors = {}, {}
+    for path in paths_for(world_size):
+        for i, s in enumerate(layout_scenarios(world_size, seed)):
+            got = run_layout(make_dispatcher(path, s[2]), s, rank, use_async=i % 2 == 1)
+            record(checks, f"layout/{path}/{s[0]}", check_layout, got, s, world_size, rank)
+        reused = make_dispatcher(path, 2 * world_size)
+        for i, s in enumerate(repeat_scenarios(world_size, seed)):
+            got = run_layout(reused, s, rank, use_async=i % 2 == 0)
+            record(checks, f"repeat/{path}/{s[0]}", check_layout, got, s, world_size, rank)
+        for scenario in ep_scenarios(world_size, seed):
+            problem = ep_problem(scenario)
+            d = make_dispatcher(path, problem.config.num_experts, hidden=problem.config.hidden_size)
+            mine = rank_slice(scenario[2], rank)
+            y = ep_forward(problem.x[mine], problem.weights, problem.config, d, "grouped_loop")
+            record(checks, f"ep/{path}/{scenario[0]}", check_ep, y, scenario, problem, world_size, mine)
+            if path == "skip_a2a":
+                expected = single_process_forward(problem)
+                record(
+                    checks,
+                    f"single/{path}/{scenario[0]}",
+                    torch.testing.assert_close,
+                    y,
+                    expected,
+                    rtol=1e-5,
+                    atol=1e-6,
+                )
+
+        small = make_dispatcher(path, 2 * world_size, max_tokens=4)
+        x, ids, w, _ = layout_problem([5] * world_size, 2 * world_size, 2, seed, False)
+        mine = rank_slice([5] * world_size, rank)
+        mistakes = {"above max_tokens": caught(small.dispatch, x[mine], ids[mine], w[mine])}
+        d = make_dispatcher(path, 2 * world_size)
+        x, ids, w = x[mine], ids[mine], w[mine]
+        mistakes["id out of range"] = caught(d.dispatch, x, ids + 2 * world_size, w)
+        mistakes["float ids"] = caught(d.dispatch, x, ids.float(), w)
+        mistakes["x dtype"] = caught(d.dispatch, x.double(), ids, w)
+        mistakes["weights shape"] = caught(d.dispatch, x, ids, w[:, :1])
+        recv_x, _, handle = d.dispatch(x, ids, w)
+        mistakes["expert_out shape"] = caught(d.combine, recv_x[:, :-1], handle)
+        d.combine(recv_x, handle)  # every rank completes the step it started
+        if world_size > 1:
+            mistakes["indivisible experts"] = caught(make_dispatcher, path, 2 * world_size + 1)
+        errors[path] = mistakes
+    if world_size > 1:
+        errors["skip_a2a"] = {"more than one rank": caught(make_dispatcher, "skip_a2a", 2 * world_size)}
+
+    capped = make_dispatcher("padded", 2 * world_size, capacity=CAPACITY)
+    over, fits = capacity_scenarios(world_size, seed)
+    x, ids, w, _ = problem_of(over)
+    mine = rank_slice(over[1], rank)
+    errors["capacity overflow"] = caught(capped.dispatch, x[mine], ids[mine], w[mine])
+    got = run_layout(capped, fits, rank, use_async=False)  # usable after the error
+    record(checks, "capacity/fits", check_layout, got, fits, world_size, rank, capacity=CAPACITY)
+    return {"checks": checks, "errors": errors}
+
+
+def capacity_scenarios(world_size: int, seed: int) -> tuple[tuple, tuple]:
+    over = ("over", [MAX_TOKENS] * world_size, 2 * world_size, 2, seed + 200, False, False)
+    fits = ("fits", [2] * world_size, 2 * world_size, 2, seed + 201, False, True)
+    return over, fits
+
+
+@functools.cache
+def world(world_size: int) -> list[dict]:
+    return spawn_ranks(rank_main, world_size, SEED, timeout_s=120)
+
+
+# ---- independent expectations --------------------------------------------------------------------
+
+
+def expected_receive(scenario, world_size: int, q: int) -> dict:
+    """What rank q should receive: rows grouped by its local experts, then source rank, then token."""
+    x, ids, w, _ = problem_of(scenario)
+    e_local = scenario[2] // world_size
+    rows, src_rank, src_token, weight, counts = [], [], [], [], []
+    for e in range(q * e_local, (q + 1) * e_local):
+        n = 0
+        for t in range(x.shape[0]):  # global order = source rank, then token index
+            for k in (ids[t] == e).nonzero().flatten().tolist():
+                rows.append(x[t])
+                src_rank.append(int(x[t, 0]))
+                src_token.append(int(x[t, 1]))
+                weight.append(float(w[t, k]))
+                n += 1
+        counts.append(n)
+    return {
+        "recv_x": torch.stack(rows) if rows else torch.empty(0, H),
+        "counts": torch.tensor(counts, dtype=torch.int64),
+        "src_rank": torch.tensor(src_rank, dtype=torch.int64),
+        "src_token": torch.tensor(src_token, dtype=torch.int64),
+        "weight": torch.tensor(weight, dtype=F32),
+    }
+
+
+def count_matrix(scenario, world_size: int) -> torch.Tensor:
+    """[W, W]: tokens rank p must send to rank q (a token once per rank owning any of its experts)."""
+    x, ids, _, _ = problem_of(scenario)
+    e_local = scenario[2] // world_size
+    matrix = torch.zeros(world_size, world_size, dtype=torch.int64)
+    for t in range(x.shape[0]):
+        for q in set((ids[t].long() // e_local).tolist()):
+            matrix[int(x[t, 0]), q] += 1
+    return matrix
+
+
+def check_layout(got: dict, scenario, world_size: int, q: int, capacity: int | None = None) -> None:
+    """Rank q's result of one layout scenario against the single-process expectation."""
+    _, tokens, _, _, _, integer, with_shared = scenario
+    x, ids, w, shared = problem_of(scenario)
+    matrix = count_matrix(scenario, world_size)
+    want = expected_receive(scenario, world_size, q)
+    assert torch.equal(got["recv_x"], want["recv_x"]), "received rows differ"
+    for key in ("counts", "src_rank", "src_token", "weight"):
+        assert torch.equal(got[key], want[key]), f"{key} differs: {got[key].tolist()} != {want[key].tolist()}"
+    assert torch.equal(got["offsets"], torch.cat([torch.zeros(1, dtype=torch.int64), want["counts"].cumsum(0)]))
+    # on the wire: each token once per destination rank, no more
+    assert torch.equal(got["send_counts"], matrix[q]), f"send counts {got['send_counts']} != {matrix[q]}"
+    assert torch.equal(got["recv_counts"], matrix[:, q]), f"recv counts {got['recv_counts']} != {matrix[:, q]}"
+    assert got["wire_rows"] == int(matrix[q].sum())
+    pairs = set(zip(got["src_rank"].tolist(), got["src_token"].tolist()))
+    assert len(pairs) == int(matrix[:, q].sum()), "distinct tokens received != tokens on the wire"
+    # identity experts: y = sum_k w_k x (+ shared_out)
+    mine = rank_slice(tokens, q)
+    expected = (w[mine].double()[:, :, None] * x[mine].double()[:, None, :]).sum(1)
+    if with_shared:
+        expected = expected + shared[mine].double()
+    if integer:
+        assert torch.equal(got["y"], expected.to(F32)), "identity combine is not exact"
+    else:
+        assert_close_to_reference(got["y"], expected, F32, "identity combine")
+    if got["padding_fraction"] is not None:
+        M = capacity if capacity is not None else int(matrix.max())
+        slots = world_size * world_size * M
+        fraction = (slots - int(matrix.sum())) / slots if slots else 0.0
+        assert abs(got["padding_fraction"] - fraction) < 1e-12, f"padding_fraction {got['padding_fraction']}"
+        assert got["last_padding_fraction"] == got["padding_fraction"]
+        assert 0.0 <= got["padding_fraction"] < 1.0, f"padding_fraction {got['padding_fraction']}"
+
+
+def check_ep(y: torch.Tensor, scenario, problem, world_size: int, mine: slice) -> None:
+    """This rank's rows of ep_forward against reference_moe on every rank's tokens."""
+    config = problem.config
+    reference = reference_moe(problem.x, problem.weights, config)
+    if scenario[0] == "all-to-rank-0":  # the case is what it says: every token's experts live on rank 0
+        assert int(reference.routing.topk_ids.max()) < config.num_experts // world_size
+    assert y.dtype == F32 and y.shape == (mine.stop - mine.start, config.hidden_size)
+    assert_close_to_reference(y, reference.y[mine], F32, "ep_forward")
+
+
+def single_process_forward(problem):
+    weights, config = problem.weights, problem.config
+    routing = route(problem.router_logits(), config, weights.score_correction_bias)
+    y = EXPERT_BACKENDS.get("grouped_loop").fn(problem.x, routing.topk_ids, routing.topk_weights, weights)
+    if weights.shared_gate_up is not None:
+        for w_gate_up, w_down in zip(weights.shared_gate_up, weights.shared_down):
+            y = y + swiglu_mlp(problem.x, w_gate_up, w_down)
+    return y
+
+
+def failures(world_size: int, prefix: str) -> dict:
+    """The checks under prefix that did not pass, by rank; fails when there is no such check."""
+    results = world(world_size)
+    ran = [
+        (q, key, value) for q, r in enumerate(results) for key, value in r["checks"].items() if key.startswith(prefix)
+    ]
+    assert ran, f"no check {prefix!r} ran"
+    return {f"rank {q} {key}": value for q, key, value in ran if value != "ok"}
+
+
+CASES = [(ws, path) for ws in WORLD_SIZES for path in paths_for(ws)]
+IDS = [f"{ws}-ranks-{path}" for ws, path in CASES]
+
+
+def test_every_path_runs_somewhere():
+    assert {"nccl", "padded", "skip_a2a"} <= set(DISPATCHERS.names())
+    assert paths_for(1) == DISPATCHERS.names()
+    assert "skip_a2a" not in paths_for(2)
+
+
+@pytest.mark.parametrize(("world_size", "path"), CASES, ids=IDS)
+def test_layout_and_identity_combine(world_size, path):
+    assert failures(world_size, f"layout/{path}/") == {}
+
+
+@pytest.mark.parametrize(("world_size", "path"), CASES, ids=IDS)
+def test_repeated_calls_reuse_buffers_without_stale_rows(world_size, path):
+    assert failures(world_size, f"repeat/{path}/") == {}
+
+
+@pytest.mark.parametrize(("world_size", "path"), CASES, ids=IDS)
+def test_ep_forward_matches_the_single_process_oracle(world_size, path):
+    assert failures(world_size, f"ep/{path}/") == {}
+
+
+def test_skip_a2a_on_one_rank_equals_the_single_process_forward():
+    assert failures(1, "single/skip_a2a/") == {}
+
+
+@pytest.mark.parametrize(("world_size", "path"), CASES, ids=IDS)
+def test_argument_errors_are_raised_before_any_communication(world_size, path):
+    for q, result in enumerate(world(world_size)):
+        errors = result["errors"][path]
+        assert errors["above max_tokens"].startswith("ValueError") and "max_tokens=4" in errors["above max_tokens"]
+        assert errors["id out of range"].startswith("ValueError") and "topk_ids" in errors["id out of range"]
+        assert errors["float ids"].startswith("TypeError")
+        assert errors["x dtype"].startswith("TypeError")
+        assert errors["weights shape"].startswith("ValueError")
+        assert errors["expert_out shape"].startswith("ValueError")
+        if world_size > 1:
+            message = errors["indivisible experts"]
+            assert message.startswith("ValueError"), f"rank {q}: {message}"
+            assert f"num_experts ({2 * world_size + 1})" in message and f"world size ({world_size})" in message
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_skip_a2a_refuses_more_than_one_rank(world_size):
+    for result in world(world_size):
+        message = result["errors"]["skip_a2a"]["more than one rank"]
+        assert message.startswith("ValueError") and "one rank" in message
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_padded_fixed_capacity_raises_on_every_rank_instead_of_dropping(world_size):
+    over, fits = capacity_scenarios(world_size, SEED)
+    assert int(count_matrix(over, world_size).max()) > CAPACITY  # the case overflows
+    assert int(count_matrix(fits, world_size).max()) <= CAPACITY
+    for q, result in enumerate(world(world_size)):
+        message = result["errors"]["capacity overflow"]
+        assert message.startswith("ValueError") and f"capacity {CAPACITY}" in message, f"rank {q}: {message}"
+    assert failures(world_size, "capacity/") == {}
