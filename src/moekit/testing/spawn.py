@@ -74,7 +74,8 @@ def spawn_ranks(fn: Callable, world_size: int, *args, backend: str = "gloo", tim
             by_rank[rank] = payload
         except queue.Empty:
             if len(by_rank) < world_size and context.join(timeout=0):
-                raise RuntimeError(f"ranks {sorted(set(range(world_size)) - set(by_rank))} exited without a result")
+                missing = sorted(set(range(world_size)) - set(by_rank))
+                raise RuntimeError(f"ranks {missing} exited without a result") from None
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
