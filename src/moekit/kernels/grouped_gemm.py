@@ -39,6 +39,10 @@ def _configs() -> list[triton.Config]:
     if _INTERPRET:
         # the interpreter is slow and ignores warps and stages; small blocks keep the masked edges in play
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    if os.environ.get("MOEKIT_GROUPED_GEMM_TUNE") == "0":
+        # correctness runs on GPU (nox -s gpu's unit tests): one config, because autotuning compiles every
+        # config for every drawn shape (90 s and more per test); the perf suite and benchmarks tune
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
     # Hopper (228 KiB shared memory, 64K registers per SM): 64-wide K steps for 128-byte fp16/bf16 rows,
     # wide tiles for large-M prefill, 64-row tiles for the many small experts, and 16/32-row tiles for
     # decode, where an expert sees a handful of rows and the kernel only streams its weights
