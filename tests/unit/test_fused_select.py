@@ -131,11 +131,14 @@ def test_equal_logits_and_minus_inf_go_to_the_lower_index(kernel_device):
 
 
 def test_strided_logits(kernel_device):
-    """A transposed view (stride(1) != 1) is read in place and gives the contiguous result."""
+    """A transposed view (stride(1) != 1) is read in place and gives the contiguous result: the same ids,
+    the same weights up to the order of the softmax sum (the GPU compiler vectorises unit strides; seen:
+    one-ulp differences on an H200)."""
     logits = torch.randn(12, 9, generator=torch.Generator().manual_seed(3)).to(kernel_device).t()
     config = _config(12, 4, renormalize=True)
     a, b = route(logits, config), route(logits.contiguous(), config)
-    assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_weights, b.topk_weights)
+    assert torch.equal(a.topk_ids, b.topk_ids)
+    torch.testing.assert_close(a.topk_weights, b.topk_weights, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1])
