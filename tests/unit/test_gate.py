@@ -22,10 +22,11 @@ def verdicts(baseline, current, ratios_only=False):
 
 
 def test_speedup_within_margin_passes_and_beyond_fails():
-    base = run(a=(10.0, 1.0), b=(10.0, 1.0), c=(10.0, 1.0, 0.3))
-    now = run(a=(9.1, 1.0), b=(8.9, 1.0), c=(7.1, 1.0))
+    base = run(a=(10.0, 1.0), b=(10.0, 1.0), c=(10.0, 1.0, 0.3), d=(10.0, 1.0, 0.3))
+    now = run(a=(9.1, 1.0), b=(8.9, 1.0), c=(7.1, 1.0), d=(7.1, 1.0, 0.1))
     v = verdicts(base, now)
     assert v["a"].ok and not v["b"].ok and v["c"].ok
+    assert not v["d"].ok  # the margin this run's case definition gives wins over the baseline's
     assert v["b"].reason == "speedup fell more than 10%"
     assert v["b"].speedup_change == pytest.approx(-0.11)
 

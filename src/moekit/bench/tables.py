@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -14,7 +15,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence], co
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
-        table.add_row(*(format_value(v) for v in row))
+        table.add_row(*(escape(format_value(v)) for v in row))  # "case[param]" is not rich markup
     console = console or Console()
     if not console.is_terminal:
         console.width = max(console.width, 200)
