@@ -20,8 +20,6 @@ def impl(backend, dtype, device):
     ok, reason = implementation.supports(device, dtype)
     if not ok:
         pytest.skip(reason)
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("bf16 is checked on GPU; CPU bf16 matmuls round intermediates differently per backend")
     return implementation
 
 
