@@ -1,4 +1,4 @@
-"""The `moekit` command: `moekit bench router|journey|experts` and `moekit gate`."""
+"""The `moekit` command: `moekit bench router|journey|experts|a2a` and `moekit gate`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.bench.a2a_command import add_a2a_parser
 from moekit.bench.expert_commands import add_experts_parser, add_journey_parser
 from moekit.bench.machine import machine_info
 from moekit.bench.router import bench_routers
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _router_parser(bench, common)
     add_journey_parser(bench, common)
     add_experts_parser(bench, common)
+    add_a2a_parser(bench, common)
     _gate_parser(commands)
     return parser
 

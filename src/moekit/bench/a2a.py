@@ -1,0 +1,130 @@
+"""`moekit bench a2a`: dispatch and combine of every expert-parallel path, timed on every rank.
+
+Each rank draws its tokens and a uniform routing (K distinct experts per token), then times dispatch and
+combine apart (median of `runs` after warm-up, CUDA events on GPU, a barrier before each call so ranks
+start together). Off-rank GB/s counts the rows a rank sends to other ranks (each token once per
+destination rank, its own rank excluded), the definition issue #8 asks for.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from moekit.dist import DISPATCHERS
+
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class A2AConfig:
+    """One problem per rank: tokens T, hidden H, top-k K, experts E (over all ranks), dtype name."""
+
+    name: str
+    tokens: int
+    hidden: int
+    top_k: int
+    experts: int
+    dtype: str = "bf16"
+
+
+CONFIGS = {
+    "normal": A2AConfig("normal", 4096, 7168, 8, 256),
+    "low-latency": A2AConfig("low-latency", 128, 7168, 8, 256),
+    "cpu": A2AConfig("cpu", 256, 512, 4, 16, "float32"),
+}
+SWEEPS = {"batch": "tokens", "local-experts": "experts", "topk": "top_k"}
+
+
+@dataclass(frozen=True)
+class A2ATiming:
+    """Medians over runs of the slowest rank, in µs; off-rank GB/s of the dispatch on the busiest rank."""
+
+    config: str
+    path: str
+    dispatch_us: float
+    combine_us: float
+    offrank_gbps: float
+    padding_fraction: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _uniform_routing(config: A2AConfig, device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    scores = torch.rand(config.tokens, config.experts, generator=g, device=device)
+    topk_ids = scores.topk(config.top_k, dim=1).indices.to(torch.int32)  # distinct, uniform
+    weights = torch.rand(config.tokens, config.top_k, generator=g, device=device) + 0.1
+    return topk_ids, weights / weights.sum(1, keepdim=True)
+
+
+def _timed(fn, device: torch.device) -> float:
+    dist.barrier()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e6
+
+
+def _slowest(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def time_path(config: A2AConfig, path: str, device: torch.device, runs: int, seed: int) -> A2ATiming:
+    """Time one path on this rank's group (called on every rank)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = DTYPES[config.dtype]
+    dispatcher = DISPATCHERS.get(path).fn(None, config.experts, config.hidden, config.tokens, dtype, device)
+    x = torch.randn(config.tokens, config.hidden, device=device).to(dtype)
+    topk_ids, weights = _uniform_routing(config, device, seed + rank)
+    state = {}
+
+    def dispatch():
+        state["out"] = dispatcher.dispatch(x, topk_ids, weights)
+
+    def combine():
+        recv_x, _, handle = state["out"]
+        dispatcher.combine(recv_x, handle)
+
+    for _ in range(3):
+        dispatch()
+        combine()
+    dispatch_us, combine_us = [], []
+    for _ in range(runs):
+        dispatch_us.append(_timed(dispatch, device))
+        combine_us.append(_timed(combine, device))
+    handle = state["out"][2]
+    dest = topk_ids.long() // (config.experts // world)
+    sent = torch.zeros(config.tokens, world, dtype=torch.bool, device=device).scatter_(1, dest, True)
+    offrank_rows = int(sent.sum()) - int(sent[:, rank].sum())
+    d_us = _slowest(statistics.median(dispatch_us), device)
+    gbps = offrank_rows * config.hidden * x.element_size() / (d_us * 1e3)
+    padding = getattr(handle, "padding_fraction", None)
+    return A2ATiming(
+        config.name, path, d_us, _slowest(statistics.median(combine_us), device), _slowest(gbps, device), padding
+    )
+
+
+def run_ranks(rank: int, world_size: int, configs: list[A2AConfig], paths: list[str], runs: int, backend: str):
+    """Entry point of each spawned rank: every config x path, results from every rank agree."""
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    return [time_path(c, p, device, runs, seed=17) for c in configs for p in paths]
+
+
+def sweep_configs(base: A2AConfig, sweep: str, values: list[int]) -> list[A2AConfig]:
+    """base with one field (SWEEPS[sweep]) set to each value; local-experts values are per rank."""
+    field = SWEEPS[sweep]
+    return [replace(base, name=f"{sweep}={v}", **{field: v}) for v in values]
