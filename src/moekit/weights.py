@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -28,18 +28,6 @@ class MoEWeights:
     score_correction_bias: torch.Tensor | None = None
     shared_gate_up: torch.Tensor | None = None
     shared_down: torch.Tensor | None = None
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> MoEWeights:
-        """Move every tensor; dtype applies to the expert weights, router tensors stay float32 or wider."""
-
-        def move(name: str, t: torch.Tensor | None):
-            if t is None:
-                return None
-            router_side = name.startswith(("router", "score"))
-            target = dtype if dtype is not None and not router_side else t.dtype
-            return t.to(device=device, dtype=target)
-
-        return replace(self, **{f.name: move(f.name, getattr(self, f.name)) for f in fields(self)})
 
 
 def init_weights(

@@ -9,12 +9,12 @@ destination rank, its own rank excluded), the definition issue #8 asks for.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
 
+from moekit.bench.timing import time_once
 from moekit.dist import DISPATCHERS
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,17 +64,9 @@ def _uniform_routing(config: A2AConfig, device, seed: int) -> tuple[torch.Tensor
 
 
 def _timed(fn, device: torch.device) -> float:
+    """µs of one call, after a barrier so every rank starts it together."""
     dist.barrier()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3
-    begin = time.perf_counter()
-    fn()
-    return (time.perf_counter() - begin) * 1e6
+    return time_once(fn, device) * 1e3
 
 
 def _slowest(value: float, device: torch.device) -> float:
