@@ -8,7 +8,7 @@ import torch
 
 from moekit.config import MoEConfig
 from moekit.routing.skew import skew_bias
-from moekit.weights import MoEWeights, init_weights
+from moekit.weights import MoEWeights, init_weights, router_logits
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,7 @@ class MoEProblem:
 
     def router_logits(self) -> torch.Tensor:
         """logits [T, E] float32 (float64 when x is float64)."""
-        acc = torch.promote_types(self.x.dtype, torch.float32)
-        logits = self.x.to(acc) @ self.weights.router_weight.to(acc).T
-        if self.weights.router_logit_bias is not None:
-            logits = logits + self.weights.router_logit_bias.to(acc)
-        return logits
+        return router_logits(self.x, self.weights)
 
 
 def make_problem(

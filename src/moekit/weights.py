@@ -62,3 +62,12 @@ def init_weights(
         shared_gate_up=normal((S, 2 * Fs, H), H**-0.5) if S else None,
         shared_down=normal((S, H, Fs), Fs**-0.5) if S else None,
     )
+
+
+def router_logits(x: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
+    """x [T, H] -> logits [T, E] in float32 (float64 for float64 x), router_logit_bias added."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    logits = x.to(acc) @ weights.router_weight.to(acc).T
+    if weights.router_logit_bias is not None:
+        logits = logits + weights.router_logit_bias.to(acc)
+    return logits

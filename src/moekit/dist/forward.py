@@ -11,7 +11,7 @@ from moekit.dist.base import Dispatcher, group_size_and_rank
 from moekit.experts import EXPERT_BACKENDS
 from moekit.experts.mlp import swiglu_mlp
 from moekit.routing import route
-from moekit.weights import MoEWeights
+from moekit.weights import MoEWeights, router_logits
 
 
 def local_weights(weights: MoEWeights, dispatcher: Dispatcher) -> MoEWeights:
@@ -66,11 +66,7 @@ def ep_forward(
             f"the dispatcher was set up for num_experts={dispatcher.num_experts}"
         )
     backend = EXPERT_BACKENDS.get(backend_name)
-    acc = torch.promote_types(x.dtype, torch.float32)
-    logits = x.to(acc) @ weights.router_weight.to(acc).T
-    if weights.router_logit_bias is not None:
-        logits = logits + weights.router_logit_bias.to(acc)
-    routing = route(logits, config, weights.score_correction_bias)
+    routing = route(router_logits(x, weights), config, weights.score_correction_bias)
 
     recv_x, meta, handle = dispatcher.dispatch(x, routing.topk_ids, routing.topk_weights)
     if meta.num_rows:
