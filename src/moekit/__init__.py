@@ -2,6 +2,7 @@
 
 from moekit.config import MoEConfig
 from moekit.experts import EXPERT_BACKENDS
+from moekit.layer import MoELayer
 from moekit.problem import MoEProblem, make_problem
 from moekit.reference import reference_moe
 from moekit.routing import ROUTERS, Routing, load_stats, route
@@ -13,6 +14,7 @@ __all__ = [
     "EXPERT_BACKENDS",
     "ROUTERS",
     "MoEConfig",
+    "MoELayer",
     "MoEProblem",
     "MoEWeights",
     "Routing",
