@@ -10,8 +10,8 @@ from moekit.experts import JOURNEY
 
 def test_journey_prints_every_level_and_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "journey.json", tmp_path / "journey.png"
-    args = ["bench", "journey", "--tokens", "64", "--scale", "32,64", "--hidden", "32", "--ffn", "48",
-            "--runs", "2", "--json", str(out), "--plot", str(png)]
+    args = "bench journey --tokens 64 --scale 32,64 --hidden 32 --ffn 48 --runs 2".split()
+    args += ["--json", str(out), "--plot", str(png)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     payload = json.loads(out.read_text())
@@ -29,8 +29,8 @@ def test_journey_prints_every_level_and_writes_json_and_plot(tmp_path, capsys):
 
 def test_experts_runs_each_shape_and_backend(tmp_path, capsys):
     out = tmp_path / "experts.json"
-    args = ["bench", "experts", "--shapes", "mixtral,qwen3", "--shrink", "64", "--tokens-list", "4,16",
-            "--backends", "grouped_loop,grouped_mm", "--runs", "2", "--json", str(out)]
+    args = "bench experts --shapes mixtral,qwen3 --shrink 64 --tokens-list 4,16 --runs 2".split()
+    args += ["--backends", "grouped_loop,grouped_mm", "--json", str(out)]
     assert main(args) == 0
     results = json.loads(out.read_text())["results"]
     assert {(r["shape"], r["backend"], r["tokens"]) for r in results} == {
