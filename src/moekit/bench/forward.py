@@ -4,6 +4,7 @@ batches the bandwidth on the active experts' weight bytes and its share of the c
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -48,8 +49,6 @@ def batched_bytes(problem: MoEProblem) -> int:
 def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    import os
-
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

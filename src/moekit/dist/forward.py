@@ -15,20 +15,13 @@ from moekit.weights import MoEWeights, router_logits
 
 
 def local_weights(weights: MoEWeights, dispatcher: Dispatcher) -> MoEWeights:
-    """The slices of the routed experts (and their router rows) this rank owns; no shared experts
-    (the source rank computes those)."""
+    """The routed experts this rank owns; no shared experts (the source rank computes those). The router
+    tensors stay whole: the backends never read them."""
     experts = slice(dispatcher.expert_start, dispatcher.expert_start + dispatcher.num_local_experts)
-
-    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[experts]
-
     return replace(
         weights,
         w_gate_up=weights.w_gate_up[experts],
         w_down=weights.w_down[experts],
-        router_weight=weights.router_weight[experts],
-        router_logit_bias=cut(weights.router_logit_bias),
-        score_correction_bias=cut(weights.score_correction_bias),
         shared_gate_up=None,
         shared_down=None,
     )

@@ -27,7 +27,7 @@ def grouped_mm_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, 
 
 def sixteen_byte_rows(dtype: torch.dtype) -> int:
     """H and F must be multiples of this: torch._grouped_mm wants 16-byte aligned row strides."""
-    return max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+    return max(1, 16 // dtype.itemsize)
 
 
 def check_alignment(x: torch.Tensor, weights: MoEWeights) -> None:
