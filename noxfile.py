@@ -45,8 +45,9 @@ def gpu(session: nox.Session) -> None:
     gated against baselines/<machine kind>.json on speedup ratios and absolute medians."""
     env = {**SAFE_GPU_ENV, "HYPOTHESIS_PROFILE": "gpu", "PYTHONPATH": "src"}
     # one grouped-GEMM config for the correctness tests; the perf cases below autotune (kernels/grouped_gemm.py)
-    session.run(*PYTEST, "tests/unit", "tests/distributed", *session.posargs,
-                env={**env, "MOEKIT_GROUPED_GEMM_TUNE": "0"})
+    session.run(
+        *PYTEST, "tests/unit", "tests/distributed", *session.posargs, env={**env, "MOEKIT_GROUPED_GEMM_TUNE": "0"}
+    )
     Path(".perf").mkdir(exist_ok=True)
     current = ".perf/gpu.json"
     session.run(*PYTEST, "tests/perf", "-m", "perf", f"--benchmark-json={current}", env=env)

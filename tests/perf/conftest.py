@@ -17,9 +17,11 @@ if DEVICE.type == "cpu":
     # one thread: on a shared 2-core machine two threads made ratios swing by 25% between runs
     torch.set_num_threads(1)
 
-# Same-machine spread of the CPU ratios is about 4% with one thread; CI's CPU may be another model,
-# so CPU cases allow 25% (a 2x slowdown, -50%, still fails). GPU cases keep the gate's default, 10%.
-CPU_RATIO_MARGIN = 0.25
+# Same-machine spread of the CPU ratios is about 4% with one thread, but CI's CPU is another model: there
+# masked_matmul (one dense (T, E*I) matmul) against naive (E small ones) fell 26% with no code change, since
+# BLAS efficiency by shape differs between CPUs. CPU cases allow 40%, so a 2x slowdown (-50%) still fails;
+# GPU cases keep the gate's default, 10%, against a baseline measured on the same machine kind.
+CPU_RATIO_MARGIN = 0.40
 
 
 def pytest_addoption(parser):

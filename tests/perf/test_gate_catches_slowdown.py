@@ -51,4 +51,4 @@ def test_planted_slowdown_fails_the_gate_and_a_clean_run_passes(tmp_path):
 
     failed = _gate(slowed, baseline)
     assert failed.returncode == 1, failed.stdout
-    assert "FAIL speedup fell more than 25%" in failed.stdout and CASE in failed.stdout
+    assert "FAIL speedup fell more than" in failed.stdout and CASE in failed.stdout
