@@ -12,7 +12,7 @@ import nox
 nox.options.sessions = ["lint", "cpu", "perf"]
 nox.options.error_on_missing_interpreters = True
 
-CPU_INSTALL = ["-c", "constraints/cpu.txt", "-e", ".[test,triton,plot]"]
+CPU_INSTALL = ["-c", "constraints/cpu.txt", "-e", ".[test,triton,plot,export,hf]"]
 PYTEST = ["python", "-m", "pytest"]
 GATE = ["python", "-m", "moekit", "gate"]
 # Never let NVLink multicast run on the shared GPU machines; set in every process we start there.
