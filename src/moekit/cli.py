@@ -11,6 +11,7 @@ import torch
 from moekit.bench.a2a_command import add_a2a_parser
 from moekit.bench.expert_commands import add_experts_parser, add_journey_parser
 from moekit.bench.machine import machine_info
+from moekit.bench.profiling import profiled
 from moekit.bench.router import bench_routers
 from moekit.bench.tables import print_table
 from moekit.config import MoEConfig
@@ -35,6 +36,9 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--runs", type=int, default=20, help="timed runs per case (median reported)")
     common.add_argument("--json", type=Path, help="write the results here")
     common.add_argument("--plot", type=Path, help="draw the results into this PNG (needs matplotlib)")
+    common.add_argument(
+        "--profile", type=Path, metavar="DIR", help="write a torch.profiler trace here, print top kernels"
+    )
     return common
 
 
@@ -167,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.run(args)
         device = _device(args.device)
         dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "float32")]
-        return args.run(args, device, dtype)
+        with profiled(args.profile, device):
+            return args.run(args, device, dtype)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"moekit: {error}") from None

@@ -13,10 +13,13 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from moekit.bench.profiling import PROFILE_DIR_ENV, profiled
 
 # Never let NVLink multicast run on the shared GPU machines (KINDS.md): set in every rank we start.
 SAFE_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -38,7 +41,11 @@ def _rank_main(rank, fn, world_size, port, backend, timeout_s, args, results) ->
         # serialised to bytes: a tensor sent through the queue as is lives in the rank's shared memory,
         # which is gone once the rank exits
         buffer = io.BytesIO()
-        torch.save(fn(rank, world_size, *args), buffer)
+        profile_dir = os.environ.get(PROFILE_DIR_ENV) if rank == 0 else None
+        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+        with profiled(profile_dir and Path(profile_dir), device, label=f"rank{rank}"):
+            result = fn(rank, world_size, *args)
+        torch.save(result, buffer)
         results.put((rank, buffer.getvalue()))
     finally:
         dist.destroy_process_group()
