@@ -130,6 +130,10 @@ def run_layout(dispatcher, scenario, rank: int, use_async: bool) -> dict:
         "y": y,
         "padding_fraction": handle.padding_fraction,
         "last_padding_fraction": getattr(dispatcher, "last_padding_fraction", None),
+        "slots_per_peer": handle.slots_per_peer,
+        "rows_on_the_wire": dispatcher.rows_on_the_wire,
+        "path": dispatcher.name,
+        "capacity": getattr(dispatcher, "capacity", None),
     }
 
 
@@ -231,8 +235,38 @@ def rank_main(rank: int, world_size: int, seed: int) -> dict:
     mine = rank_slice(over[1], rank)
     errors["capacity overflow"] = caught(capped.dispatch, x[mine], ids[mine], w[mine])
     got = run_layout(capped, fits, rank, use_async=False)  # usable after the error
-    record(checks, "capacity/fits", check_layout, got, fits, world_size, rank, capacity=CAPACITY)
+    record(checks, "capacity/fits", check_layout, got, fits, world_size, rank)
+
+    capped = make_dispatcher("symmetric", 2 * world_size, capacity=CAPACITY)
+    errors["symmetric overflow"] = caught(run_layout, capped, over, rank, use_async=False)
+    got = run_layout(capped, fits, rank, use_async=True)  # usable after the error
+    record(checks, "symmetric-capacity/fits", check_layout, got, fits, world_size, rank)
+    dropping = make_dispatcher("symmetric", 2 * world_size, capacity=CAPACITY, overflow="drop")
+    got = run_layout(dropping, over, rank, use_async=False)
+    got["dropped"], got["dropped_total"] = dropping.last_dropped, dropping.last_dropped_total
+    record(checks, "symmetric-capacity/drop", check_dropping, got, over, world_size, rank, CAPACITY)
     return {"checks": checks, "errors": errors}
+
+
+def check_dropping(got: dict, scenario, world_size: int, q: int, capacity: int) -> None:
+    """overflow="drop": each rank keeps its first `capacity` pairs per expert (tokens ascending); y sums the
+    kept pairs only, and the drops are counted on this rank and over the group."""
+    x, ids, w, _ = problem_of(scenario)
+    kept = torch.zeros(ids.shape, dtype=torch.bool)
+    dropped = [0] * world_size
+    for p in range(world_size):
+        seen: dict[int, int] = {}
+        for t in range(rank_slice(scenario[1], p).start, rank_slice(scenario[1], p).stop):
+            for k, e in enumerate(ids[t].tolist()):
+                seen[e] = seen.get(e, 0) + 1
+                kept[t, k] = seen[e] <= capacity
+                dropped[p] += seen[e] > capacity
+    assert sum(dropped) > 0, "the scenario drops nothing"
+    assert (got["dropped"], got["dropped_total"]) == (dropped[q], sum(dropped))
+    mine = rank_slice(scenario[1], q)
+    weights = (w * kept)[mine].double()
+    expected = (weights[:, :, None] * x[mine].double()[:, None, :]).sum(1)
+    assert_close_to_reference(got["y"], expected, F32, "combine of the kept pairs")
 
 
 def capacity_scenarios(world_size: int, seed: int) -> tuple[tuple, tuple]:
@@ -273,33 +307,36 @@ def expected_receive(scenario, world_size: int, q: int) -> dict:
     }
 
 
-def count_matrix(scenario, world_size: int) -> torch.Tensor:
-    """[W, W]: tokens rank p must send to rank q (a token once per rank owning any of its experts)."""
+def count_matrix(scenario, world_size: int, rows_on_the_wire: str = "token") -> torch.Tensor:
+    """[W, W]: rows rank p must send to rank q: a token once per rank owning any of its experts ("token"),
+    or once per (token, expert) pair ("pair")."""
     x, ids, _, _ = problem_of(scenario)
     e_local = scenario[2] // world_size
     matrix = torch.zeros(world_size, world_size, dtype=torch.int64)
     for t in range(x.shape[0]):
-        for q in set((ids[t].long() // e_local).tolist()):
+        owners = (ids[t].long() // e_local).tolist()
+        for q in set(owners) if rows_on_the_wire == "token" else owners:
             matrix[int(x[t, 0]), q] += 1
     return matrix
 
 
-def check_layout(got: dict, scenario, world_size: int, q: int, capacity: int | None = None) -> None:
+def check_layout(got: dict, scenario, world_size: int, q: int) -> None:
     """Rank q's result of one layout scenario against the single-process expectation."""
-    _, tokens, _, _, _, integer, with_shared = scenario
+    _, tokens, num_experts, _, _, integer, with_shared = scenario
     x, ids, w, shared = problem_of(scenario)
-    matrix = count_matrix(scenario, world_size)
+    matrix = count_matrix(scenario, world_size, got["rows_on_the_wire"])
     want = expected_receive(scenario, world_size, q)
     assert torch.equal(got["recv_x"], want["recv_x"]), "received rows differ"
     for key in ("counts", "src_rank", "src_token", "weight"):
         assert torch.equal(got[key], want[key]), f"{key} differs: {got[key].tolist()} != {want[key].tolist()}"
     assert torch.equal(got["offsets"], torch.cat([torch.zeros(1, dtype=torch.int64), want["counts"].cumsum(0)]))
-    # on the wire: each token once per destination rank, no more
+    # on the wire: each token once per destination rank (or once per expert), no more
     assert torch.equal(got["send_counts"], matrix[q]), f"send counts {got['send_counts']} != {matrix[q]}"
     assert torch.equal(got["recv_counts"], matrix[:, q]), f"recv counts {got['recv_counts']} != {matrix[:, q]}"
     assert got["wire_rows"] == int(matrix[q].sum())
-    pairs = set(zip(got["src_rank"].tolist(), got["src_token"].tolist()))
-    assert len(pairs) == int(matrix[:, q].sum()), "distinct tokens received != tokens on the wire"
+    if got["rows_on_the_wire"] == "token":
+        pairs = set(zip(got["src_rank"].tolist(), got["src_token"].tolist()))
+        assert len(pairs) == int(matrix[:, q].sum()), "distinct tokens received != tokens on the wire"
     # identity experts: y = sum_k w_k x (+ shared_out)
     mine = rank_slice(tokens, q)
     expected = (w[mine].double()[:, :, None] * x[mine].double()[:, None, :]).sum(1)
@@ -309,13 +346,17 @@ def check_layout(got: dict, scenario, world_size: int, q: int, capacity: int | N
         assert torch.equal(got["y"], expected.to(F32)), "identity combine is not exact"
     else:
         assert_close_to_reference(got["y"], expected, F32, "identity combine")
+    if got["path"] == "padded":  # M slots per pair of ranks: the fixed capacity, else the largest count
+        assert got["slots_per_peer"] == (got["capacity"] if got["capacity"] is not None else int(matrix.max()))
+    if got["path"] == "symmetric":  # capacity slots per (source rank, expert)
+        assert got["slots_per_peer"] == num_experts // world_size * got["capacity"]
     if got["padding_fraction"] is not None:
-        M = capacity if capacity is not None else int(matrix.max())
-        slots = world_size * world_size * M
+        slots = world_size * world_size * got["slots_per_peer"]
         fraction = (slots - int(matrix.sum())) / slots if slots else 0.0
         assert abs(got["padding_fraction"] - fraction) < 1e-12, f"padding_fraction {got['padding_fraction']}"
         assert got["last_padding_fraction"] == got["padding_fraction"]
-        assert 0.0 <= got["padding_fraction"] < 1.0, f"padding_fraction {got['padding_fraction']}"
+        all_padding = int(matrix.sum()) == 0  # a fixed capacity and nothing sent
+        assert 0.0 <= got["padding_fraction"] < 1.0 or all_padding, f"padding_fraction {got['padding_fraction']}"
 
 
 def check_ep(y: torch.Tensor, scenario, problem, world_size: int, mine: slice) -> None:
@@ -353,7 +394,7 @@ IDS = [f"{ws}-ranks-{path}" for ws, path in CASES]
 
 
 def test_every_path_runs_somewhere():
-    assert {"nccl", "padded", "skip_a2a"} <= set(DISPATCHERS.names())
+    assert {"nccl", "padded", "skip_a2a", "symmetric"} <= set(DISPATCHERS.names())
     assert paths_for(1) == DISPATCHERS.names()
     assert "skip_a2a" not in paths_for(2)
 
@@ -409,3 +450,13 @@ def test_padded_fixed_capacity_raises_on_every_rank_instead_of_dropping(world_si
         message = result["errors"]["capacity overflow"]
         assert message.startswith("ValueError") and f"capacity {CAPACITY}" in message, f"rank {q}: {message}"
     assert failures(world_size, "capacity/") == {}
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_symmetric_overflow_raises_on_every_rank_or_is_dropped_and_counted(world_size):
+    over, _ = capacity_scenarios(world_size, SEED)
+    assert int(count_matrix(over, world_size, "pair").max()) > CAPACITY
+    for q, result in enumerate(world(world_size)):
+        message = result["errors"]["symmetric overflow"]
+        assert message.startswith("ValueError") and f"capacity {CAPACITY}" in message, f"rank {q}: {message}"
+    assert failures(world_size, "symmetric-capacity/") == {}

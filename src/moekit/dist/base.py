@@ -127,6 +127,8 @@ class Dispatcher:
     """
 
     name = "dispatcher"
+    # what one row on the wire is: "token" = one per (token, destination rank), "pair" = one per (token, expert)
+    rows_on_the_wire = "token"
 
     def __init__(
         self,

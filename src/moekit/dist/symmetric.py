@@ -1,0 +1,201 @@
+"""symmetric: the FlashMoE layout. One buffer of the same shape on every rank, indexed by
+(source rank, local expert, slot, hidden) per stage (dispatch, combine), allocated once.
+
+A rank sends one row per (token, expert) pair. Pair (t, k) with global expert g = topk_ids[t, k] takes
+slot s = its rank among this rank's pairs of expert g (tokens ascending), so it lands at
+recv[this rank, g mod E_local, s] on rank g // E_local: a position every rank computes from its own
+routing, so nothing about addresses or offsets is exchanged before rows are sent. Seen from the
+sender the same position is row g * C + s of its send buffer, which makes the destination-major send
+buffer [W, E_local, C, H] one equal-split all_to_all_single away from the receiver's buffer.
+
+Here the puts are that all_to_all_single (any backend: gloo, NCCL); with symmetric memory a rank would
+write into its peers' buffers directly, at the same positions. Alongside the rows travel, per slot,
+(source token, router weight bits), and each rank's per-expert pair counts [E] (an all_gather, sent
+concurrently with the rows, never waited on before sending): the receiver reads the first
+min(count, C) slots of each (source rank, expert), and every rank sees every overflow.
+
+capacity C per (source rank, expert): the default, max_tokens, never overflows (a token picks an
+expert at most once) but takes E * C * H elements per buffer (4 buffers). Pairs above C:
+overflow="raise" raises ValueError on every rank once the step's counts have arrived; overflow="drop"
+drops them (their router weight is lost, not renormalised) and counts them: last_dropped (this rank's
+pairs) and last_dropped_total (the group's). Combine sends the weighted rows back to the very slots they
+came from; the source sums its pairs per token in float32 (or wider).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moekit.dist.base import Dispatcher, _require_int
+from moekit.dist.handle import DispatchHandle, RecvMeta
+from moekit.dist.registry import DISPATCHERS
+
+OVERFLOW_POLICIES = ("raise", "drop")
+# torch 2.13 renamed all_gather_into_tensor (the GPU machine's torch 2.11 has only the old name)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass
+class PendingDispatch:
+    works: list
+    recv_rows: torch.Tensor  # [E*C, H]: slot (src * E_local + e) * C + s
+    recv_meta: torch.Tensor  # [E*C, 2] int64: (source token, weight bits)
+    counts: torch.Tensor  # [W, E] int64: pairs every rank routed to every expert, before capacity
+    send_token_idx: torch.Tensor  # [S]
+    send_slots: torch.Tensor  # [S]: g * C + s
+    num_tokens: int
+
+
+@dataclass
+class PendingCombine:
+    works: list
+    back: torch.Tensor
+    handle: DispatchHandle
+    shared_out: torch.Tensor | None
+
+
+@DISPATCHERS.register("symmetric")
+class SymmetricDispatcher(Dispatcher):
+    """Per-(token, expert) rows at positions every rank computes; capacity C per (source rank, expert)."""
+
+    name = "symmetric"
+    rows_on_the_wire = "pair"
+
+    def __init__(
+        self,
+        group,
+        num_experts,
+        hidden,
+        max_tokens,
+        dtype,
+        device,
+        *,
+        capacity: int | None = None,
+        overflow: str = "raise",
+    ):
+        super().__init__(group, num_experts, hidden, max_tokens, dtype, device)
+        capacity = max_tokens if capacity is None else capacity
+        _require_int("capacity", capacity, 0)
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+        self.capacity = capacity
+        self.overflow = overflow
+        self.num_slots = num_experts * capacity  # per stage and rank: W * E_local * C
+
+        def buffer(width: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(self.num_slots, width, dtype=dtype, device=self.device)
+
+        self._send_rows, self._recv_rows = buffer(hidden, dtype), buffer(hidden, dtype)
+        self._back_send, self._back_recv = buffer(hidden, dtype), buffer(hidden, dtype)
+        self._send_meta, self._recv_meta = buffer(2, torch.int64), buffer(2, torch.int64)
+        self.last_dropped = 0
+        self.last_dropped_total = 0
+        self.last_padding_fraction: float | None = None
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
+        self.check_dispatch_inputs(x, topk_ids, topk_weights)
+        C, K = self.capacity, topk_ids.shape[1]
+        expert = topk_ids.reshape(-1).long()  # pair p = t * K + k
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        order = torch.sort(expert, stable=True)[1]
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(expert)
+        slot[order] = torch.arange(expert.numel(), device=expert.device) - starts[expert[order]]
+        kept = torch.nonzero(slot < C).squeeze(1)
+        send_token_idx = kept // K
+        send_slots = expert[kept] * C + slot[kept]
+
+        self._send_rows.index_copy_(0, send_slots, x.index_select(0, send_token_idx))
+        weight_bits = topk_weights.reshape(-1)[kept].to(torch.float32).view(torch.int32).long()
+        self._send_meta.index_copy_(0, send_slots, torch.stack([send_token_idx, weight_bits], dim=1))
+
+        if self.world_size == 1:
+            return PendingDispatch(
+                [], self._send_rows, self._send_meta, counts[None], send_token_idx, send_slots, x.shape[0]
+            )
+        all_counts = counts.new_empty(self.world_size * self.num_experts)
+        works = [
+            _all_gather_single(all_counts, counts, group=self.group, async_op=True),
+            dist.all_to_all_single(self._recv_rows, self._send_rows, group=self.group, async_op=True),
+            dist.all_to_all_single(self._recv_meta, self._send_meta, group=self.group, async_op=True),
+        ]
+        return PendingDispatch(
+            works,
+            self._recv_rows,
+            self._recv_meta,
+            all_counts.view(self.world_size, self.num_experts),
+            send_token_idx,
+            send_slots,
+            x.shape[0],
+        )
+
+    def _account_overflow(self, counts: torch.Tensor) -> None:
+        """counts [W, E] on the host: raise on every rank (overflow="raise") or record the drops."""
+        over = (counts - self.capacity).clamp(min=0)
+        if self.overflow == "raise" and int(over.sum()):
+            src, expert = divmod(int(over.argmax()), self.num_experts)
+            raise ValueError(
+                f"rank {src} routed {int(counts[src, expert])} tokens to expert {expert}, above the capacity "
+                f"{self.capacity} per (rank, expert) of the symmetric dispatcher; the step's results are "
+                "discarded. Pass a larger capacity, or overflow='drop' to drop and count them"
+            )
+        self.last_dropped = int(over[self.rank].sum())
+        self.last_dropped_total = int(over.sum())
+
+    def dispatch_wait(self, pending: PendingDispatch) -> tuple[torch.Tensor, RecvMeta, DispatchHandle]:
+        for work in pending.works:
+            work.wait()
+        counts = pending.counts.cpu()
+        self._account_overflow(counts)
+        W, E_local, C, device = self.world_size, self.num_local_experts, self.capacity, pending.recv_rows.device
+        kept = counts.clamp(max=C)
+        recv_pairs = kept[:, self.expert_start : self.expert_start + E_local]  # [W, E_local]
+        # rows grouped by local expert, then source rank, then slot (= source token order)
+        filled = torch.arange(C)[None, None, :] < recv_pairs.T[:, :, None]  # [E_local, W, C]
+        expert, src, slot = (t.to(device) for t in torch.nonzero(filled, as_tuple=True))
+        recv_slot_of_row = (src * E_local + expert) * C + slot
+        recv_x = pending.recv_rows.index_select(0, recv_slot_of_row)  # a copy: the buffer is reused
+        meta_rows = pending.recv_meta.index_select(0, recv_slot_of_row)
+        weight = meta_rows[:, 1].to(torch.int32).view(torch.float32)
+        local_counts = recv_pairs.sum(0).to(device)
+        meta = RecvMeta(
+            local_counts, torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)]), src, meta_rows[:, 0], weight
+        )
+        total_slots = W * self.num_slots
+        self.last_padding_fraction = (total_slots - int(kept.sum())) / total_slots if total_slots else 0.0
+        handle = DispatchHandle(
+            send_counts=kept[self.rank].view(W, E_local).sum(1),
+            recv_counts=recv_pairs.sum(1),
+            send_token_idx=pending.send_token_idx,
+            send_slots=pending.send_slots,
+            recv_slot_of_row=recv_slot_of_row,
+            row_weight=weight,
+            num_send_slots=self.num_slots,
+            num_recv_slots=self.num_slots,
+            num_tokens=pending.num_tokens,
+            hidden=self.hidden,
+            slots_per_peer=E_local * C,
+            padding_fraction=self.last_padding_fraction,
+        )
+        return recv_x, meta, handle
+
+    def combine_async(
+        self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None
+    ) -> PendingCombine:
+        self.check_combine_inputs(expert_out, handle, shared_out)
+        if handle.num_recv_slots != self.num_slots or handle.slots_per_peer != self.num_local_experts * self.capacity:
+            raise ValueError("handle comes from another dispatcher; pass the one this symmetric dispatcher returned")
+        weighted = expert_out.to(self.accumulate_dtype) * handle.row_weight.to(self.accumulate_dtype)[:, None]
+        self._back_send.index_copy_(0, handle.recv_slot_of_row, weighted.to(self.dtype))
+        if self.world_size == 1:
+            return PendingCombine([], self._back_send, handle, shared_out)
+        work = dist.all_to_all_single(self._back_recv, self._back_send, group=self.group, async_op=True)
+        return PendingCombine([work], self._back_recv, handle, shared_out)
+
+    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
+        for work in pending.works:
+            work.wait()
+        return self.gather_back(pending.back, pending.handle, pending.shared_out)
