@@ -11,22 +11,42 @@ from __future__ import annotations
 from dataclasses import fields
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moekit.config import MoEConfig
 from moekit.dist import DISPATCHERS, ep_forward
-from moekit.dist.forward import shared_experts
+from moekit.dist.base import group_size_and_rank
+from moekit.dist.forward import chunk_bounds, shared_experts
 from moekit.experts import EXPERT_BACKENDS
 from moekit.routing import ROUTERS, route
 from moekit.validation import check_tensor
 from moekit.weights import MoEWeights, init_weights, router_logits
 
 
+def agree_across_ranks(group, **settings) -> None:
+    """Raise ValueError on every rank of group unless every rank passes the same settings."""
+    world_size, rank = group_size_and_rank(group)
+    if world_size == 1:
+        return
+    every = [None] * world_size
+    dist.all_gather_object(every, repr(settings), group=group)
+    differing = [q for q, s in enumerate(every) if s != every[0]]
+    if differing:
+        raise ValueError(
+            f"MoELayer: ranks {differing} were built with other settings than rank 0 (every rank must pass the "
+            f"same): rank 0 has {every[0]}, rank {differing[0]} has {every[differing[0]]}"
+        )
+
+
 class MoELayer(nn.Module):
     """x [T, H] -> y [T, H] in config.dtype.
 
     backend: a name in EXPERT_BACKENDS. dispatcher: None (one device, nothing leaves it) or a name in
-    DISPATCHERS, set up on `group` for at most max_tokens tokens per call.
+    DISPATCHERS, set up on `group` for at most max_tokens tokens per call, with dispatcher_options (e.g.
+    {"capacity": 64, "overflow": "drop"} for "symmetric"). With a dispatcher, shared_overlap and chunks
+    choose the overlap (moekit.dist.ep_forward); every rank must build the layer with the same
+    arguments, which the constructor checks (a collective over the group).
     """
 
     def __init__(
@@ -40,6 +60,9 @@ class MoELayer(nn.Module):
         weights: MoEWeights | None = None,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        dispatcher_options: dict | None = None,
+        shared_overlap: bool = False,
+        chunks: int = 1,
     ) -> None:
         super().__init__()
         self.config = config
@@ -49,11 +72,29 @@ class MoELayer(nn.Module):
         for f in fields(MoEWeights):
             tensor = getattr(weights, f.name)
             self.register_parameter(f.name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
+        chunk_bounds(0, chunks)  # validates chunks
+        self.shared_overlap, self.chunks = shared_overlap, chunks
         self.dispatcher = None
         if dispatcher is not None:
             cls = DISPATCHERS.get(dispatcher).fn
+            agree_across_ranks(
+                group,
+                config=config,
+                backend=backend,
+                dispatcher=dispatcher,
+                max_tokens=max_tokens,
+                dispatcher_options=dispatcher_options,
+                shared_overlap=shared_overlap,
+                chunks=chunks,
+            )
             self.dispatcher = cls(
-                group, config.num_experts, config.hidden_size, max_tokens, config.dtype, torch.device(device)
+                group,
+                config.num_experts,
+                config.hidden_size,
+                max_tokens,
+                config.dtype,
+                torch.device(device),
+                **(dispatcher_options or {}),
             )
         self.group = group
 
@@ -65,7 +106,16 @@ class MoELayer(nn.Module):
         check_tensor("x", x, shape=(None, self.config.hidden_size), dtypes=(self.config.dtype,))
         weights = self.weights
         if self.dispatcher is not None:
-            return ep_forward(x, weights, self.config, self.dispatcher, self.backend.name, self.group)
+            return ep_forward(
+                x,
+                weights,
+                self.config,
+                self.dispatcher,
+                self.backend.name,
+                self.group,
+                shared_overlap=self.shared_overlap,
+                chunks=self.chunks,
+            )
         routing = route(router_logits(x, weights), self.config, weights.score_correction_bias)
         y = self.backend.fn(x, routing.topk_ids, routing.topk_weights, weights)
         shared = shared_experts(x, weights)

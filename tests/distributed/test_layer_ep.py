@@ -1,38 +1,134 @@
-"""MoELayer with a dispatcher on gloo ranks equals the single-process oracle on all ranks' tokens."""
+"""MoELayer with a dispatcher on gloo ranks equals the float64 oracle on all ranks' tokens: every router x
+expert backend x dispatcher that runs on the CPU, synchronous and overlapped; mismatched ranks raise.
+
+One spawn per world size runs every combination on every rank; ranks return their outputs, the tests
+compare them with the oracle here (each rank's tokens routed as one batch, as the layer does).
+"""
+
+import functools
 
 import pytest
 import torch
 
 from moekit import MoEConfig, make_problem
+from moekit.dist import DISPATCHERS
+from moekit.experts import EXPERT_BACKENDS
 from moekit.layer import MoELayer
 from moekit.reference import reference_moe
+from moekit.routing import ROUTERS
 from moekit.testing import assert_close_to_reference
 from moekit.testing.spawn import spawn_ranks
 
-CONFIG = MoEConfig(
-    hidden_size=24,
-    ffn_size=16,
-    num_experts=8,
-    top_k=3,
-    num_shared_experts=1,
-    router="grouped_topk",
-    n_group=4,
-    topk_group=2,
-    dtype=torch.float32,
-)
+CPU, F32 = torch.device("cpu"), torch.float32
+BASE = dict(hidden_size=32, ffn_size=16, num_experts=12, top_k=3, num_shared_experts=1, dtype=F32)
+ROUTER_OPTIONS = {"grouped_topk": dict(n_group=4, topk_group=2, routed_scaling_factor=2.5)}
 TOKENS = [7, 0, 13, 5]
+# (shared_overlap, chunks): the synchronous layer first
+OVERLAPS = [(False, 1), (True, 1), (False, 3), (True, 4)]
+SEED = 5
 
 
-def layer_rank(rank, world_size, dispatcher):
-    problem = make_problem(CONFIG, sum(TOKENS[:world_size]), seed=5)
-    start = sum(TOKENS[:rank])
-    layer = MoELayer(CONFIG, dispatcher=dispatcher, weights=problem.weights, max_tokens=32)
-    return layer(problem.x[start : start + TOKENS[rank]])
+def config_of(router: str) -> MoEConfig:
+    return MoEConfig(**BASE, router=router, **ROUTER_OPTIONS.get(router, {}))
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("dispatcher", ["nccl", "padded"])
-def test_expert_parallel_layer_matches_oracle(dispatcher, world_size):
-    y = torch.cat(spawn_ranks(layer_rank, world_size, dispatcher, timeout_s=120))
-    problem = make_problem(CONFIG, sum(TOKENS[:world_size]), seed=5)
-    assert_close_to_reference(y, reference_moe(problem.x, problem.weights, CONFIG).y, CONFIG.dtype, dispatcher)
+def cpu_names(registry) -> list[str]:
+    return [impl.name for impl in registry if impl.supports(CPU, F32)[0]]
+
+
+ROUTER_NAMES = cpu_names(ROUTERS)
+# the interpreter-run Triton kernels take seconds per call: they join the grid with one router
+SLOW_BACKENDS = {"triton_grouped"}
+BACKEND_NAMES = cpu_names(EXPERT_BACKENDS)
+
+
+def dispatchers_for(world_size: int) -> list[str]:
+    return [impl.name for impl in DISPATCHERS if impl.fn.supports_world_size(world_size)[0]]
+
+
+def combinations(world_size: int) -> list[tuple[str, str, str, bool, int]]:
+    """(router, backend, dispatcher, shared_overlap, chunks): routers x backends x dispatchers
+    synchronously, then every overlap with every dispatcher."""
+    grid = [
+        (r, b, d, False, 1)
+        for r in ROUTER_NAMES
+        for b in BACKEND_NAMES
+        for d in dispatchers_for(world_size)
+        if b not in SLOW_BACKENDS or r == "softmax_topk"
+    ]
+    overlapped = [("grouped_topk", "grouped_loop", d, s, c) for d in dispatchers_for(world_size) for s, c in OVERLAPS]
+    return grid + overlapped
+
+
+def rank_slice(rank: int) -> slice:
+    return slice(sum(TOKENS[:rank]), sum(TOKENS[: rank + 1]))
+
+
+def layer_rank(rank: int, world_size: int) -> dict:
+    outputs = {}
+    for router, backend, dispatcher, shared_overlap, chunks in combinations(world_size):
+        config = config_of(router)
+        problem = make_problem(config, sum(TOKENS[:world_size]), seed=SEED)
+        layer = MoELayer(
+            config,
+            backend=backend,
+            dispatcher=dispatcher,
+            weights=problem.weights,
+            max_tokens=32,
+            shared_overlap=shared_overlap,
+            chunks=chunks,
+        )
+        outputs[router, backend, dispatcher, shared_overlap, chunks] = layer(problem.x[rank_slice(rank)])
+    indivisible = MoEConfig(**{**BASE, "num_experts": 2 * world_size + 1})
+    mistakes = {
+        "other chunks": caught(MoELayer, config_of("softmax_topk"), dispatcher="nccl", chunks=1 + rank % 2),
+        "indivisible experts": caught(MoELayer, indivisible, dispatcher="symmetric"),
+    }
+    return {"outputs": outputs, "mistakes": mistakes}
+
+
+def caught(fn, *args, **kwargs) -> str:
+    try:
+        fn(*args, **kwargs)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+@functools.cache
+def world(world_size: int) -> list[dict]:
+    return spawn_ranks(layer_rank, world_size, timeout_s=280)
+
+
+@functools.cache
+def oracle(router: str, world_size: int) -> torch.Tensor:
+    """Each rank's tokens through the oracle on their own: a rank routes its own batch, which matters for
+    the batch-level router (sinkhorn balances over the tokens it is given)."""
+    config = config_of(router)
+    problem = make_problem(config, sum(TOKENS[:world_size]), seed=SEED)
+    per_rank = [problem.x[rank_slice(q)] for q in range(world_size)]
+    return torch.cat([reference_moe(x, problem.weights, config).y for x in per_rank])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_every_combination_matches_the_oracle_and_overlap_changes_nothing(world_size):
+    results = world(world_size)
+    cases = combinations(world_size)
+    assert {c[2] for c in cases} >= {"nccl", "padded", "symmetric"} and len({c[1] for c in cases}) >= 5
+    for case in cases:
+        y = torch.cat([r["outputs"][case] for r in results])
+        assert_close_to_reference(y, oracle(case[0], world_size), F32, f"{world_size} ranks {case}")
+    for router, backend, dispatcher, shared_overlap, chunks in cases:
+        if (shared_overlap, chunks) != (False, 1):
+            sync = torch.cat([r["outputs"][router, backend, dispatcher, False, 1] for r in results])
+            overlapped = torch.cat([r["outputs"][router, backend, dispatcher, shared_overlap, chunks] for r in results])
+            torch.testing.assert_close(overlapped, sync, rtol=1e-6, atol=1e-6)
+
+
+def test_ranks_built_with_other_settings_or_indivisible_experts_raise_on_every_rank():
+    for q, result in enumerate(world(2)):
+        message = result["mistakes"]["other chunks"]
+        assert "ranks [1] were built with other settings" in message and "chunks" in message, f"rank {q}: {message}"
+        message = result["mistakes"]["indivisible experts"]
+        assert "num_experts (5) must be divisible by the world size (2)" in message, f"rank {q}: {message}"

@@ -8,6 +8,7 @@ import torch
 
 from moekit.config import MoEConfig
 from moekit.dist.base import Dispatcher, group_size_and_rank
+from moekit.dist.handle import RecvMeta
 from moekit.experts import EXPERT_BACKENDS
 from moekit.experts.mlp import swiglu_mlp
 from moekit.routing import route
@@ -37,16 +38,8 @@ def shared_experts(x: torch.Tensor, weights: MoEWeights) -> torch.Tensor | None:
     return out.to(x.dtype)
 
 
-def ep_forward(
-    x: torch.Tensor, weights: MoEWeights, config: MoEConfig, dispatcher: Dispatcher, backend_name: str, group=None
-) -> torch.Tensor:
-    """x [T, H] (this rank's tokens) -> y [T, H] in x.dtype.
-
-    weights: the whole layer (every rank holds the router and the shared experts; only the local slice of
-    the routed experts is read). The router runs here on x; the expert backend runs on the received rows
-    with one "routing" column per row (its local expert, weight 1): the router weights are applied in
-    combine. Every rank of the group calls this together.
-    """
+def check_group_matches(dispatcher: Dispatcher, config: MoEConfig, weights: MoEWeights, group) -> None:
+    """The group, the config and the weights must be the ones the dispatcher was set up for."""
     world_size, rank = group_size_and_rank(group)
     if (world_size, rank) != (dispatcher.world_size, dispatcher.rank):
         raise ValueError(
@@ -58,19 +51,84 @@ def ep_forward(
             f"config has {config.num_experts} experts and weights {weights.w_gate_up.shape[0]}, "
             f"the dispatcher was set up for num_experts={dispatcher.num_experts}"
         )
-    backend = EXPERT_BACKENDS.get(backend_name)
+
+
+def local_expert_forward(
+    recv_x: torch.Tensor, meta: RecvMeta, weights: MoEWeights, dispatcher: Dispatcher, backend_name: str
+) -> torch.Tensor:
+    """recv_x [R, H] grouped by local expert -> unweighted expert outputs [R, H]: the backend runs with
+    one "routing" column per row (its local expert, weight 1); combine applies the router weights."""
+    if not meta.num_rows:
+        return recv_x.new_zeros(0, recv_x.shape[1])
+    local_ids = torch.repeat_interleave(
+        torch.arange(dispatcher.num_local_experts, device=recv_x.device), meta.local_expert_counts
+    )[:, None]
+    ones = torch.ones(local_ids.shape, dtype=torch.float32, device=recv_x.device)
+    return EXPERT_BACKENDS.get(backend_name).fn(recv_x, local_ids, ones, local_weights(weights, dispatcher))
+
+
+def chunk_bounds(num_tokens: int, chunks: int) -> list[tuple[int, int]]:
+    """[start, stop) of `chunks` nearly equal pieces of range(num_tokens); some may be empty."""
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be an int >= 1, got {chunks!r}")
+    edges = [num_tokens * i // chunks for i in range(chunks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def ep_forward(
+    x: torch.Tensor,
+    weights: MoEWeights,
+    config: MoEConfig,
+    dispatcher: Dispatcher,
+    backend_name: str,
+    group=None,
+    *,
+    shared_overlap: bool = False,
+    chunks: int = 1,
+) -> torch.Tensor:
+    """x [T, H] (this rank's tokens) -> y [T, H] in x.dtype: route, dispatch, local experts, combine
+    (+ shared experts, computed here on x). Every rank of the group calls this together.
+
+    weights: the whole layer (every rank holds the router and the shared experts; only the local slice of
+    the routed experts is read). Overlap, each switchable so it can be measured against the synchronous
+    layer (both off) in the same run:
+      shared_overlap: the shared experts run while the routed tokens are in flight (between
+          dispatch_async and dispatch_wait; the collectives progress on the backend's stream or thread);
+      chunks = n > 1: the tokens are cut into n chunks, pipelined: chunk i's experts run while chunk i+1
+          is dispatched and chunk i-1 combined. Every rank must pass the same n (empty chunks are fine).
+    """
+    check_group_matches(dispatcher, config, weights, group)
+    EXPERT_BACKENDS.get(backend_name)  # an unknown name fails before any communication
+    bounds = chunk_bounds(x.shape[0], chunks)
     routing = route(router_logits(x, weights), config, weights.score_correction_bias)
 
-    recv_x, meta, handle = dispatcher.dispatch(x, routing.topk_ids, routing.topk_weights)
-    if meta.num_rows:
-        local_ids = torch.repeat_interleave(
-            torch.arange(dispatcher.num_local_experts, device=recv_x.device), meta.local_expert_counts
-        )[:, None]
-        ones = torch.ones(local_ids.shape, dtype=torch.float32, device=recv_x.device)
-        expert_out = backend.fn(recv_x, local_ids, ones, local_weights(weights, dispatcher))
-    else:
-        expert_out = recv_x.new_zeros(0, recv_x.shape[1])
-    return dispatcher.combine(expert_out, handle, shared_experts(x, weights))
+    def start_dispatch(i: int):
+        start, stop = bounds[i]
+        return dispatcher.dispatch_async(x[start:stop], routing.topk_ids[start:stop], routing.topk_weights[start:stop])
+
+    shared = None if shared_overlap else shared_experts(x, weights)
+    pending_dispatch = start_dispatch(0)
+    if shared_overlap:
+        shared = shared_experts(x, weights)  # while chunk 0 is on the wire
+    pieces: list[torch.Tensor] = []
+    pending_combine = None
+    for i, (start, stop) in enumerate(bounds):
+        recv_x, meta, handle = dispatcher.dispatch_wait(pending_dispatch)
+        if i + 1 < len(bounds):
+            pending_dispatch = start_dispatch(i + 1)
+        expert_out = local_expert_forward(recv_x, meta, weights, dispatcher, backend_name)
+        if pending_combine is not None:
+            pieces.append(dispatcher.combine_wait(pending_combine))
+        pending_combine = dispatcher.combine_async(expert_out, handle, None if shared is None else shared[start:stop])
+    pieces.append(dispatcher.combine_wait(pending_combine))
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
-__all__ = ["ep_forward", "local_weights", "shared_experts"]
+__all__ = [
+    "check_group_matches",
+    "chunk_bounds",
+    "ep_forward",
+    "local_expert_forward",
+    "local_weights",
+    "shared_experts",
+]
