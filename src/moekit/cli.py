@@ -1,4 +1,4 @@
-"""The `moekit` command: `moekit bench router|journey|experts|a2a` and `moekit gate`."""
+"""The `moekit` command: `moekit bench router|journey|experts|a2a|ep`, `moekit layer`, `moekit run`, `moekit gate`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from moekit.bench.a2a_command import add_a2a_parser
+from moekit.bench.ep_command import add_ep_parser, add_layer_parser
 from moekit.bench.expert_commands import add_experts_parser, add_journey_parser
 from moekit.bench.machine import machine_info
 from moekit.bench.profiling import profiled
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_journey_parser(bench, common)
     add_experts_parser(bench, common)
     add_a2a_parser(bench, common)
+    add_ep_parser(bench, common)
+    add_layer_parser(commands, common)
     _gate_parser(commands)
     return parser
 

@@ -1,0 +1,143 @@
+"""The expert-parallel layer study, run on every rank: per-phase times of the synchronous layer, the
+layer synchronous and overlapped, load skew, and (on request) the outputs for a check against the oracle.
+
+  T_comm    = T_dispatch + T_combine
+  T_compute = T_route + T_experts + T_shared
+  eta_overlap = (T_comm + T_compute - T_layer_overlapped) / min(T_comm, T_compute): 1.0 when the shorter
+  part is fully hidden, 0 when nothing overlaps, negative when overlapping costs more than it hides.
+Each phase is timed on its own after a barrier (median of `runs`); a rank reports its own times, and
+tables show the slowest rank's (the layer is as fast as its slowest rank).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from moekit.bench.timing import time_once
+from moekit.config import MoEConfig
+from moekit.dist.forward import local_expert_forward, shared_experts
+from moekit.layer import MoELayer
+from moekit.problem import make_problem
+from moekit.routing import route
+from moekit.routing.load_stats import tokens_per_expert
+from moekit.weights import router_logits
+
+PHASES = ("route", "dispatch", "experts", "combine", "shared", "layer_sync", "layer_overlapped")
+
+
+@dataclass(frozen=True)
+class EPCase:
+    """One layer to study: every rank holds tokens_per_rank tokens drawn from one seeded problem."""
+
+    config: MoEConfig
+    tokens_per_rank: int
+    backend: str
+    dispatcher: str
+    chunks: int = 2
+    skew_experts: int = 0
+    skew_bias: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EPResult:
+    """Median ms per phase on one rank, the load it saw, and (check) its output."""
+
+    rank: int
+    ms: dict[str, float]
+    tokens_per_expert: list[int]  # of this rank's tokens, over all E experts
+    y: torch.Tensor | None
+
+    @property
+    def comm_ms(self) -> float:
+        return self.ms["dispatch"] + self.ms["combine"]
+
+    @property
+    def compute_ms(self) -> float:
+        return self.ms["route"] + self.ms["experts"] + self.ms["shared"]
+
+
+def eta_overlap(comm_ms: float, compute_ms: float, layer_ms: float) -> float:
+    """(T_comm + T_compute - T_layer) / min(T_comm, T_compute); nan when either part is 0."""
+    shorter = min(comm_ms, compute_ms)
+    return (comm_ms + compute_ms - layer_ms) / shorter if shorter > 0 else float("nan")
+
+
+def study_rank(rank: int, world_size: int, case: EPCase, runs: int, check: bool, backend: str) -> EPResult:
+    """Entry point of each spawned rank (moekit.testing.spawn): time one EPCase."""
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    config, T = case.config, case.tokens_per_rank
+    problem = make_problem(
+        config, T * world_size, seed=case.seed, device=device, skew_experts=case.skew_experts,
+        skew_amount=case.skew_bias,
+    )  # fmt: skip
+    x = problem.x[rank * T : (rank + 1) * T]
+    layer = MoELayer(
+        config, backend=case.backend, dispatcher=case.dispatcher, weights=problem.weights, max_tokens=T,
+        device=device, chunks=case.chunks,
+    )  # fmt: skip
+    weights, dispatcher = layer.weights, layer.dispatcher
+    state = {}
+
+    def route_phase():
+        state["routing"] = route(router_logits(x, weights), config, weights.score_correction_bias)
+
+    def dispatch_phase():
+        routing = state["routing"]
+        state["received"] = dispatcher.dispatch(x, routing.topk_ids, routing.topk_weights)
+
+    def experts_phase():
+        recv_x, meta, _ = state["received"]
+        state["expert_out"] = local_expert_forward(recv_x, meta, weights, dispatcher, case.backend)
+
+    def combine_phase():
+        dispatcher.combine(state["expert_out"], state["received"][2])
+
+    def layer_phase(overlapped: bool):
+        def run():
+            layer.shared_overlap, layer.chunks = overlapped, case.chunks if overlapped else 1
+            state["y"] = layer(x)
+
+        return run
+
+    phases = {
+        "route": route_phase,
+        "dispatch": dispatch_phase,
+        "experts": experts_phase,
+        "combine": combine_phase,
+        "shared": lambda: shared_experts(x, weights),
+        "layer_sync": layer_phase(False),
+        "layer_overlapped": layer_phase(True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in PHASES}
+    for i in range(runs + 2):  # two warm-up rounds
+        for name in PHASES:
+            dist.barrier()
+            ms = time_once(phases[name], device)
+            if i >= 2:
+                times[name].append(ms)
+    counts = tokens_per_expert(state["routing"].topk_ids, config.num_experts)
+    return EPResult(
+        rank,
+        {name: statistics.median(values) for name, values in times.items()},
+        counts.cpu().tolist(),
+        state["y"].cpu() if check else None,
+    )
+
+
+def slowest(results: list[EPResult]) -> dict[str, float]:
+    """Per phase, the largest median over the ranks."""
+    return {name: max(r.ms[name] for r in results) for name in PHASES}
+
+
+def as_dict(result: EPResult) -> dict:
+    out = asdict(result)
+    out.pop("y")
+    return out
+
+
+__all__ = ["PHASES", "EPCase", "EPResult", "as_dict", "eta_overlap", "slowest", "study_rank"]

@@ -1,0 +1,54 @@
+"""`moekit layer` and `moekit bench ep` on gloo ranks, small: tables, JSON, the oracle check, load skew."""
+
+import json
+import math
+
+import pytest
+
+from moekit.bench.ep import PHASES, eta_overlap
+from moekit.cli import main
+
+SMALL = ["--hidden", "32", "--ffn", "32", "--experts", "8", "--topk", "2", "--batch", "2", "--seq", "16", "--runs", "2"]
+
+
+def test_eta_overlap_is_one_when_the_shorter_part_is_hidden_and_zero_when_nothing_overlaps():
+    assert eta_overlap(10.0, 20.0, 20.0) == 1.0
+    assert eta_overlap(10.0, 20.0, 30.0) == 0.0
+    assert eta_overlap(10.0, 20.0, 25.0) == 0.5
+    assert math.isnan(eta_overlap(0.0, 20.0, 20.0))
+
+
+def test_layer_command_checks_against_the_oracle_and_reports_every_phase(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    args = ["layer", *SMALL, "--shared", "1", "--dispatcher", "symmetric", "--chunks", "3", "--check"]
+    assert main([*args, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "relative error vs oracle" in printed and "PASS" in printed and "eta_overlap" in printed
+    payload = json.loads(out.read_text())
+    assert len(payload["ranks"]) == 2
+    for rank in payload["ranks"]:
+        assert set(rank["ms"]) == set(PHASES) and all(v > 0 for v in rank["ms"].values())
+        assert sum(rank["tokens_per_expert"]) == 2 * 16 * 2  # T x K pairs of this rank
+    assert payload["summary"]["comm"] > 0 and payload["summary"]["compute"] > 0
+
+
+def test_bench_ep_balances_a_skewed_load_with_sinkhorn(tmp_path, capsys):
+    out = tmp_path / "ep.json"
+    args = ["bench", "ep", *SMALL, "--router", "softmax_topk", "--router", "sinkhorn"]
+    args += ["--skew-experts", "1", "--skew-bias", "4", "--json", str(out)]
+    assert main(args) == 0
+    assert "ΔT_select" in capsys.readouterr().out
+    baseline, sinkhorn = json.loads(out.read_text())["results"]
+    assert (baseline["router"], sinkhorn["router"]) == ("softmax_topk", "sinkhorn")
+    assert baseline["load"]["expert_max_mean"] > 2.0  # expert 0 takes most tokens
+    assert sinkhorn["load"]["expert_max_mean"] < baseline["load"]["expert_max_mean"] / 1.5
+    assert baseline["summary"]["eta_overlap"] == pytest.approx(
+        eta_overlap(baseline["summary"]["comm"], baseline["summary"]["compute"], baseline["summary"]["layer_overlapped"])
+    )
+
+
+def test_bad_sizes_are_refused_before_any_rank_starts():
+    with pytest.raises(SystemExit, match=r"--experts \(6\) must be divisible by the 4 ranks"):
+        main(["layer", "--ranks", "4", "--experts", "6"])
+    with pytest.raises(SystemExit, match="must be >= 1 token per rank"):
+        main(["layer", "--batch", "0"])
