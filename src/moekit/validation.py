@@ -34,13 +34,18 @@ def check_tensor(
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise ValueError if t holds NaN or inf (synchronises with the device)."""
+    """Raise ValueError if t holds NaN or inf (synchronises with the device; skipped under torch.export)."""
+    if torch.compiler.is_exporting():  # an exported graph (ONNX) cannot branch on values: shapes only
+        return
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got NaN or inf")
 
 
 def check_ids_in_range(name: str, ids: torch.Tensor, num_experts: int) -> None:
-    """Raise ValueError unless every id is in [0, num_experts) (synchronises with the device)."""
+    """Raise ValueError unless every id is in [0, num_experts) (synchronises with the device; skipped under
+    torch.export)."""
+    if torch.compiler.is_exporting():  # as in check_finite
+        return
     if ids.numel() and not bool(((ids >= 0) & (ids < num_experts)).all()):
         raise ValueError(f"{name} must lie in [0, {num_experts}), got values in [{int(ids.min())}, {int(ids.max())}]")
 
