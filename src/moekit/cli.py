@@ -17,6 +17,7 @@ from moekit.bench.router import bench_routers
 from moekit.bench.tables import print_table
 from moekit.config import MoEConfig
 from moekit.routing import ROUTERS
+from moekit.run_command import add_run_parser
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_a2a_parser(bench, common)
     add_ep_parser(bench, common)
     add_layer_parser(commands, common)
+    add_run_parser(commands, common)
     _gate_parser(commands)
     return parser
 

@@ -43,7 +43,9 @@ def test_bench_ep_balances_a_skewed_load_with_sinkhorn(tmp_path, capsys):
     assert baseline["load"]["expert_max_mean"] > 2.0  # expert 0 takes most tokens
     assert sinkhorn["load"]["expert_max_mean"] < baseline["load"]["expert_max_mean"] / 1.5
     assert baseline["summary"]["eta_overlap"] == pytest.approx(
-        eta_overlap(baseline["summary"]["comm"], baseline["summary"]["compute"], baseline["summary"]["layer_overlapped"])
+        eta_overlap(
+            baseline["summary"]["comm"], baseline["summary"]["compute"], baseline["summary"]["layer_overlapped"]
+        )
     )
 
 
