@@ -1,0 +1,53 @@
+"""The whole MoE layer (router + routed experts + a shared expert) against the same layer on the naive
+backend, and the dispatch + combine of every expert-parallel path against the nccl path, on one rank
+(the packing and unpacking every path does around its collectives)."""
+
+import pytest
+import torch
+
+from moekit import MoEConfig, make_problem, route
+from moekit.bench.flops import routed_expert_flops
+from moekit.dist import DISPATCHERS
+from moekit.experts import EXPERT_BACKENDS
+from moekit.layer import MoELayer
+
+from sizes import DTYPE, EXPERT_SHAPE, EXPERT_TOKENS
+
+pytestmark = pytest.mark.perf
+
+CONFIG = MoEConfig(**EXPERT_SHAPE, num_shared_experts=1, router="softmax_topk", dtype=DTYPE)
+LAYER_BACKENDS = ["grouped_mm", "triton_grouped"]
+
+
+@pytest.mark.benchmark(group="layer")
+@pytest.mark.parametrize("backend", LAYER_BACKENDS)
+def test_layer(backend, perf, perf_device):
+    ok, reason = EXPERT_BACKENDS.get(backend).supports(perf_device, DTYPE)
+    if not ok:
+        pytest.skip(reason)
+    problem = make_problem(CONFIG, EXPERT_TOKENS, seed=0, device=perf_device)
+    fast = MoELayer(CONFIG, backend=backend, weights=problem.weights, device=perf_device)
+    naive = MoELayer(CONFIG, backend="naive", weights=problem.weights, device=perf_device)
+    flops = routed_expert_flops(EXPERT_TOKENS, CONFIG) * (CONFIG.top_k + 1) / CONFIG.top_k  # + the shared expert
+    with torch.inference_mode():
+        perf(lambda: fast(problem.x), lambda: naive(problem.x), reference_name="layer[naive]", flops=flops)
+
+
+@pytest.mark.benchmark(group="dispatch")
+@pytest.mark.parametrize("path", [n for n in DISPATCHERS.names() if n != "nccl"])
+def test_dispatch_combine_on_one_rank(path, perf, perf_device):
+    problem = make_problem(CONFIG, EXPERT_TOKENS, seed=0, device=perf_device)
+    routing = route(problem.router_logits(), CONFIG)
+    H, T = CONFIG.hidden_size, EXPERT_TOKENS
+
+    def round_trip(name: str):
+        dispatcher = DISPATCHERS.get(name).fn(None, CONFIG.num_experts, H, T, DTYPE, perf_device)
+
+        def run():
+            recv_x, _, handle = dispatcher.dispatch(problem.x, routing.topk_ids, routing.topk_weights)
+            return dispatcher.combine(recv_x, handle)
+
+        return run
+
+    rows_moved = 2 * T * CONFIG.top_k * H * problem.x.element_size()  # there and back, one row per pair
+    perf(round_trip(path), round_trip("nccl"), reference_name="nccl", bytes_moved=rows_moved)
