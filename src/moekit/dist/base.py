@@ -117,6 +117,18 @@ def expand_received(
     return Expansion(slot, meta)
 
 
+@dataclass
+class PendingCombine:
+    """A combine in flight: wait on works, then back [num_send_slots, H] holds the rows that came back.
+    send: the send buffer of a path that allocates it per call, held until the exchange is done."""
+
+    works: list
+    back: torch.Tensor
+    handle: DispatchHandle
+    shared_out: torch.Tensor | None
+    send: torch.Tensor | None = None
+
+
 class Dispatcher:
     """Base of the expert-parallel paths; subclasses implement the four *_async / *_wait methods.
 
@@ -253,8 +265,11 @@ class Dispatcher:
     def combine_async(self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None):
         raise NotImplementedError
 
-    def combine_wait(self, pending) -> torch.Tensor:
-        raise NotImplementedError
+    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
+        """Wait for the rows to come back; sum them per token (+ shared_out) -> y [T, H]."""
+        for work in pending.works:
+            work.wait()
+        return self.gather_back(pending.back, pending.handle, pending.shared_out)
 
     def __repr__(self) -> str:
         return (

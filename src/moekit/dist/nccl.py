@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.dist.base import Dispatcher, expand_received, pack_meta, plan_sends
+from moekit.dist.base import Dispatcher, PendingCombine, expand_received, pack_meta, plan_sends
 from moekit.dist.handle import DispatchHandle, RecvMeta
 from moekit.dist.registry import DISPATCHERS
 
@@ -37,15 +37,6 @@ class PendingDispatch:
     recv_counts: torch.Tensor  # [W] int64, CPU
     send_token_idx: torch.Tensor
     num_tokens: int
-
-
-@dataclass
-class PendingCombine:
-    works: list
-    send: torch.Tensor
-    back: torch.Tensor
-    handle: DispatchHandle
-    shared_out: torch.Tensor | None
 
 
 @DISPATCHERS.register("nccl")
@@ -109,14 +100,9 @@ class NcclDispatcher(Dispatcher):
         self.check_combine_inputs(expert_out, handle, shared_out)
         send = self.reduce_rows(expert_out, handle).to(self.dtype)
         if self.world_size == 1:
-            return PendingCombine([], send, send, handle, shared_out)
+            return PendingCombine([], send, handle, shared_out)
         back = send.new_empty(handle.num_send_slots, self.hidden)
         work = dist.all_to_all_single(
             back, send, handle.send_counts.tolist(), handle.recv_counts.tolist(), group=self.group, async_op=True
         )
-        return PendingCombine([work], send, back, handle, shared_out)
-
-    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
-        for work in pending.works:
-            work.wait()
-        return self.gather_back(pending.back, pending.handle, pending.shared_out)
+        return PendingCombine([work], back, handle, shared_out, send=send)

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.dist.base import Dispatcher, _require_int, expand_received, meta_padding, pack_meta, plan_sends
+from moekit.dist.base import (
+    Dispatcher,
+    PendingCombine,
+    _require_int,
+    expand_received,
+    meta_padding,
+    pack_meta,
+    plan_sends,
+)
 from moekit.dist.handle import DispatchHandle, RecvMeta
 from moekit.dist.registry import DISPATCHERS
 
@@ -43,14 +51,6 @@ class PendingDispatch:
     slots_per_peer: int
     padding_fraction: float
     num_tokens: int
-
-
-@dataclass
-class PendingCombine:
-    works: list
-    back: torch.Tensor
-    handle: DispatchHandle
-    shared_out: torch.Tensor | None
 
 
 @DISPATCHERS.register("padded")
@@ -192,8 +192,3 @@ class PaddedDispatcher(Dispatcher):
         back = self._back_recv[: slots * H].view(slots, H)
         work = dist.all_to_all_single(back, send, group=self.group, async_op=True)
         return PendingCombine([work], back, handle, shared_out)
-
-    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
-        for work in pending.works:
-            work.wait()
-        return self.gather_back(pending.back, pending.handle, pending.shared_out)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.dist.base import Dispatcher, _require_int
+from moekit.dist.base import Dispatcher, PendingCombine, _require_int
 from moekit.dist.handle import DispatchHandle, RecvMeta
 from moekit.dist.registry import DISPATCHERS
 
@@ -47,14 +47,6 @@ class PendingDispatch:
     send_token_idx: torch.Tensor  # [S]
     send_slots: torch.Tensor  # [S]: g * C + s
     num_tokens: int
-
-
-@dataclass
-class PendingCombine:
-    works: list
-    back: torch.Tensor
-    handle: DispatchHandle
-    shared_out: torch.Tensor | None
 
 
 @DISPATCHERS.register("symmetric")
@@ -194,8 +186,3 @@ class SymmetricDispatcher(Dispatcher):
             return PendingCombine([], self._back_send, handle, shared_out)
         work = dist.all_to_all_single(self._back_recv, self._back_send, group=self.group, async_op=True)
         return PendingCombine([work], self._back_recv, handle, shared_out)
-
-    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
-        for work in pending.works:
-            work.wait()
-        return self.gather_back(pending.back, pending.handle, pending.shared_out)
