@@ -20,7 +20,7 @@ from moekit.dist.base import group_size_and_rank
 from moekit.dist.forward import chunk_bounds, shared_experts
 from moekit.experts import EXPERT_BACKENDS
 from moekit.routing import ROUTERS, route
-from moekit.validation import check_tensor
+from moekit.validation import check_tensor, trusted_values
 from moekit.weights import MoEWeights, init_weights, router_logits
 
 
@@ -46,7 +46,9 @@ class MoELayer(nn.Module):
     DISPATCHERS, set up on `group` for at most max_tokens tokens per call, with dispatcher_options (e.g.
     {"capacity": 64, "overflow": "drop"} for "symmetric"). With a dispatcher, shared_overlap and chunks
     choose the overlap (moekit.dist.ep_forward); every rank must build the layer with the same
-    arguments, which the constructor checks (a collective over the group).
+    arguments, which the constructor checks (a collective over the group). check_values=False drops the
+    NaN check of the router logits, the one host synchronisation of a one-device forward, so the layer can
+    be captured in a CUDA graph (the router's ids reach the experts unchecked either way: they are in range).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class MoELayer(nn.Module):
         dispatcher_options: dict | None = None,
         shared_overlap: bool = False,
         chunks: int = 1,
+        check_values: bool = True,
     ) -> None:
         super().__init__()
         self.config = config
@@ -74,6 +77,7 @@ class MoELayer(nn.Module):
             self.register_parameter(f.name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
         chunk_bounds(0, chunks)  # validates chunks
         self.shared_overlap, self.chunks = shared_overlap, chunks
+        self.check_values = check_values
         self.dispatcher = None
         if dispatcher is not None:
             cls = DISPATCHERS.get(dispatcher).fn
@@ -116,7 +120,10 @@ class MoELayer(nn.Module):
                 shared_overlap=self.shared_overlap,
                 chunks=self.chunks,
             )
-        routing = route(router_logits(x, weights), self.config, weights.score_correction_bias)
-        y = self.backend.fn(x, routing.topk_ids, routing.topk_weights, weights)
+        routing = route(
+            router_logits(x, weights), self.config, weights.score_correction_bias, check_values=self.check_values
+        )
+        with trusted_values():
+            y = self.backend.fn(x, routing.topk_ids, routing.topk_weights, weights)
         shared = shared_experts(x, weights)
         return y if shared is None else y + shared

@@ -42,17 +42,22 @@ def expert_layout(topk_ids: torch.Tensor, num_experts: int, *, pad_to: int = 1) 
         raise ValueError(f"pad_to must be >= 1, got {pad_to}")
     T, K = topk_ids.shape
     flat = topk_ids.flatten().long()
-    sorted_assignments = torch.sort(flat, stable=True)[1]
+    # a radix sort makes one pass per key byte: 16-bit keys take 2 passes where int64 takes 8
+    keys = flat.to(torch.int16) if num_experts <= torch.iinfo(torch.int16).max else flat
+    sorted_experts, sorted_assignments = torch.sort(keys, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
-    blocks = (counts + pad_to - 1) // pad_to * pad_to
-    offsets = torch.cat([counts.new_zeros(1), blocks.cumsum(0)])
-    # rank of each sorted assignment within its expert, then its row in the (padded) buffer
-    sorted_experts = flat[sorted_assignments]
-    unpadded_starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])[:-1]
-    rank_in_expert = torch.arange(flat.numel(), device=flat.device) - unpadded_starts[sorted_experts]
+    unpadded_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    # the buffer row of the i-th sorted assignment: i itself without padding, else shifted per expert
+    sorted_rows = torch.arange(flat.numel(), device=flat.device)
+    if pad_to == 1:
+        offsets = unpadded_offsets
+    else:
+        blocks = (counts + pad_to - 1) // pad_to * pad_to
+        offsets = torch.cat([counts.new_zeros(1), blocks.cumsum(0)])
+        sorted_rows = sorted_rows + (offsets - unpadded_offsets)[sorted_experts.long()]
     assignment_rows = torch.empty_like(sorted_assignments)
-    assignment_rows[sorted_assignments] = offsets[sorted_experts] + rank_in_expert
+    assignment_rows[sorted_assignments] = sorted_rows
     num_rows = T * K + (num_experts * (pad_to - 1) if pad_to > 1 else 0)
     return ExpertLayout(
         sorted_assignments, sorted_assignments // max(K, 1), assignment_rows, counts, offsets, T, K, num_rows, pad_to

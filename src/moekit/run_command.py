@@ -30,15 +30,17 @@ CPU_MIN_RUNS = 3
 
 @dataclass(frozen=True)
 class RunResult:
-    """One model x backend: median and fastest forward in ms over `runs` timed runs, tokens (B * S) per second."""
+    """One model x backend: median and fastest forward in ms over `runs` timed runs, tokens (B * S) per second;
+    status "ok", or why it did not run ("OOM: ..."), with the times None."""
 
     model: str
     backend: str
     params: int
-    median_ms: float
-    min_ms: float
+    median_ms: float | None
+    min_ms: float | None
     runs: int
-    tokens_per_s: float
+    tokens_per_s: float | None
+    status: str = "ok"
 
 
 def add_run_parser(commands, common) -> None:
@@ -144,10 +146,16 @@ def time_model(
     (inference mode; warm-up, then the median of up to `runs`, see _measure)."""
     model = build_model(name, config, device=device, seed=seed)
     inputs = model.example_inputs(batch, seq_len, seed=seed + 1)
-    with torch.inference_mode():
-        timing = _measure(lambda: model(*inputs), device, runs)
     backend = "-" if name in DENSE_MODELS else config.expert_backend
     params = sum(p.numel() for p in model.parameters())
+    try:
+        with torch.inference_mode():
+            timing = _measure(lambda: model(*inputs), device, runs)
+    except torch.OutOfMemoryError as error:  # e.g. batched's per-token weight copies: a row says so, the run goes on
+        del model, inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return RunResult(name, backend, params, None, None, 0, None, f"OOM: {str(error).splitlines()[0][:90]}")
     tokens_per_s = batch * seq_len / (timing.median_ms / 1e3)
     return RunResult(name, backend, params, timing.median_ms, timing.min_ms, timing.runs, tokens_per_s)
 
@@ -235,7 +243,10 @@ def run_command(args, device: torch.device, dtype: torch.dtype) -> int:
     print_table(
         title,
         ["model", "backend", "parameters", "ms", "tokens/s", "runs"],
-        [[r.model, r.backend, f"{r.params:,}", r.median_ms, r.tokens_per_s, r.runs] for r in results],
+        [
+            [r.model, r.backend, f"{r.params:,}", r.median_ms or r.status, r.tokens_per_s or "-", r.runs]
+            for r in results
+        ],
     )
     exports = []
     if args.export_onnx_dir is not None:

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+_values_trusted: ContextVar[bool] = ContextVar("moekit_values_trusted", default=False)
+
+
+@contextmanager
+def trusted_values() -> Iterator[None]:
+    """Inside, the value checks that wait for the device (NaN, ids in range) are skipped: for hot paths whose
+    values come from moekit itself (a router's ids reach the experts in range by construction), so a forward
+    runs without a host synchronisation. Shape, dtype and device checks still run."""
+    token = _values_trusted.set(True)
+    try:
+        yield
+    finally:
+        _values_trusted.reset(token)
+
+
+def _skip_value_checks() -> bool:
+    # an exported graph (ONNX) cannot branch on values either: shapes only
+    return _values_trusted.get() or torch.compiler.is_exporting()
 
 
 def check_tensor(
@@ -34,8 +55,9 @@ def check_tensor(
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise ValueError if t holds NaN or inf (synchronises with the device; skipped under torch.export)."""
-    if torch.compiler.is_exporting():  # an exported graph (ONNX) cannot branch on values: shapes only
+    """Raise ValueError if t holds NaN or inf (synchronises with the device; skipped under torch.export and
+    trusted_values())."""
+    if _skip_value_checks():
         return
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got NaN or inf")
@@ -43,8 +65,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 def check_ids_in_range(name: str, ids: torch.Tensor, num_experts: int) -> None:
     """Raise ValueError unless every id is in [0, num_experts) (synchronises with the device; skipped under
-    torch.export)."""
-    if torch.compiler.is_exporting():  # as in check_finite
+    torch.export and trusted_values())."""
+    if _skip_value_checks():
         return
     if ids.numel() and not bool(((ids >= 0) & (ids < num_experts)).all()):
         raise ValueError(f"{name} must lie in [0, {num_experts}), got values in [{int(ids.min())}, {int(ids.max())}]")
@@ -55,17 +77,15 @@ def capturing_cuda_graph(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def check_routing(
-    topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, *, sync: bool | None = None
-) -> None:
+def check_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> None:
     """topk_ids [T, K] int32/int64 in [0, E), topk_weights [T, K] floating.
 
-    The range check waits for the device; sync=None does it except while a CUDA graph is captured
-    (a capture cannot wait; the replayed ids come from a router, in range by construction).
+    The range check waits for the device: it is skipped under trusted_values() and while a CUDA graph is
+    captured (a capture cannot wait; the replayed ids come from a router, in range by construction).
     """
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), floating=True)
     if topk_ids.device != topk_weights.device:
         raise ValueError(f"topk_weights must be on {topk_ids.device}, got {topk_weights.device}")
-    if sync if sync is not None else not capturing_cuda_graph(topk_ids):
+    if not capturing_cuda_graph(topk_ids):
         check_ids_in_range("topk_ids", topk_ids, num_experts)

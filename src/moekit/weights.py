@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +65,45 @@ def init_weights(
     )
 
 
+@functools.cache
+def _mm_has_float32_out(device_index: int) -> bool:
+    """Whether this torch multiplies bf16 into a float32 result on CUDA (torch.mm's out_dtype)."""
+    a = torch.ones(16, 16, dtype=torch.bfloat16, device=torch.device("cuda", device_index))
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _split_bf16_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, H] bf16, w [E, H] float32 -> x @ w.T [T, E] float32, on the tensor cores: w = hi + mid + lo in three
+    bf16 parts (3 x 8 significant bits: float32's 24), one bf16 GEMM over the [3E, H] stack with float32
+    accumulation and output, and the three partial logits summed. Each product is exact (x is bf16 already);
+    a float32 GEMM of the same values runs on the CUDA cores, an order of magnitude slower, after a float32
+    copy of x (0.9 ms of a DeepSeek-V3 layer's 15 at 8K tokens on an H200)."""
+    hi = w.to(torch.bfloat16)
+    rest = w - hi.float()
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    parts = torch.mm(x, torch.cat([hi, mid, lo]).T, out_dtype=torch.float32)
+    return parts.view(x.shape[0], 3, w.shape[0]).sum(dim=1)
+
+
 def router_logits(x: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
-    """x [T, H] -> logits [T, E] in float32 (float64 for float64 x), router_logit_bias added."""
+    """x [T, H] -> logits [T, E] in float32 (float64 for float64 x), router_logit_bias added. bf16 x on CUDA
+    with a float32 router weight takes the tensor cores at float32 accuracy (_split_bf16_logits)."""
     acc = torch.promote_types(x.dtype, torch.float32)
-    logits = x.to(acc) @ weights.router_weight.to(acc).T
+    w = weights.router_weight
+    if (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and w.dtype == torch.float32
+        and _mm_has_float32_out(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    ):
+        logits = _split_bf16_logits(x, w)
+    else:
+        logits = x.to(acc) @ w.to(acc).T
     if weights.router_logit_bias is not None:
         logits = logits + weights.router_logit_bias.to(acc)
     return logits

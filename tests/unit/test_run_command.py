@@ -2,10 +2,13 @@
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
+import torch
 
 from moekit.cli import main
+from moekit.experts import EXPERT_BACKENDS
 from moekit.export import MODEL_FILE, PARAMS_FILE
 from moekit.models import MODELS
 
@@ -36,6 +39,20 @@ def test_run_times_each_expert_backend_asked_for(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("decoder_moe") == 2 and "naive" in out and "masked_matmul" in out
+
+
+def test_a_backend_out_of_memory_is_a_row_not_a_crash(tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1024.00 GiB.")
+
+    monkeypatch.setitem(EXPERT_BACKENDS._entries, "batched", replace(EXPERT_BACKENDS.get("batched"), fn=out_of_memory))
+    path = tmp_path / "run.json"
+    args = [*TINY, "--model", "decoder_moe", "--expert-backend", "batched", "--expert-backend", "naive"]
+    assert main([*args, "--json", str(path)]) == 0
+    assert "OOM: CUDA out of memory" in capsys.readouterr().out
+    batched, naive = json.loads(path.read_text())["results"]
+    assert batched["status"].startswith("OOM") and batched["median_ms"] is None and batched["tokens_per_s"] is None
+    assert naive["status"] == "ok" and naive["median_ms"] > 0
 
 
 def test_run_exports_each_model_and_checks_it_with_onnxruntime(tmp_path, capsys):

@@ -16,7 +16,7 @@ from moekit.experts import EXPERT_BACKENDS
 from moekit.problem import make_problem
 from moekit.routing import ROUTERS
 
-FAST_BACKENDS = ["grouped_loop", "grouped_mm", "triton_grouped", "cuda_graph"]
+FAST_BACKENDS = ["grouped_loop", "grouped_mm", "grouped_mm_fused", "triton_grouped", "cuda_graph"]
 
 
 def _router(device: torch.device) -> str:

@@ -1,6 +1,8 @@
-"""Timing one MoE FFN forward (router logits, routing, permute, experts, unpermute) per expert backend,
-with the figures the expert benchmarks print: TFLOP/s and share of the dense matmul rate, and for small
-batches the bandwidth on the active experts' weight bytes and its share of the copy bandwidth."""
+"""Timing one MoE FFN forward (router logits, routing, permute, experts, unpermute) per expert backend as
+MoELayer(check_values=False) runs it, with no host synchronisation (the cuda_graph level replays the whole
+forward, routing included, as one graph). The figures the expert benchmarks print: TFLOP/s and share of the
+dense matmul rate, and for small batches the bandwidth on the active experts' weight bytes and its share of
+the copy bandwidth."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ import torch
 
 from moekit.bench.ceilings import Ceilings
 from moekit.bench.flops import routed_expert_flops
-from moekit.bench.timing import measure
+from moekit.bench.timing import as_cuda_graph, measure
 from moekit.experts import EXPERT_BACKENDS
+from moekit.experts.cuda_graph import best_eager_path
 from moekit.problem import MoEProblem
 from moekit.routing import route
+from moekit.validation import trusted_values
 
 SHAPES = {
     "mixtral": dict(hidden_size=4096, ffn_size=14336, num_experts=8, top_k=2),
@@ -72,11 +76,21 @@ def time_forward(
         return ForwardTiming(backend, T, f"OOM: needs {batched_bytes(problem) / 2**30:.0f} GiB of weight copies")
     weights, config = problem.weights, problem.config
 
-    def forward():
-        routing = route(problem.router_logits(), config, weights.score_correction_bias, check_values=False)
-        return impl.fn(problem.x, routing.topk_ids, routing.topk_weights, weights)
+    def whole_forward(experts):  # the hot path as MoELayer(check_values=False) runs it: no host synchronisation
+        def forward():
+            routing = route(problem.router_logits(), config, weights.score_correction_bias, check_values=False)
+            with trusted_values():
+                return experts(problem.x, routing.topk_ids, routing.topk_weights, weights)
+
+        return forward
 
     try:
+        if backend == "cuda_graph":
+            # the whole forward, routing included, in one graph, as a serving engine replays a decode step
+            ids = route(problem.router_logits(), config, weights.score_correction_bias).topk_ids
+            forward = as_cuda_graph(whole_forward(best_eager_path(problem.x, ids, weights)))
+        else:
+            forward = whole_forward(impl.fn)
         ms = measure(forward, device, runs=runs, warmup=warmup).median_ms
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()

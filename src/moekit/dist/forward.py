@@ -12,6 +12,7 @@ from moekit.dist.handle import RecvMeta
 from moekit.experts import EXPERT_BACKENDS
 from moekit.experts.mlp import swiglu_mlp
 from moekit.routing import route
+from moekit.validation import trusted_values
 from moekit.weights import MoEWeights, router_logits
 
 
@@ -64,7 +65,8 @@ def local_expert_forward(
         torch.arange(dispatcher.num_local_experts, device=recv_x.device), meta.local_expert_counts
     )[:, None]
     ones = torch.ones(local_ids.shape, dtype=torch.float32, device=recv_x.device)
-    return EXPERT_BACKENDS.get(backend_name).fn(recv_x, local_ids, ones, local_weights(weights, dispatcher))
+    with trusted_values():  # local_ids are built here, in [0, num_local_experts)
+        return EXPERT_BACKENDS.get(backend_name).fn(recv_x, local_ids, ones, local_weights(weights, dispatcher))
 
 
 def chunk_bounds(num_tokens: int, chunks: int) -> list[tuple[int, int]]:

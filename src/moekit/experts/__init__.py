@@ -1,10 +1,10 @@
 """Expert-compute backends, registered by name in EXPERT_BACKENDS.
 
-The first nine are the levels of the optimisation journey (`moekit bench journey`), in order.
+The first ten are the levels of the optimisation journey (`moekit bench journey`), in order.
 """
 
 from moekit.experts import naive, batched, fused_act, memeff, grouped_loop, grouped_mm  # noqa: F401
-from moekit.experts import triton_grouped, cuda_graph, compiled, masked_matmul  # noqa: F401
+from moekit.experts import grouped_mm_fused, triton_grouped, cuda_graph, compiled, masked_matmul  # noqa: F401
 from moekit.experts.registry import EXPERT_BACKENDS
 
 JOURNEY = (
@@ -14,6 +14,7 @@ JOURNEY = (
     "memeff",
     "grouped_loop",
     "grouped_mm",
+    "grouped_mm_fused",
     "triton_grouped",
     "cuda_graph",
     "compiled",

@@ -1,5 +1,8 @@
-"""cuda_graph (level 7a): the best eager path (triton_grouped) captured once per shape in a CUDA graph
-and replayed, so a small batch pays one graph launch instead of one launch per kernel."""
+"""cuda_graph (level 7a): the best eager path captured once per shape in a CUDA graph and replayed, so a
+batch pays one graph launch instead of one launch per kernel. The best path depends on the rows each expert
+sees: moekit's own grouped GEMM (triton_grouped) while they are few, torch._grouped_mm with the Triton glue
+(grouped_mm_fused) from LARGE_EXPERT_BATCH mean rows per expert on (measured on an H200: Mixtral, Qwen3 and
+DeepSeek-V3 shapes from 512 to 8192 tokens all cross over between 128 and 256 rows per expert)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.experts.grouped_mm import sixteen_byte_rows
+from moekit.experts.grouped_mm_fused import grouped_mm_fused, grouped_mm_fused_support
 from moekit.experts.registry import EXPERT_BACKENDS
 from moekit.experts.triton_grouped import sixteen, triton_grouped
 from moekit.kernels.availability import triton_support
@@ -15,6 +20,7 @@ from moekit.validation import check_routing
 from moekit.weights import MoEWeights
 
 MAX_GRAPHS = 8  # graphs kept (least recently used goes first); each holds its static buffers
+LARGE_EXPERT_BATCH = 256  # mean rows per expert (T * K / E) from which grouped_mm_fused is the faster path
 
 
 @dataclass
@@ -35,16 +41,27 @@ def cuda_graph_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, 
     return triton_support(device, dtype)
 
 
+def best_eager_path(x: torch.Tensor, topk_ids: torch.Tensor, weights: MoEWeights):
+    """The backend function cuda_graph captures for this batch: see the module docstring."""
+    rows_per_expert = topk_ids.numel() / max(weights.w_gate_up.shape[0], 1)
+    multiple = sixteen_byte_rows(x.dtype)  # torch._grouped_mm's row alignment
+    aligned = x.shape[1] % multiple == 0 and weights.w_down.shape[2] % multiple == 0
+    if rows_per_expert >= LARGE_EXPERT_BATCH and aligned and grouped_mm_fused_support(x.device, x.dtype)[0]:
+        return grouped_mm_fused
+    return triton_grouped
+
+
 def _capture(x, topk_ids, topk_weights, weights) -> _Captured:
     static = [t.clone() for t in (x, topk_ids, topk_weights)]
+    path = best_eager_path(x, topk_ids, weights)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compile and autotune the kernels outside the capture
-        triton_grouped(*static, weights)
+        path(*static, weights)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = triton_grouped(*static, weights)
+        y = path(*static, weights)
     return _Captured(graph, *static, y)
 
 

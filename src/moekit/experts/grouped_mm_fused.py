@@ -1,0 +1,36 @@
+"""grouped_mm_fused (level 5b): the two torch._grouped_mm GEMMs of level 5, with moekit's Triton kernels for
+everything around them. The torch glue of level 5 moves each byte several times: index_select, then the
+activation as chunk + silu + mul, then the unpermute as a gather, a float32 copy, a multiply and a sum over
+[T*K, H]. Here the permute reads each token once, SwiGLU is one pass over [T*K, 2F], and the unpermute reads
+each row once and sums a token's K rows (times its router weights) in float32 registers. No host sync."""
+
+import torch
+
+from moekit.experts.grouped_mm import check_alignment, grouped_mm_support, sixteen_byte_rows
+from moekit.experts.registry import EXPERT_BACKENDS
+from moekit.kernels.availability import triton_support
+from moekit.permute import expert_layout
+from moekit.validation import check_routing
+from moekit.weights import MoEWeights
+
+
+def grouped_mm_fused_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    ok, reason = grouped_mm_support(device, dtype)
+    return (ok, reason) if not ok else triton_support(device, dtype)
+
+
+@EXPERT_BACKENDS.register("grouped_mm_fused", supports=grouped_mm_fused_support, size_multiple=sixteen_byte_rows)
+def grouped_mm_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
+    """x [T, H] -> y [T, H]: Triton permute, grouped gate+up, Triton SwiGLU, grouped down, Triton weighted unpermute."""
+    from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_triton
+    from moekit.kernels.swiglu import swiglu
+
+    num_experts = weights.w_gate_up.shape[0]
+    check_routing(topk_ids, topk_weights, num_experts)
+    check_alignment(x, weights)
+    layout = expert_layout(topk_ids, num_experts)
+    ends = layout.expert_offsets[1:].to(torch.int32)
+    rows = permute_tokens_triton(x, layout)
+    gate_up = torch._grouped_mm(rows, weights.w_gate_up.transpose(1, 2), offs=ends)
+    out = torch._grouped_mm(swiglu(gate_up), weights.w_down.transpose(1, 2), offs=ends)
+    return unpermute_reduce_triton(out, layout, topk_weights)
