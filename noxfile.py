@@ -44,9 +44,16 @@ def gpu(session: nox.Session) -> None:
     build and nothing can be installed there): see ../shared/device/README.md. The perf cases are
     gated against baselines/<machine kind>.json on speedup ratios and absolute medians."""
     env = {**SAFE_GPU_ENV, "HYPOTHESIS_PROFILE": "gpu", "PYTHONPATH": "src"}
-    # one grouped-GEMM config for the correctness tests; the perf cases below autotune (kernels/grouped_gemm.py)
+    # one grouped-GEMM config for the correctness tests; the perf cases below autotune (kernels/grouped_gemm.py).
+    # Four workers share the GPU: the suite is hundreds of small cases, and one worker leaves it mostly idle
     session.run(
-        *PYTEST, "tests/unit", "tests/distributed", *session.posargs, env={**env, "MOEKIT_GROUPED_GEMM_TUNE": "0"}
+        *PYTEST,
+        "tests/unit",
+        "tests/distributed",
+        "-n",
+        "4",
+        *session.posargs,
+        env={**env, "MOEKIT_GROUPED_GEMM_TUNE": "0"},
     )
     Path(".perf").mkdir(exist_ok=True)
     current = ".perf/gpu.json"

@@ -10,7 +10,7 @@ from moekit.experts import JOURNEY
 
 def test_journey_prints_every_level_and_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "journey.json", tmp_path / "journey.png"
-    args = "bench journey --tokens 64 --scale 32,64 --hidden 32 --ffn 48 --runs 2".split()
+    args = "bench journey --device cpu --tokens 64 --scale 32,64 --hidden 32 --ffn 48 --runs 2".split()
     args += ["--json", str(out), "--plot", str(png)]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -29,7 +29,7 @@ def test_journey_prints_every_level_and_writes_json_and_plot(tmp_path, capsys):
 
 def test_experts_runs_each_shape_and_backend(tmp_path, capsys):
     out = tmp_path / "experts.json"
-    args = "bench experts --shapes mixtral,qwen3 --shrink 64 --tokens-list 4,16 --runs 2".split()
+    args = "bench experts --device cpu --shapes mixtral,qwen3 --shrink 64 --tokens-list 4,16 --runs 2".split()
     args += ["--backends", "grouped_loop,grouped_mm", "--json", str(out)]
     assert main(args) == 0
     results = json.loads(out.read_text())["results"]
@@ -37,6 +37,15 @@ def test_experts_runs_each_shape_and_backend(tmp_path, capsys):
         (s, b, t) for s in ("mixtral", "qwen3") for b in ("grouped_loop", "grouped_mm") for t in (4, 16)
     }
     assert all(r["status"] == "ok" and r["ms"] > 0 and r["weight_gbps"] > 0 for r in results)
+
+
+def test_experts_reports_sizes_a_backend_cannot_take(tmp_path, capsys):
+    out = tmp_path / "experts.json"
+    args = "bench experts --device cpu --shapes qwen3 --shrink 256 --tokens-list 4 --runs 2".split()  # F = 3
+    assert main([*args, "--backends", "grouped_loop,grouped_mm", "--json", str(out)]) == 0
+    loop, grouped = json.loads(out.read_text())["results"]
+    assert loop["status"] == "ok" and loop["ms"] > 0
+    assert grouped["status"] == "unsupported: H and F must be multiples of 4, got 8 and 3" and grouped["ms"] is None
 
 
 def test_experts_rejects_unknown_names():

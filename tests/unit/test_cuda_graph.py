@@ -1,6 +1,8 @@
 """The fast paths wait for nothing between routing and output: a whole MoE forward (router logits,
 routing, permute, experts, unpermute) is captured in a CUDA graph and replayed on fresh inputs."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -103,3 +105,22 @@ def test_cuda_graph_backend_on_either_eager_path(rows_per_expert):
     for _ in range(2):  # capture, then a replay of the cached graph
         y = EXPERT_BACKENDS.get("cuda_graph").fn(problem.x, routing.topk_ids, routing.topk_weights, problem.weights)
         assert_close_to_reference(y, ref, torch.bfloat16, f"cuda_graph at {rows_per_expert} rows per expert")
+
+
+def test_cuda_graph_backend_never_replays_a_graph_of_other_weight_shapes():
+    """Two weight sets at the same addresses with other shapes (views of one buffer, as a freed weight's memory
+    is reused by the next): the second call captures its own graph instead of replaying the first's."""
+    device = torch.device("cuda")
+    gate_up_memory = torch.empty(4 * 2 * 64 * 128, dtype=torch.bfloat16, device=device)
+    down_memory = torch.empty(4 * 128 * 64, dtype=torch.bfloat16, device=device)
+    for ffn_size in (48, 64):
+        config = MoEConfig(hidden_size=128, ffn_size=ffn_size, num_experts=4, top_k=2, dtype=torch.bfloat16)
+        problem = make_problem(config, 40, seed=ffn_size, device=device)
+        w = problem.weights
+        w_gate_up = gate_up_memory[: w.w_gate_up.numel()].view(w.w_gate_up.shape).copy_(w.w_gate_up)
+        w_down = down_memory[: w.w_down.numel()].view(w.w_down.shape).copy_(w.w_down)
+        weights = dataclasses.replace(w, w_gate_up=w_gate_up, w_down=w_down)
+        routing = route(problem.router_logits(), config)
+        y = EXPERT_BACKENDS.get("cuda_graph").fn(problem.x, routing.topk_ids, routing.topk_weights, weights)
+        ref = reference_experts(problem.x, routing.topk_ids, routing.topk_weights, weights)
+        assert_close_to_reference(y, ref, torch.bfloat16, f"cuda_graph with F={ffn_size} at reused addresses")

@@ -13,7 +13,7 @@ from moekit.export import MODEL_FILE, PARAMS_FILE
 from moekit.models import MODELS
 
 TINY = (
-    "run --batch 2 --seq-len 8 --vocab-size 64 --d-model 32 --n-heads 4 --n-layers 2 --mlp-hidden-dim 48 "
+    "run --device cpu --batch 2 --seq-len 8 --vocab-size 64 --d-model 32 --n-heads 4 --n-layers 2 --mlp-hidden-dim 48 "
     "--moe-n-experts 4 --moe-top-k 2 --runs 2"
 ).split()
 

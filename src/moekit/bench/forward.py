@@ -72,6 +72,10 @@ def time_forward(
     ok, reason = impl.supports(device, problem.x.dtype)
     if not ok:
         return ForwardTiming(backend, T, f"unsupported: {reason}")
+    multiple = impl.size_multiple(problem.x.dtype)
+    H, F = problem.config.hidden_size, problem.config.ffn_size
+    if H % multiple or F % multiple:
+        return ForwardTiming(backend, T, f"unsupported: H and F must be multiples of {multiple}, got {H} and {F}")
     if backend == "batched" and batched_bytes(problem) > 0.8 * free_memory(device):
         return ForwardTiming(backend, T, f"OOM: needs {batched_bytes(problem) / 2**30:.0f} GiB of weight copies")
     weights, config = problem.weights, problem.config

@@ -79,8 +79,9 @@ def cuda_graph(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
         topk_ids.dtype,
         topk_weights.dtype,
         x.device,
-        weights.w_gate_up.data_ptr(),
-        weights.w_down.data_ptr(),
+        # the graph's kernels read the weights at these addresses with these shapes and strides: a new weight
+        # that reuses a freed one's memory with another shape must not replay the old graph
+        *((w.data_ptr(), tuple(w.shape), w.stride()) for w in (weights.w_gate_up, weights.w_down)),
     )
     captured = _graphs.pop(key, None) or _capture(x, topk_ids, topk_weights, weights)
     _graphs[key] = captured
