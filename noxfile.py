@@ -17,6 +17,7 @@ PYTEST = ["python", "-m", "pytest"]
 GATE = ["python", "-m", "moekit", "gate"]
 # Never let NVLink multicast run on the shared GPU machines; set in every process we start there.
 SAFE_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+GPU_ENV = {**SAFE_GPU_ENV, "HYPOTHESIS_PROFILE": "gpu", "PYTHONPATH": "src"}
 
 
 @nox.session
@@ -43,22 +44,24 @@ def gpu(session: nox.Session) -> None:
     """Everything on the GPU machine, in the interpreter nox was started from (its torch is the CUDA
     build and nothing can be installed there): see ../shared/device/README.md. The perf cases are
     gated against baselines/<machine kind>.json on speedup ratios and absolute medians."""
-    env = {**SAFE_GPU_ENV, "HYPOTHESIS_PROFILE": "gpu", "PYTHONPATH": "src"}
-    # one grouped-GEMM config for the correctness tests; the perf cases below autotune (kernels/grouped_gemm.py).
+    # one grouped-GEMM config for the correctness tests; the perf cases autotune (kernels/grouped_gemm.py).
     # Four workers share the GPU: the suite is hundreds of small cases, and one worker leaves it mostly idle
-    session.run(
-        *PYTEST,
-        "tests/unit",
-        "tests/distributed",
-        "-n",
-        "4",
-        *session.posargs,
-        env={**env, "MOEKIT_GROUPED_GEMM_TUNE": "0"},
-    )
+    env = {**GPU_ENV, "MOEKIT_GROUPED_GEMM_TUNE": "0"}
+    session.run(*PYTEST, "tests/unit", "tests/distributed", "-n", "4", *session.posargs, env=env)
+    run_gpu_perf_gate(session)
+
+
+@nox.session(venv_backend="none", name="gpu-perf")
+def gpu_perf(session: nox.Session) -> None:
+    """Only the GPU perf cases and their gate (a minute): check a baseline, or a kernel change, quickly."""
+    run_gpu_perf_gate(session)
+
+
+def run_gpu_perf_gate(session: nox.Session) -> None:
     Path(".perf").mkdir(exist_ok=True)
     current = ".perf/gpu.json"
-    session.run(*PYTEST, "tests/perf", "-m", "perf", f"--benchmark-json={current}", env=env)
-    session.run(*GATE, current, "--plot", ".perf/gpu.png", env=env)
+    session.run(*PYTEST, "tests/perf", "-m", "perf", f"--benchmark-json={current}", env=GPU_ENV)
+    session.run(*GATE, current, "--plot", ".perf/gpu.png", env=GPU_ENV)
 
 
 @nox.session

@@ -155,7 +155,7 @@ def time_model(
         del model, inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return RunResult(name, backend, params, None, None, 0, None, f"OOM: {str(error).splitlines()[0][:90]}")
+        return RunResult(name, backend, params, None, None, 0, None, "OOM: " + " ".join(str(error).split()[:8]))
     tokens_per_s = batch * seq_len / (timing.median_ms / 1e3)
     return RunResult(name, backend, params, timing.median_ms, timing.min_ms, timing.runs, tokens_per_s)
 
