@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from moekit.testing import TOLERANCE, assert_close_to_reference
+from moekit.testing.spawn import share_cpu_threads
 
 settings.register_profile("dev", max_examples=25, deadline=None)
 settings.register_profile(
@@ -17,6 +18,8 @@ settings.register_profile(
 # gpu: each new shape or top-k compiles a Triton variant (about a second each), so 30 draws per test
 settings.register_profile("gpu", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+share_cpu_threads(1)  # under pytest-xdist, each worker takes its share of the cores
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -32,10 +32,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def share_cpu_threads(processes: int) -> int:
+    """Give this process its share of the cores among `processes` busy ones, times the pytest-xdist workers
+    running beside it, and return it. Every torch process takes all cores by default: sixteen processes
+    on sixteen cores then spin-wait on each other, running tiny CPU ops ten times slower than one core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, (os.cpu_count() or 1) // (processes * workers))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _rank_main(rank, fn, world_size, port, backend, timeout_s, args, results) -> None:
     os.environ.update(SAFE_GPU_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if backend == "nccl":
         torch.cuda.set_device(rank)
+    else:  # gloo ranks compute on the CPU, side by side
+        share_cpu_threads(world_size)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     try:
         # serialised to bytes: a tensor sent through the queue as is lives in the rank's shared memory,
