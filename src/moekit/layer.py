@@ -44,8 +44,8 @@ class MoELayer(nn.Module):
 
     backend: a name in EXPERT_BACKENDS. dispatcher: None (one device, nothing leaves it) or a name in
     DISPATCHERS, set up on `group` for at most max_tokens tokens per call, with dispatcher_options (e.g.
-    {"capacity": 64, "overflow": "drop"} for "symmetric"). With a dispatcher, shared_overlap and chunks
-    choose the overlap (moekit.dist.ep_forward); every rank must build the layer with the same
+    {"capacity": 64, "overflow": "drop"} for "symmetric"). With a dispatcher, shared_overlap, chunks and
+    own_first choose the overlap (moekit.dist.ep_forward); every rank must build the layer with the same
     arguments, which the constructor checks (a collective over the group). check_values=False drops the
     NaN check of the router logits, the one host synchronisation of a one-device forward, so the layer can
     be captured in a CUDA graph (the router's ids reach the experts unchecked either way: they are in range).
@@ -65,6 +65,7 @@ class MoELayer(nn.Module):
         dispatcher_options: dict | None = None,
         shared_overlap: bool = False,
         chunks: int = 1,
+        own_first: bool = False,
         check_values: bool = True,
     ) -> None:
         super().__init__()
@@ -76,7 +77,7 @@ class MoELayer(nn.Module):
             tensor = getattr(weights, f.name)
             self.register_parameter(f.name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
         chunk_bounds(0, chunks)  # validates chunks
-        self.shared_overlap, self.chunks = shared_overlap, chunks
+        self.shared_overlap, self.chunks, self.own_first = shared_overlap, chunks, own_first
         self.check_values = check_values
         self.dispatcher = None
         if dispatcher is not None:
@@ -90,6 +91,7 @@ class MoELayer(nn.Module):
                 dispatcher_options=dispatcher_options,
                 shared_overlap=shared_overlap,
                 chunks=chunks,
+                own_first=own_first,
             )
             self.dispatcher = cls(
                 group,
@@ -119,6 +121,7 @@ class MoELayer(nn.Module):
                 self.group,
                 shared_overlap=self.shared_overlap,
                 chunks=self.chunks,
+                own_first=self.own_first,
             )
         routing = route(
             router_logits(x, weights), self.config, weights.score_correction_bias, check_values=self.check_values

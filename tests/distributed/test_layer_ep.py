@@ -23,8 +23,9 @@ CPU, F32 = torch.device("cpu"), torch.float32
 BASE = dict(hidden_size=32, ffn_size=16, num_experts=12, top_k=3, num_shared_experts=1, dtype=F32)
 ROUTER_OPTIONS = {"grouped_topk": dict(n_group=4, topk_group=2, routed_scaling_factor=2.5)}
 TOKENS = [7, 0, 13, 5]
-# (shared_overlap, chunks): the synchronous layer first
-OVERLAPS = [(False, 1), (True, 1), (False, 3), (True, 4)]
+# (shared_overlap, chunks, own_first): the synchronous layer first
+SYNC = (False, 1, False)
+OVERLAPS = [SYNC, (True, 1, False), (False, 3, False), (True, 4, False), (False, 1, True), (True, 3, True)]
 SEED = 5
 
 
@@ -47,16 +48,16 @@ def dispatchers_for(world_size: int) -> list[str]:
 
 
 def combinations(world_size: int) -> list[tuple[str, str, str, bool, int]]:
-    """(router, backend, dispatcher, shared_overlap, chunks): routers x backends x dispatchers
+    """(router, backend, dispatcher, shared_overlap, chunks, own_first): routers x backends x dispatchers
     synchronously, then every overlap with every dispatcher."""
     grid = [
-        (r, b, d, False, 1)
+        (r, b, d, *SYNC)
         for r in ROUTER_NAMES
         for b in BACKEND_NAMES
         for d in dispatchers_for(world_size)
         if b not in SLOW_BACKENDS or r == "softmax_topk"
     ]
-    overlapped = [("grouped_topk", "grouped_loop", d, s, c) for d in dispatchers_for(world_size) for s, c in OVERLAPS]
+    overlapped = [("grouped_topk", "grouped_loop", d, *o) for d in dispatchers_for(world_size) for o in OVERLAPS[1:]]
     return grid + overlapped
 
 
@@ -66,7 +67,7 @@ def rank_slice(rank: int) -> slice:
 
 def layer_rank(rank: int, world_size: int) -> dict:
     outputs = {}
-    for router, backend, dispatcher, shared_overlap, chunks in combinations(world_size):
+    for router, backend, dispatcher, shared_overlap, chunks, own_first in combinations(world_size):
         config = config_of(router)
         problem = make_problem(config, sum(TOKENS[:world_size]), seed=SEED)
         layer = MoELayer(
@@ -77,8 +78,9 @@ def layer_rank(rank: int, world_size: int) -> dict:
             max_tokens=32,
             shared_overlap=shared_overlap,
             chunks=chunks,
+            own_first=own_first,
         )
-        outputs[router, backend, dispatcher, shared_overlap, chunks] = layer(problem.x[rank_slice(rank)])
+        outputs[router, backend, dispatcher, shared_overlap, chunks, own_first] = layer(problem.x[rank_slice(rank)])
     indivisible = MoEConfig(**{**BASE, "num_experts": 2 * world_size + 1})
     mistakes = {
         "other chunks": caught(MoELayer, config_of("softmax_topk"), dispatcher="nccl", chunks=1 + rank % 2),
@@ -119,11 +121,11 @@ def test_every_combination_matches_the_oracle_and_overlap_changes_nothing(world_
     for case in cases:
         y = torch.cat([r["outputs"][case] for r in results])
         assert_close_to_reference(y, oracle(case[0], world_size), F32, f"{world_size} ranks {case}")
-    for router, backend, dispatcher, shared_overlap, chunks in cases:
-        if (shared_overlap, chunks) != (False, 1):
-            sync = torch.cat([r["outputs"][router, backend, dispatcher, False, 1] for r in results])
-            overlapped = torch.cat([r["outputs"][router, backend, dispatcher, shared_overlap, chunks] for r in results])
-            torch.testing.assert_close(overlapped, sync, rtol=1e-6, atol=1e-6)
+    for case in cases:
+        if case[3:] != SYNC:
+            sync = torch.cat([r["outputs"][(*case[:3], *SYNC)] for r in results])
+            overlapped = torch.cat([r["outputs"][case] for r in results])
+            torch.testing.assert_close(overlapped, sync, rtol=1e-6, atol=1e-6, msg=f"{world_size} ranks {case}")
 
 
 def test_ranks_built_with_other_settings_or_indivisible_experts_raise_on_every_rank():

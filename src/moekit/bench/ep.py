@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from moekit.bench.timing import time_once
 from moekit.config import MoEConfig
-from moekit.dist.forward import local_expert_forward, shared_experts
+from moekit.dist.forward import shared_experts
+from moekit.dist.local_experts import local_expert_forward
 from moekit.layer import MoELayer
 from moekit.problem import make_problem
 from moekit.routing import route
@@ -38,6 +39,7 @@ class EPCase:
     backend: str
     dispatcher: str
     chunks: int = 2
+    own_first: bool = True
     skew_experts: int = 0
     skew_bias: float = 0.0
     seed: int = 0
@@ -78,7 +80,7 @@ def study_rank(rank: int, world_size: int, case: EPCase, runs: int, check: bool,
     x = problem.x[rank * T : (rank + 1) * T]
     layer = MoELayer(
         config, backend=case.backend, dispatcher=case.dispatcher, weights=problem.weights, max_tokens=T,
-        device=device, chunks=case.chunks,
+        device=device, chunks=case.chunks, own_first=case.own_first,
     )  # fmt: skip
     weights, dispatcher = layer.weights, layer.dispatcher
     state = {}
@@ -100,6 +102,7 @@ def study_rank(rank: int, world_size: int, case: EPCase, runs: int, check: bool,
     def layer_phase(overlapped: bool):
         def run():
             layer.shared_overlap, layer.chunks = overlapped, case.chunks if overlapped else 1
+            layer.own_first = overlapped and case.own_first
             state["y"] = layer(x)
 
         return run

@@ -42,6 +42,12 @@ def _layer_options(p) -> None:
     p.add_argument("--dispatcher", default="nccl", choices=DISPATCHERS.names())
     p.add_argument("--experts-backend", default="grouped_loop", choices=EXPERT_BACKENDS.names())
     p.add_argument("--chunks", type=int, default=2, help="token chunks of the overlapped layer")
+    p.add_argument(
+        "--no-own-first",
+        dest="own_first",
+        action="store_false",
+        help="the overlapped layer waits for the dispatch before computing its own rank's tokens",
+    )
     p.add_argument("--n-group", type=int, default=1, help="grouped_topk: expert groups")
     p.add_argument("--topk-group", type=int, default=1, help="grouped_topk: groups kept per token")
     p.add_argument("--seed", type=int, default=0)
@@ -83,6 +89,7 @@ def _case(args, router: str, dtype: torch.dtype) -> EPCase:
         args.experts_backend,
         args.dispatcher,
         chunks=args.chunks,
+        own_first=args.own_first,
         skew_experts=getattr(args, "skew_experts", 0),
         skew_bias=getattr(args, "skew_bias", 0.0),
         seed=args.seed,
@@ -177,7 +184,8 @@ def run_layer_command(args, device: torch.device, dtype: torch.dtype) -> int:
     )
     rows = [[name, s[name]] for name in PHASES]
     rows += [["T_comm (dispatch + combine)", s["comm"]], ["T_compute (route + experts + shared)", s["compute"]]]
-    rows += [[f"eta_overlap (chunks={args.chunks}, shared overlapped)", s["eta_overlap"]]]
+    own = ", own rank first" if args.own_first else ""
+    rows += [[f"eta_overlap (chunks={args.chunks}, shared overlapped{own})", s["eta_overlap"]]]
     status = 0
     if args.check:
         error, tolerance = _check(case, results)

@@ -40,7 +40,7 @@ def add_journey_parser(sub, common) -> None:
 def add_experts_parser(sub, common) -> None:
     p = sub.add_parser("experts", parents=[common], help="expert backends x model shapes x token counts")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {list(SHAPES)}")
-    p.add_argument("--tokens-list", help="comma-separated T (default 16,128,4096,16384 on GPU, 16,128 on CPU)")
+    p.add_argument("--tokens-list", help="comma-separated T (default 16,128,4096,8192,16384 on GPU, 16,128 on CPU)")
     p.add_argument("--backends", help=f"comma-separated (default {','.join(FAST_BACKENDS)})")
     p.add_argument("--skew-experts", type=int, default=0, help="skewed routing: bias the first N experts")
     p.add_argument("--skew-bias", type=float, default=2.0)
@@ -106,7 +106,7 @@ def run_journey_command(args, device: torch.device, dtype: torch.dtype) -> int:
 
 def run_experts_command(args, device: torch.device, dtype: torch.dtype) -> int:
     gpu = device.type == "cuda"
-    token_counts = _ints(args.tokens_list, [16, 128, 4096, 16384] if gpu else [16, 128])
+    token_counts = _ints(args.tokens_list, [16, 128, 4096, 8192, 16384] if gpu else [16, 128])
     backends = args.backends.split(",") if args.backends else FAST_BACKENDS
     for name in backends:
         EXPERT_BACKENDS.get(name)  # unknown names fail before anything runs

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from moekit.config import MoEConfig
 from moekit.dist.base import Dispatcher, group_size_and_rank
-from moekit.dist.handle import RecvMeta
+from moekit.dist.local_experts import local_expert_forward
+from moekit.dist.own_rank_first import expert_out_with_own_rows, own_rank_rows
 from moekit.experts import EXPERT_BACKENDS
 from moekit.experts.mlp import swiglu_mlp
 from moekit.routing import route
-from moekit.validation import trusted_values
 from moekit.weights import MoEWeights, router_logits
-
-
-def local_weights(weights: MoEWeights, dispatcher: Dispatcher) -> MoEWeights:
-    """The routed experts this rank owns; no shared experts (the source rank computes those). The router
-    tensors stay whole: the backends never read them."""
-    experts = slice(dispatcher.expert_start, dispatcher.expert_start + dispatcher.num_local_experts)
-    return replace(
-        weights,
-        w_gate_up=weights.w_gate_up[experts],
-        w_down=weights.w_down[experts],
-        shared_gate_up=None,
-        shared_down=None,
-    )
 
 
 def shared_experts(x: torch.Tensor, weights: MoEWeights) -> torch.Tensor | None:
@@ -54,21 +39,6 @@ def check_group_matches(dispatcher: Dispatcher, config: MoEConfig, weights: MoEW
         )
 
 
-def local_expert_forward(
-    recv_x: torch.Tensor, meta: RecvMeta, weights: MoEWeights, dispatcher: Dispatcher, backend_name: str
-) -> torch.Tensor:
-    """recv_x [R, H] grouped by local expert -> unweighted expert outputs [R, H]: the backend runs with
-    one "routing" column per row (its local expert, weight 1); combine applies the router weights."""
-    if not meta.num_rows:
-        return recv_x.new_zeros(0, recv_x.shape[1])
-    local_ids = torch.repeat_interleave(
-        torch.arange(dispatcher.num_local_experts, device=recv_x.device), meta.local_expert_counts
-    )[:, None]
-    ones = torch.ones(local_ids.shape, dtype=torch.float32, device=recv_x.device)
-    with trusted_values():  # local_ids are built here, in [0, num_local_experts)
-        return EXPERT_BACKENDS.get(backend_name).fn(recv_x, local_ids, ones, local_weights(weights, dispatcher))
-
-
 def chunk_bounds(num_tokens: int, chunks: int) -> list[tuple[int, int]]:
     """[start, stop) of `chunks` nearly equal pieces of range(num_tokens); some may be empty."""
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
@@ -87,6 +57,7 @@ def ep_forward(
     *,
     shared_overlap: bool = False,
     chunks: int = 1,
+    own_first: bool = False,
 ) -> torch.Tensor:
     """x [T, H] (this rank's tokens) -> y [T, H] in x.dtype: route, dispatch, local experts, combine
     (+ shared experts, computed here on x). Every rank of the group calls this together.
@@ -97,16 +68,24 @@ def ep_forward(
       shared_overlap: the shared experts run while the routed tokens are in flight (between
           dispatch_async and dispatch_wait; the collectives progress on the backend's stream or thread);
       chunks = n > 1: the tokens are cut into n chunks, pipelined: chunk i's experts run while chunk i+1
-          is dispatched and chunk i-1 combined. Every rank must pass the same n (empty chunks are fine).
+          is dispatched and chunk i-1 combined. Every rank must pass the same n (empty chunks are fine);
+      own_first: the local experts compute this rank's own tokens while the dispatch is in flight, and
+          only the other ranks' rows once it lands (moekit.dist.own_rank_first).
     """
     check_group_matches(dispatcher, config, weights, group)
     EXPERT_BACKENDS.get(backend_name)  # an unknown name fails before any communication
     bounds = chunk_bounds(x.shape[0], chunks)
     routing = route(router_logits(x, weights), config, weights.score_correction_bias)
 
+    own = [None] * len(bounds)
+
     def start_dispatch(i: int):
         start, stop = bounds[i]
-        return dispatcher.dispatch_async(x[start:stop], routing.topk_ids[start:stop], routing.topk_weights[start:stop])
+        ids = routing.topk_ids[start:stop]
+        pending = dispatcher.dispatch_async(x[start:stop], ids, routing.topk_weights[start:stop])
+        if own_first:  # while chunk i is on the wire
+            own[i] = own_rank_rows(x[start:stop], ids, weights, dispatcher, backend_name)
+        return pending
 
     shared = None if shared_overlap else shared_experts(x, weights)
     pending_dispatch = start_dispatch(0)
@@ -118,7 +97,10 @@ def ep_forward(
         recv_x, meta, handle = dispatcher.dispatch_wait(pending_dispatch)
         if i + 1 < len(bounds):
             pending_dispatch = start_dispatch(i + 1)
-        expert_out = local_expert_forward(recv_x, meta, weights, dispatcher, backend_name)
+        if own_first:
+            expert_out = expert_out_with_own_rows(recv_x, meta, own[i], weights, dispatcher, backend_name)
+        else:
+            expert_out = local_expert_forward(recv_x, meta, weights, dispatcher, backend_name)
         if pending_combine is not None:
             pieces.append(dispatcher.combine_wait(pending_combine))
         pending_combine = dispatcher.combine_async(expert_out, handle, None if shared is None else shared[start:stop])
@@ -126,11 +108,4 @@ def ep_forward(
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
-__all__ = [
-    "check_group_matches",
-    "chunk_bounds",
-    "ep_forward",
-    "local_expert_forward",
-    "local_weights",
-    "shared_experts",
-]
+__all__ = ["check_group_matches", "chunk_bounds", "ep_forward", "shared_experts"]

@@ -1,0 +1,51 @@
+"""The routed experts a rank owns, run on the rows it received: the weights slice and the backend call."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from moekit.dist.base import Dispatcher
+from moekit.dist.handle import RecvMeta
+from moekit.experts import EXPERT_BACKENDS
+from moekit.validation import trusted_values
+from moekit.weights import MoEWeights
+
+
+def local_weights(weights: MoEWeights, dispatcher: Dispatcher) -> MoEWeights:
+    """The routed experts this rank owns; no shared experts (the source rank computes those). The router
+    tensors stay whole: the backends never read them."""
+    experts = slice(dispatcher.expert_start, dispatcher.expert_start + dispatcher.num_local_experts)
+    return replace(
+        weights,
+        w_gate_up=weights.w_gate_up[experts],
+        w_down=weights.w_down[experts],
+        shared_gate_up=None,
+        shared_down=None,
+    )
+
+
+def run_local_experts(
+    rows: torch.Tensor, local_ids: torch.Tensor, weights: MoEWeights, dispatcher: Dispatcher, backend_name: str
+) -> torch.Tensor:
+    """rows [N, H] with their local expert ids [N] -> unweighted expert outputs [N, H] (one "routing" column per
+    row, weight 1: combine applies the router weights)."""
+    if not rows.shape[0]:
+        return rows.new_zeros(0, rows.shape[1])
+    ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+    with trusted_values():  # ids built by moekit, in [0, num_local_experts)
+        return EXPERT_BACKENDS.get(backend_name).fn(rows, local_ids[:, None], ones, local_weights(weights, dispatcher))
+
+
+def local_expert_forward(
+    recv_x: torch.Tensor, meta: RecvMeta, weights: MoEWeights, dispatcher: Dispatcher, backend_name: str
+) -> torch.Tensor:
+    """recv_x [R, H] grouped by local expert -> unweighted expert outputs [R, H]."""
+    local_ids = torch.repeat_interleave(
+        torch.arange(dispatcher.num_local_experts, device=recv_x.device), meta.local_expert_counts
+    )
+    return run_local_experts(recv_x, local_ids, weights, dispatcher, backend_name)
+
+
+__all__ = ["local_expert_forward", "local_weights", "run_local_experts"]

@@ -1,0 +1,67 @@
+"""Overlap (b): the local experts start on this rank's own tokens while the other ranks' tokens are still
+on the wire. The own tokens' (token, local expert) rows are computed straight from x right after the
+dispatch is issued; once it lands, the received rows that came from this rank take those results (matched
+by token and local expert) and only the rows from other ranks are computed. The own rows still travel
+through the dispatcher (a local copy inside the collective), so every dispatcher works unchanged, and an
+assignment the dispatcher dropped (symmetric, overflow="drop") is simply not used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.dist.base import Dispatcher
+from moekit.dist.handle import RecvMeta
+from moekit.dist.local_experts import run_local_experts
+from moekit.weights import MoEWeights
+
+
+@dataclass(frozen=True)
+class OwnRows:
+    """Expert outputs of this rank's own (token, local expert) assignments, computed before the dispatch lands.
+
+    keys [N] int64: token * E_local + local expert of each row; out [N, H]: the expert's output (unweighted:
+    combine applies the router weights); num_tokens: T of the chunk.
+    """
+
+    keys: torch.Tensor
+    out: torch.Tensor
+    num_tokens: int
+
+
+def own_rank_rows(
+    x: torch.Tensor, topk_ids: torch.Tensor, weights: MoEWeights, dispatcher: Dispatcher, backend_name: str
+) -> OwnRows:
+    """x [T, H], topk_ids [T, K] (global ids) -> OwnRows of the assignments to this rank's experts."""
+    local = topk_ids.long() - dispatcher.expert_start
+    token, slot = ((local >= 0) & (local < dispatcher.num_local_experts)).nonzero(as_tuple=True)
+    local_ids = local[token, slot]
+    out = run_local_experts(x.index_select(0, token), local_ids, weights, dispatcher, backend_name)
+    return OwnRows(token * dispatcher.num_local_experts + local_ids, out, x.shape[0])
+
+
+def expert_out_with_own_rows(
+    recv_x: torch.Tensor,
+    meta: RecvMeta,
+    own: OwnRows,
+    weights: MoEWeights,
+    dispatcher: Dispatcher,
+    backend_name: str,
+) -> torch.Tensor:
+    """recv_x [R, H] as dispatched -> expert outputs [R, H] (what local_expert_forward returns): rows from
+    this rank copied from `own`, rows from other ranks computed now."""
+    E_local = dispatcher.num_local_experts
+    row_expert = torch.repeat_interleave(torch.arange(E_local, device=recv_x.device), meta.local_expert_counts)
+    from_self = meta.src_rank == dispatcher.rank
+    position = torch.full((own.num_tokens * E_local,), -1, dtype=torch.int64, device=recv_x.device)
+    position[own.keys] = torch.arange(own.keys.numel(), device=recv_x.device)
+    expert_out = recv_x.new_empty(recv_x.shape)
+    expert_out[from_self] = own.out[position[meta.src_token[from_self] * E_local + row_expert[from_self]]]
+    remote = ~from_self
+    expert_out[remote] = run_local_experts(recv_x[remote], row_expert[remote], weights, dispatcher, backend_name)
+    return expert_out
+
+
+__all__ = ["OwnRows", "expert_out_with_own_rows", "own_rank_rows"]
