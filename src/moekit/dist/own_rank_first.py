@@ -34,7 +34,8 @@ class OwnRows:
 def own_rank_rows(
     x: torch.Tensor, topk_ids: torch.Tensor, weights: MoEWeights, dispatcher: Dispatcher, backend_name: str
 ) -> OwnRows:
-    """x [T, H], topk_ids [T, K] (global ids) -> OwnRows of the assignments to this rank's experts."""
+    """x [T, H], topk_ids [T, K] (global ids) -> OwnRows of the assignments to this rank's experts. Its
+    size-less nonzero waits for the device: the dispatch already did, to size its receive buffers."""
     local = topk_ids.long() - dispatcher.expert_start
     token, slot = ((local >= 0) & (local < dispatcher.num_local_experts)).nonzero(as_tuple=True)
     local_ids = local[token, slot]
