@@ -10,7 +10,7 @@ import torch
 
 from moekit.bench.ceilings import measure_ceilings
 from moekit.bench.machine import machine_info as describe_machine
-from moekit.bench.timing import measure_interleaved
+from moekit.bench.timing import as_cuda_graph, measure_interleaved
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu":
@@ -22,6 +22,14 @@ if DEVICE.type == "cpu":
 # BLAS efficiency by shape differs between CPUs. CPU cases allow 40%, so a 2x slowdown (-50%) still fails;
 # GPU cases keep the gate's default, 10%, against a baseline measured on the same machine kind.
 CPU_RATIO_MARGIN = 0.40
+# On GPU, a path that waits on the host (a .tolist(), a boolean mask, a per-expert nonzero) runs as fast as
+# the host CPU of that lease lets it, and each lease is another host: between two leases of nvidia-h200 such
+# ratios moved by up to 20% and such medians by up to 63% with no code change, while the sync-free paths'
+# medians stayed within 3%. A case with such a path (host_bound=True) allows 35% and 100%: a 2x slowdown of
+# its fast path still fails the ratio. Sync-free pairs are timed as CUDA-graph replays (graphs=True) or are
+# long enough to be GPU-bound, and keep the 10% default.
+HOST_BOUND_RATIO_MARGIN = 0.35
+HOST_BOUND_ABS_MARGIN = 1.0
 
 
 def pytest_addoption(parser):
@@ -60,19 +68,35 @@ def _synchronised(fn: Callable[[], object]) -> Callable[[], object]:
 
 @pytest.fixture
 def perf(benchmark, ceilings, request):
-    """perf(fast, reference, reference_name=..., flops=..., bytes_moved=..., ratio_margin=...):
-    time both interleaved (CUDA events on GPU), then let pytest-benchmark time `fast` for the JSON,
-    and record speedup, TFLOP/s, GB/s and their share of the ceilings in extra_info."""
+    """perf(fast, reference, reference_name=..., flops=..., bytes_moved=..., ratio_margin=..., graphs=...,
+    host_bound=...): time both interleaved (CUDA events on GPU; graphs=True: both captured once and timed as
+    CUDA-graph replays), then let pytest-benchmark time `fast` for the JSON, and record speedup, TFLOP/s,
+    GB/s and their share of the ceilings in extra_info. host_bound=True: on GPU, either path waits on the
+    host, and the case takes the wider host-bound margins."""
     planted = request.config.getoption("--plant-slowdown")
     gpu = DEVICE.type == "cuda"
 
-    def run(fast, reference, *, reference_name: str, flops=None, bytes_moved=None, ratio_margin=None, runs=None):
+    def run(
+        fast,
+        reference,
+        *,
+        reference_name: str,
+        flops=None,
+        bytes_moved=None,
+        ratio_margin=None,
+        runs=None,
+        graphs: bool = False,
+        host_bound: bool = False,
+    ):
         if planted and planted in request.node.name:
             original = fast
 
             def fast():
                 original()
                 original()
+
+        if gpu and graphs:
+            fast, reference = as_cuda_graph(fast), as_cuda_graph(reference)
 
         runs = runs or (50 if gpu else 25)
         t_fast, t_ref = measure_interleaved([fast, reference], DEVICE, warmup=3, runs=runs)
@@ -88,8 +112,12 @@ def perf(benchmark, ceilings, request):
         )
         if ratio_margin is None and not gpu:
             ratio_margin = CPU_RATIO_MARGIN
+        if gpu and host_bound:
+            ratio_margin = max(ratio_margin or 0.0, HOST_BOUND_RATIO_MARGIN)
+            info["abs_margin"] = HOST_BOUND_ABS_MARGIN
         if ratio_margin is not None:
             info["ratio_margin"] = ratio_margin
+        info["timed_as"] = "cuda_graph" if gpu and graphs else "eager"
         if flops:
             info["tflops"] = flops / t_fast.median_ms / 1e9
             info["pct_of_matmul"] = 100 * info["tflops"] / ceilings.matmul_tflops

@@ -43,6 +43,16 @@ def test_absolute_median_is_gated_only_when_asked():
     assert not v.ok and v.reason == "median grew more than 25%"
 
 
+def test_a_case_may_widen_its_absolute_margin():
+    base = run(a=(2.0, 1.0), b=(2.0, 1.0))
+    base["benchmarks"][0]["extra_info"]["abs_margin"] = 1.0  # a host-bound case: medians follow the host CPU
+    now = run(a=(2.0, 1.6), b=(2.0, 1.6))
+    v = verdicts(base, now)
+    assert v["a"].ok and not v["b"].ok
+    now = run(a=(2.0, 2.1))
+    assert verdicts(base, now)["a"].reason == "median grew more than 100%"
+
+
 def test_missing_case_fails_and_new_case_is_reported():
     v = verdicts(run(a=(2.0, 1.0), gone=(2.0, 1.0)), run(a=(2.0, 1.0), fresh=(5.0, 1.0)))
     assert not v["gone"].ok and v["gone"].reason == "missing from this run"

@@ -61,7 +61,9 @@ def _cases(run: dict) -> dict[str, dict]:
 def compare_runs(
     baseline: dict, current: dict, *, ratios_only: bool, abs_margin: float = DEFAULT_ABS_MARGIN
 ) -> list[Verdict]:
-    """One Verdict per case of either run (a baseline case missing now fails; a new case passes as new)."""
+    """One Verdict per case of either run (a baseline case missing now fails; a new case passes as new).
+    A case's own ratio_margin and abs_margin (extra_info; this run's, else the baseline's) override the
+    defaults."""
     if machine_kind_of(baseline) != machine_kind_of(current):
         raise ValueError(
             f"the baseline was measured on {machine_kind_of(baseline)!r}, this run on "
@@ -74,6 +76,8 @@ def compare_runs(
         # the margin is part of the case's definition (tests/perf), so this run's says; else the baseline's
         margins = [c["extra_info"]["ratio_margin"] for c in (now, before) if c and "ratio_margin" in c["extra_info"]]
         margin = margins[0] if margins else DEFAULT_RATIO_MARGIN
+        case_abs = [c["extra_info"]["abs_margin"] for c in (now, before) if c and "abs_margin" in c["extra_info"]]
+        case_abs_margin = case_abs[0] if case_abs else abs_margin
         speedups = [c["extra_info"]["speedup"] if c else None for c in (before, now)]
         medians = [c["stats"]["median"] * 1e3 if c else None for c in (before, now)]
         ok, reason = True, "ok"
@@ -83,8 +87,8 @@ def compare_runs(
             reason = "new: not in the baseline"
         elif speedups[1] < speedups[0] * (1 - margin):
             ok, reason = False, f"speedup fell more than {margin:.0%}"
-        elif not ratios_only and medians[1] > medians[0] * (1 + abs_margin):
-            ok, reason = False, f"median grew more than {abs_margin:.0%}"
+        elif not ratios_only and medians[1] > medians[0] * (1 + case_abs_margin):
+            ok, reason = False, f"median grew more than {case_abs_margin:.0%}"
         verdicts.append(Verdict(name.split("::")[-1], *speedups, *medians, margin, ok, reason))
     return verdicts
 
