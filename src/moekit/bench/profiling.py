@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
 from moekit.bench.tables import print_table
 
 PROFILE_DIR_ENV = "MOEKIT_PROFILE_DIR"
+NAME_WIDTH = 96  # CUTLASS template names run to thousands of characters: the head tells them apart
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def top_kernels(prof: profile, device: torch.device, limit: int = 15) -> list[Ke
     events = [e for e in prof.key_averages() if self_us(e) > 0]
     total = sum(self_us(e) for e in events)
     events.sort(key=self_us, reverse=True)
-    return [KernelTime(e.key, e.count, self_us(e) / 1e3, self_us(e) / total) for e in events[:limit]]
+    return [KernelTime(e.key[:NAME_WIDTH], e.count, self_us(e) / 1e3, self_us(e) / total) for e in events[:limit]]
 
 
 @contextmanager
