@@ -28,7 +28,7 @@ PARAMS_FILE = "__params__"
 EXPORT_BACKENDS = ("masked_matmul",)
 # torch ops the exporter translates (fused_select is a Triton kernel; sinkhorn takes math.log of the token
 # count, which is a dynamic dim in the graph)
-EXPORT_ROUTERS = ("softmax_topk", "topk_softmax", "grouped_topk")
+EXPORT_ROUTERS = ("softmax_topk", "topk_softmax", "grouped_topk", "sinkhorn")
 # ONNX Runtime's CPU kernels run every exported op in these (bf16: no Mul, among others)
 EXPORT_DTYPES = (torch.float32, torch.float16, torch.float64)
 

@@ -1,7 +1,5 @@
 """sinkhorn: balanced assignment by Sinkhorn-Knopp normalisation of exp(logits / temperature)."""
 
-import math
-
 import torch
 
 from moekit.routing.registry import ROUTERS, Routing, score_dtype, stable_topk
@@ -14,7 +12,9 @@ def sinkhorn_log_plan(logits: torch.Tensor, iterations: int, temperature: float)
     """
     T, E = logits.shape
     log_plan = logits / temperature
-    column_mass = math.log(T / E) if T else 0.0
+    # log(T / E) as a tensor op: T stays symbolic when the router is exported with a dynamic batch (ONNX);
+    # with T = 0 it is -inf, added to an empty plan
+    column_mass = torch.log(torch.full((), T, dtype=logits.dtype, device=logits.device) / E)
     for _ in range(iterations):
         log_plan = log_plan - torch.logsumexp(log_plan, dim=1, keepdim=True)
         log_plan = log_plan - torch.logsumexp(log_plan, dim=0, keepdim=True) + column_mass
