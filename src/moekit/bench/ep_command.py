@@ -155,16 +155,20 @@ def _summary(results: list[EPResult]) -> dict[str, float]:
     }
 
 
-def _check(case: EPCase, results: list[EPResult]) -> tuple[float, float]:
-    """(relative error of the layer against the oracle on each rank's tokens, the dtype's tolerance)."""
+def _check(case: EPCase, results: list[EPResult], backend: str) -> tuple[float, float]:
+    """(relative error of the layer against the oracle on each rank's tokens, the dtype's tolerance). The
+    problem is drawn again from the seed on the kind of device the ranks drew it on (CPU and CUDA generators
+    give different numbers for one seed)."""
     world, T = len(results), case.tokens_per_rank
+    device = "cuda" if backend == "nccl" else "cpu"
     problem = make_problem(
-        case.config, T * world, seed=case.seed, skew_experts=case.skew_experts, skew_amount=case.skew_bias
-    )
+        case.config, T * world, seed=case.seed, skew_experts=case.skew_experts, skew_amount=case.skew_bias,
+        device=device,
+    )  # fmt: skip
     reference = torch.cat(
         [reference_moe(problem.x[q * T : (q + 1) * T], problem.weights, case.config).y for q in range(world)]
     )
-    y = torch.cat([r.y for r in results])
+    y = torch.cat([r.y.to(device) for r in results])
     return relative_error(y, reference), TOLERANCE[case.config.dtype]
 
 
@@ -188,7 +192,7 @@ def run_layer_command(args, device: torch.device, dtype: torch.dtype) -> int:
     rows += [[f"eta_overlap (chunks={args.chunks}, shared overlapped{own})", s["eta_overlap"]]]
     status = 0
     if args.check:
-        error, tolerance = _check(case, results)
+        error, tolerance = _check(case, results, backend)
         status = 0 if error <= tolerance else 1
         rows.append(["relative error vs oracle", f"{error:.2e} ({'PASS' if status == 0 else 'FAIL'} <= {tolerance:g})"])
     print_table(title, ["phase", "ms"], rows)
