@@ -20,10 +20,10 @@ def test_eta_overlap_is_one_when_the_shorter_part_is_hidden_and_zero_when_nothin
 
 def test_layer_command_checks_against_the_oracle_and_reports_every_phase(tmp_path, capsys):
     out = tmp_path / "layer.json"
-    args = ["layer", *SMALL, "--shared", "1", "--dispatcher", "symmetric", "--chunks", "3", "--check"]
+    args = ["layer", *SMALL, "--shared", "1", "--dispatcher", "symmetric", "--chunks", "3", "--own-first", "--check"]
     assert main([*args, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "relative error vs oracle" in printed and "PASS" in printed and "eta_overlap" in printed
+    assert "relative error vs oracle" in printed and "PASS" in printed and "own rank first" in printed
     payload = json.loads(out.read_text())
     assert len(payload["ranks"]) == 2
     for rank in payload["ranks"]:

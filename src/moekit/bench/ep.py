@@ -39,7 +39,7 @@ class EPCase:
     backend: str
     dispatcher: str
     chunks: int = 2
-    own_first: bool = True
+    own_first: bool = False
     skew_experts: int = 0
     skew_bias: float = 0.0
     seed: int = 0

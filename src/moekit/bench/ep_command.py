@@ -43,10 +43,9 @@ def _layer_options(p) -> None:
     p.add_argument("--experts-backend", default="grouped_loop", choices=EXPERT_BACKENDS.names())
     p.add_argument("--chunks", type=int, default=2, help="token chunks of the overlapped layer")
     p.add_argument(
-        "--no-own-first",
-        dest="own_first",
-        action="store_false",
-        help="the overlapped layer waits for the dispatch before computing its own rank's tokens",
+        "--own-first",
+        action="store_true",
+        help="the overlapped layer computes its own rank's tokens while the dispatch is in flight",
     )
     p.add_argument("--n-group", type=int, default=1, help="grouped_topk: expert groups")
     p.add_argument("--topk-group", type=int, default=1, help="grouped_topk: groups kept per token")
