@@ -91,7 +91,7 @@ def test_run_exports_bf16_models_in_float32(tmp_path, capsys):
         (["--seq-len", "-1"], "--seq-len must be >= 1, got -1"),
         (["--runs", "0"], "--runs must be >= 1, got 0"),
         (
-            ["--router", "sinkhorn", "--export-onnx-dir", "unused"],
+            ["--router", "fused_select", "--export-onnx-dir", "unused"],
             r"--router must be one of \[.*\] with --export-onnx-dir",
         ),
         (["--plot", "unused.png"], "--plot: moekit run draws no plot"),
