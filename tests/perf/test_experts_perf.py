@@ -49,6 +49,6 @@ def test_expert_backend(backend, perf, routed_problem, perf_device):
         hot_path(fast, args),
         hot_path(reference, args),
         reference_name=REFERENCE,
-        host_bound=backend in HOST_WAITING_BACKENDS | {REFERENCE},
+        host_bound=backend in HOST_WAITING_BACKENDS or REFERENCE in HOST_WAITING_BACKENDS,
         flops=routed_expert_flops(EXPERT_TOKENS, CONFIG),
     )

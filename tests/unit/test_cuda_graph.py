@@ -100,7 +100,7 @@ def test_cuda_graph_backend_on_either_eager_path(rows_per_expert):
     problem = make_problem(config, tokens, seed=6, device=device)
     routing = route(problem.router_logits(), config)
     expected_path = grouped_mm_fused if rows_per_expert >= LARGE_EXPERT_BATCH else triton_grouped
-    assert best_eager_path(problem.x, routing.topk_ids, problem.weights) is expected_path
+    assert best_eager_path(problem.x, config.top_k, problem.weights) is expected_path
     ref = reference_experts(problem.x, routing.topk_ids, routing.topk_weights, problem.weights)
     for _ in range(2):  # capture, then a replay of the cached graph
         y = EXPERT_BACKENDS.get("cuda_graph").fn(problem.x, routing.topk_ids, routing.topk_weights, problem.weights)

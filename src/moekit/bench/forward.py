@@ -91,8 +91,7 @@ def time_forward(
     try:
         if backend == "cuda_graph":
             # the whole forward, routing included, in one graph, as a serving engine replays a decode step
-            ids = route(problem.router_logits(), config, weights.score_correction_bias).topk_ids
-            forward = as_cuda_graph(whole_forward(best_eager_path(problem.x, ids, weights)))
+            forward = as_cuda_graph(whole_forward(best_eager_path(problem.x, config.top_k, weights)))
         else:
             forward = whole_forward(impl.fn)
         ms = measure(forward, device, runs=runs, warmup=warmup).median_ms

@@ -58,6 +58,15 @@ def _cases(run: dict) -> dict[str, dict]:
     return {b["fullname"]: b for b in run["benchmarks"]}
 
 
+def _case_setting(key: str, now: dict | None, before: dict | None, default: float) -> float:
+    """A margin the case defines in extra_info: this run's (the case's definition lives in tests/perf), else
+    the baseline's, else the default."""
+    for case in (now, before):
+        if case and key in case["extra_info"]:
+            return case["extra_info"][key]
+    return default
+
+
 def compare_runs(
     baseline: dict, current: dict, *, ratios_only: bool, abs_margin: float = DEFAULT_ABS_MARGIN
 ) -> list[Verdict]:
@@ -73,11 +82,8 @@ def compare_runs(
     verdicts = []
     for name in sorted(old.keys() | new.keys()):
         before, now = old.get(name), new.get(name)
-        # the margin is part of the case's definition (tests/perf), so this run's says; else the baseline's
-        margins = [c["extra_info"]["ratio_margin"] for c in (now, before) if c and "ratio_margin" in c["extra_info"]]
-        margin = margins[0] if margins else DEFAULT_RATIO_MARGIN
-        case_abs = [c["extra_info"]["abs_margin"] for c in (now, before) if c and "abs_margin" in c["extra_info"]]
-        case_abs_margin = case_abs[0] if case_abs else abs_margin
+        margin = _case_setting("ratio_margin", now, before, DEFAULT_RATIO_MARGIN)
+        case_abs_margin = _case_setting("abs_margin", now, before, abs_margin)
         speedups = [c["extra_info"]["speedup"] if c else None for c in (before, now)]
         medians = [c["stats"]["median"] * 1e3 if c else None for c in (before, now)]
         ok, reason = True, "ok"

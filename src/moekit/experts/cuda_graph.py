@@ -41,9 +41,9 @@ def cuda_graph_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, 
     return triton_support(device, dtype)
 
 
-def best_eager_path(x: torch.Tensor, topk_ids: torch.Tensor, weights: MoEWeights):
-    """The backend function cuda_graph captures for this batch: see the module docstring."""
-    rows_per_expert = topk_ids.numel() / max(weights.w_gate_up.shape[0], 1)
+def best_eager_path(x: torch.Tensor, top_k: int, weights: MoEWeights):
+    """The backend function cuda_graph captures for x [T, H] routed to top_k experts: see the module docstring."""
+    rows_per_expert = x.shape[0] * top_k / max(weights.w_gate_up.shape[0], 1)
     multiple = sixteen_byte_rows(x.dtype)  # torch._grouped_mm's row alignment
     aligned = x.shape[1] % multiple == 0 and weights.w_down.shape[2] % multiple == 0
     if rows_per_expert >= LARGE_EXPERT_BATCH and aligned and grouped_mm_fused_support(x.device, x.dtype)[0]:
@@ -53,7 +53,7 @@ def best_eager_path(x: torch.Tensor, topk_ids: torch.Tensor, weights: MoEWeights
 
 def _capture(x, topk_ids, topk_weights, weights) -> _Captured:
     static = [t.clone() for t in (x, topk_ids, topk_weights)]
-    path = best_eager_path(x, topk_ids, weights)
+    path = best_eager_path(x, topk_ids.shape[1], weights)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compile and autotune the kernels outside the capture

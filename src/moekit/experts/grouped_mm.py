@@ -1,6 +1,8 @@
 """grouped_mm (level 5): torch._grouped_mm over the expert-sorted buffer, one launch per projection,
 with no host synchronisation between routing and output (capturable in a CUDA graph)."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -40,15 +42,38 @@ def check_alignment(x: torch.Tensor, weights: MoEWeights) -> None:
         )
 
 
-@EXPERT_BACKENDS.register("grouped_mm", supports=grouped_mm_support, size_multiple=sixteen_byte_rows)
-def grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
-    """x [T, H] -> y [T, H]: permute, grouped gate+up, SiLU * up, grouped down, weighted unpermute."""
+def torch_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [N, 2F] (gate columns first) -> silu(gate) * up [N, F], in torch ops."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def grouped_mm_pipeline(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    weights: MoEWeights,
+    *,
+    permute: Callable,
+    swiglu: Callable,
+    unpermute: Callable,
+) -> torch.Tensor:
+    """x [T, H] -> y [T, H] around two torch._grouped_mm launches, with the glue passed in:
+    permute(x, layout) -> rows [T*K, H], swiglu(gate_up [T*K, 2F]) -> [T*K, F],
+    unpermute(out [T*K, H], layout, topk_weights) -> y [T, H]."""
     num_experts = weights.w_gate_up.shape[0]
     check_routing(topk_ids, topk_weights, num_experts)
     check_alignment(x, weights)
     layout = expert_layout(topk_ids, num_experts)
     ends = layout.expert_offsets[1:].to(torch.int32)
-    rows = permute_tokens(x, layout)
-    gate, up = torch._grouped_mm(rows, weights.w_gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
-    out = torch._grouped_mm(F.silu(gate) * up, weights.w_down.transpose(1, 2), offs=ends)
-    return unpermute_reduce(out, layout, topk_weights)
+    gate_up = torch._grouped_mm(permute(x, layout), weights.w_gate_up.transpose(1, 2), offs=ends)
+    out = torch._grouped_mm(swiglu(gate_up), weights.w_down.transpose(1, 2), offs=ends)
+    return unpermute(out, layout, topk_weights)
+
+
+@EXPERT_BACKENDS.register("grouped_mm", supports=grouped_mm_support, size_multiple=sixteen_byte_rows)
+def grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
+    """x [T, H] -> y [T, H]: permute, grouped gate+up, SiLU * up, grouped down, weighted unpermute."""
+    return grouped_mm_pipeline(
+        x, topk_ids, topk_weights, weights, permute=permute_tokens, swiglu=torch_swiglu, unpermute=unpermute_reduce
+    )

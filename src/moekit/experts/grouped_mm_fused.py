@@ -6,11 +6,9 @@ each row once and sums a token's K rows (times its router weights) in float32 re
 
 import torch
 
-from moekit.experts.grouped_mm import check_alignment, grouped_mm_support, sixteen_byte_rows
+from moekit.experts.grouped_mm import grouped_mm_pipeline, grouped_mm_support, sixteen_byte_rows
 from moekit.experts.registry import EXPERT_BACKENDS
 from moekit.kernels.availability import triton_support
-from moekit.permute import expert_layout
-from moekit.validation import check_routing
 from moekit.weights import MoEWeights
 
 
@@ -25,12 +23,12 @@ def grouped_mm_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_triton
     from moekit.kernels.swiglu import swiglu
 
-    num_experts = weights.w_gate_up.shape[0]
-    check_routing(topk_ids, topk_weights, num_experts)
-    check_alignment(x, weights)
-    layout = expert_layout(topk_ids, num_experts)
-    ends = layout.expert_offsets[1:].to(torch.int32)
-    rows = permute_tokens_triton(x, layout)
-    gate_up = torch._grouped_mm(rows, weights.w_gate_up.transpose(1, 2), offs=ends)
-    out = torch._grouped_mm(swiglu(gate_up), weights.w_down.transpose(1, 2), offs=ends)
-    return unpermute_reduce_triton(out, layout, topk_weights)
+    return grouped_mm_pipeline(
+        x,
+        topk_ids,
+        topk_weights,
+        weights,
+        permute=permute_tokens_triton,
+        swiglu=swiglu,
+        unpermute=unpermute_reduce_triton,
+    )
