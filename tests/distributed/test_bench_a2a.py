@@ -7,7 +7,7 @@ import pytest
 from moekit.cli import main
 from moekit.dist import DISPATCHERS
 
-TWO_RANK_PATHS = [impl.name for impl in DISPATCHERS if impl.fn.supports_world_size(2)[0]]
+TWO_RANK_PATHS = [impl.name for impl in DISPATCHERS if impl.fn.supports(2, "cpu")[0]]
 
 
 def test_bench_a2a_sweep_writes_json_and_plot(tmp_path, capsys):

@@ -44,7 +44,7 @@ BACKEND_NAMES = cpu_names(EXPERT_BACKENDS)
 
 
 def dispatchers_for(world_size: int) -> list[str]:
-    return [impl.name for impl in DISPATCHERS if impl.fn.supports_world_size(world_size)[0]]
+    return [impl.name for impl in DISPATCHERS if impl.fn.supports(world_size, "cpu")[0]]
 
 
 def combinations(world_size: int) -> list[tuple[str, str, str, bool, int]]:

@@ -44,7 +44,7 @@ def run_a2a_command(args, device: torch.device, dtype: torch.dtype) -> int:
         if c.experts % world:
             raise ValueError(f"config {c.name}: num_experts ({c.experts}) must divide evenly over {world} ranks")
     paths = args.paths.split(",") if args.paths else DISPATCHERS.names()
-    paths = [p for p in paths if DISPATCHERS.get(p).fn.supports_world_size(world)[0]]
+    paths = [p for p in paths if DISPATCHERS.get(p).fn.supports(world, "cuda" if gpu else "cpu")[0]]
     results = spawn_ranks(
         run_ranks,
         world,

@@ -156,10 +156,10 @@ class Dispatcher:
         _require_int("max_tokens", max_tokens, 0)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        world_size, rank = group_size_and_rank(group)
-        ok, reason = self.supports_world_size(world_size)
+        world_size, rank = self.group_size_and_rank(group)
+        ok, reason = self.supported_here(world_size, torch.device(device), dtype)
         if not ok:
-            raise ValueError(f"dispatcher {self.name!r} cannot run on a group of {world_size} ranks: {reason}")
+            raise ValueError(f"dispatcher {self.name!r} cannot run on {world_size} {torch.device(device).type} ranks: {reason}")
         if num_experts % world_size:
             raise ValueError(
                 f"num_experts ({num_experts}) must be divisible by the world size ({world_size}): "
@@ -178,9 +178,17 @@ class Dispatcher:
         self.accumulate_dtype = torch.promote_types(dtype, torch.float32)
 
     @classmethod
-    def supports_world_size(cls, world_size: int) -> Support:
-        """(ok, reason): whether this path runs on a group of world_size ranks."""
+    def supports(cls, world_size: int, device_type: str) -> Support:
+        """(ok, reason): whether this path runs on a group of world_size ranks on device_type ("cpu", "cuda")."""
         return True, ""
+
+    def supported_here(self, world_size: int, device: torch.device, dtype: torch.dtype) -> Support:
+        """(ok, reason) for this instance: supports() by default; a path may know more (its dtype, its heap)."""
+        return self.supports(world_size, device.type)
+
+    def group_size_and_rank(self, group) -> tuple[int, int]:
+        """(world size, rank) of the group this dispatcher serves."""
+        return group_size_and_rank(group)
 
     @property
     def local_experts(self) -> range:

@@ -1,7 +1,7 @@
 """The dispatcher registry: name -> Dispatcher subclass (the registered fn is the class itself).
 
-A registered class also answers supports_world_size(world_size) -> (ok, reason): the tests run every
-path on every world size it supports.
+A registered class also answers supports(world_size, device_type) -> (ok, reason): the tests run every
+path on every world size and device it supports.
 """
 
 from moekit.registry import Registry

@@ -15,7 +15,7 @@ class SkipA2ADispatcher(NcclDispatcher):
     name = "skip_a2a"
 
     @classmethod
-    def supports_world_size(cls, world_size: int) -> Support:
+    def supports(cls, world_size: int, device_type: str) -> Support:
         if world_size != 1:
             return False, "skip_a2a runs on one rank only (nothing is communicated)"
         return True, ""

@@ -1,0 +1,239 @@
+"""nvshmem_triton: device-initiated dispatch and combine, Triton kernels storing into symmetric memory.
+
+Wire format (moekit.kernels.peer_puts): rank p puts its j-th token for rank q (tokens ascending, each
+token once per destination rank) at row p * max_tokens + j of q's receive buffer [W * max_tokens, H],
+with its metadata (token index, K global expert ids, K router weights as float32 bits) beside it, then
+signals q with (epoch, count): no count exchange or offset agreement comes before the rows. The
+receiver waits for every source's signal, reads the counts (the host waits here, to size the expanded
+rows) and expands the tokens to one row per (token, local expert), grouped by local expert. Combine
+sums each received token's weighted expert rows and stores the sum at row q * max_tokens + j of the
+source's back buffer, signals, and the source sums its rows from every rank (+ the shared expert) in
+float32 into y: no rows are staged in send buffers on either leg.
+
+Buffers are allocated once, collectively, for max_tokens (the metadata on the first call, when K is
+known) and kept in a ring of 3 per stage, indexed by the call's epoch: a rank may store its next step's
+rows while a slower peer still reads the last one's. That holds for the order ep_forward keeps (at most
+one dispatch and one combine in flight; dispatch_wait(i) before dispatch_async(i + 1); combine_wait(i)
+before dispatch_async(i + 3)). The memory: by default torch's symmetric memory (moekit.dist.symmetric_heap;
+NVLink-mapped, NVSHMEM's heap when torch's backend is NVSHMEM), plain device buffers on one rank, or a
+heap passed in (the CPU tests play every rank of a group in one process under TRITON_INTERPRET=1).
+The stores are plain Triton stores to mapped peer addresses, not nvshmem_putmem calls: the per-token put
+kernel measured ~300 GB/s on 2x H200 (../shared/device/MEASURED.md), and the mapped stores let one
+program move several tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moekit.dist.base import Dispatcher, _require_int, expand_received
+from moekit.dist.handle import DispatchHandle, RecvMeta
+from moekit.dist.registry import DISPATCHERS
+from moekit.dist.symmetric_heap import LocalHeap, SymmetricHeap, TorchSymmetricHeap, offset_table
+from moekit.kernels.availability import triton_support
+from moekit.registry import Support
+
+RING = 3  # buffers per stage; see the module docstring for why three
+DISPATCH, COMBINE = 0, 1
+
+
+@dataclass(frozen=True)
+class PeerDispatchHandle(DispatchHandle):
+    """DispatchHandle plus what the combine kernels take. V = tokens this rank received.
+
+    dest_pos      int32 [T, W]: row of token t among this rank's tokens for rank q, -1 if not sent there
+    slot_of_token int64 [V]: src * max_tokens + j of each received token
+    rows_by_slot  int64 [R]: expanded rows sorted by received token; row_start int64 [V + 1] bounds them
+    back_counts   int32 [W]: tokens going back to each rank (= recv_counts)
+    """
+
+    dest_pos: torch.Tensor = field(default=None)
+    slot_of_token: torch.Tensor = field(default=None)
+    rows_by_slot: torch.Tensor = field(default=None)
+    row_start: torch.Tensor = field(default=None)
+    back_counts: torch.Tensor = field(default=None)
+
+
+@dataclass
+class PendingDispatch:
+    epoch: int
+    dest_pos: torch.Tensor  # int32 [T, W]
+    send_counts: torch.Tensor  # int32 [W], on the device
+    num_tokens: int
+
+
+@dataclass
+class PendingCombine:
+    epoch: int
+    handle: PeerDispatchHandle
+    shared_out: torch.Tensor | None
+
+
+@DISPATCHERS.register("nvshmem_triton")
+class NvshmemTritonDispatcher(Dispatcher):
+    """Triton kernels store rows into the peers' symmetric buffers and signal; no collective on the data path."""
+
+    name = "nvshmem_triton"
+
+    def __init__(
+        self,
+        group,
+        num_experts,
+        hidden,
+        max_tokens,
+        dtype,
+        device,
+        *,
+        heap: SymmetricHeap | None = None,
+        tokens_per_program: int = 4,
+    ):
+        self._heap = heap
+        super().__init__(group, num_experts, hidden, max_tokens, dtype, device)
+        _require_int("tokens_per_program", tokens_per_program, 1)
+        self.tokens_per_program = tokens_per_program
+        if self._heap is None:
+            self._heap = LocalHeap(self.device) if self.world_size == 1 else TorchSymmetricHeap(group, self.device)
+        W, rows = self.world_size, self.world_size * max(1, max_tokens)
+        self._recv, recv_table = self._heap.empty((RING, rows, hidden), dtype)
+        self._back, back_table = self._heap.empty((RING, rows, hidden), dtype)
+        self._flags, flag_table = self._heap.empty((2, RING, W, 2), torch.int32)
+        self._flags.zero_()
+        ring_bytes = rows * hidden * self._recv.element_size()
+        self._recv_tables = [offset_table(recv_table, r * ring_bytes) for r in range(RING)]
+        self._back_tables = [offset_table(back_table, r * ring_bytes) for r in range(RING)]
+        self._flag_tables = [
+            [offset_table(flag_table, (stage * RING + r) * W * 2 * 4) for r in range(RING)] for stage in (0, 1)
+        ]
+        self._done = torch.zeros(2, dtype=torch.int32, device=self.device)
+        self._meta: torch.Tensor | None = None
+        self._meta_tables: list[torch.Tensor] = []
+        self._top_k: int | None = None
+        self._epochs = [0, 0]
+        self._heap.barrier()  # every rank's flags are zero before anyone signals
+
+    @classmethod
+    def supports(cls, world_size: int, device_type: str) -> Support:
+        if device_type != "cuda":
+            return False, (
+                "needs CUDA symmetric memory; on the CPU its kernels run under TRITON_INTERPRET=1 with every "
+                "rank in one process (moekit.testing.simulated_heap)"
+            )
+        return True, ""
+
+    def supported_here(self, world_size: int, device: torch.device, dtype: torch.dtype) -> Support:
+        ok, reason = triton_support(device, dtype)
+        if not ok:
+            return ok, reason
+        if self._heap is not None:
+            return True, ""
+        return self.supports(world_size, device.type)
+
+    def group_size_and_rank(self, group) -> tuple[int, int]:
+        if self._heap is not None:
+            return self._heap.world_size, self._heap.rank
+        return super().group_size_and_rank(group)
+
+    def _meta_buffers(self, top_k: int) -> torch.Tensor:
+        """The metadata ring [RING, W * max_tokens, 1 + 2K] int32, allocated (collectively) on the first call."""
+        if self._top_k is None:
+            rows = self.world_size * max(1, self.max_tokens)
+            self._meta, table = self._heap.empty((RING, rows, 1 + 2 * top_k), torch.int32)
+            ring_bytes = rows * (1 + 2 * top_k) * 4
+            self._meta_tables = [offset_table(table, r * ring_bytes) for r in range(RING)]
+            self._top_k = top_k
+        elif top_k != self._top_k:
+            raise ValueError(
+                f"topk_ids has {top_k} columns; this nvshmem_triton dispatcher was set up for top_k={self._top_k} "
+                "on its first call (its metadata buffers are symmetric): make another for another top_k"
+            )
+        return self._meta
+
+    def _next_epoch(self, stage: int) -> tuple[int, int]:
+        self._epochs[stage] += 1
+        return self._epochs[stage], self._epochs[stage] % RING
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
+        from moekit.kernels.peer_puts import send_tokens
+
+        self.check_dispatch_inputs(x, topk_ids, topk_weights)
+        T, K = topk_ids.shape
+        self._meta_buffers(K)
+        goes = torch.zeros(T, self.world_size, dtype=torch.bool, device=x.device)
+        goes.scatter_(1, topk_ids.long() // self.num_local_experts, True)
+        dest_pos = (goes.cumsum(0, dtype=torch.int32) - 1).masked_fill_(~goes, -1)
+        send_counts = goes.sum(0, dtype=torch.int32)
+        weight_bits = topk_weights.to(torch.float32).contiguous().view(torch.int32)
+        token = torch.arange(T, dtype=torch.int32, device=x.device)[:, None]
+        meta = torch.cat([token, topk_ids.to(torch.int32), weight_bits], dim=1)
+        epoch, r = self._next_epoch(DISPATCH)
+        send_tokens(
+            x if x.stride(1) == 1 else x.contiguous(), meta, dest_pos, send_counts,
+            self._recv_tables[r], self._meta_tables[r], self._flag_tables[DISPATCH][r], self._done[DISPATCH:],
+            self.rank, self.max_tokens, epoch, self.tokens_per_program,
+        )  # fmt: skip
+        return PendingDispatch(epoch, dest_pos, send_counts, T)
+
+    def dispatch_wait(self, pending: PendingDispatch) -> tuple[torch.Tensor, RecvMeta, PeerDispatchHandle]:
+        from moekit.kernels.peer_puts import wait_for_all_arrivals
+
+        r, W, M, device = pending.epoch % RING, self.world_size, self.max_tokens, self.device
+        flags = self._flags[DISPATCH, r]
+        wait_for_all_arrivals(flags, pending.epoch)
+        back_counts = flags[:, 1].clone()
+        recv_counts = back_counts.long().cpu()  # the host waits here: it sizes the expanded rows
+        src_of_token = torch.repeat_interleave(torch.arange(W, device=device), recv_counts.to(device))
+        first_of_src = torch.cumsum(recv_counts, 0) - recv_counts
+        j = torch.arange(src_of_token.numel(), device=device) - first_of_src.to(device)[src_of_token]
+        slot_of_token = src_of_token * M + j
+        meta = self._meta[r].index_select(0, slot_of_token).long()
+        expansion = expand_received(meta, src_of_token, self.expert_start, self.num_local_experts)
+        recv_x = self._recv[r].index_select(0, slot_of_token[expansion.slot_of_row])  # a copy: the ring turns
+        V = slot_of_token.numel()
+        row_start = torch.cat([recv_counts.new_zeros(1).to(device), torch.bincount(expansion.slot_of_row, minlength=V).cumsum(0)])
+        goes = (pending.dest_pos >= 0).T  # [W, T]
+        send_dest, send_token_idx = torch.nonzero(goes, as_tuple=True)
+        handle = PeerDispatchHandle(
+            send_counts=pending.send_counts.long().cpu(),
+            recv_counts=recv_counts,
+            send_token_idx=send_token_idx,
+            send_slots=send_dest * M + pending.dest_pos.T[goes].long(),
+            recv_slot_of_row=expansion.slot_of_row,
+            row_weight=expansion.meta.weight,
+            num_send_slots=W * M,
+            num_recv_slots=V,
+            num_tokens=pending.num_tokens,
+            hidden=self.hidden,
+            dest_pos=pending.dest_pos,
+            slot_of_token=slot_of_token,
+            rows_by_slot=torch.sort(expansion.slot_of_row, stable=True)[1],
+            row_start=row_start,
+            back_counts=back_counts,
+        )
+        return recv_x, expansion.meta, handle
+
+    def combine_async(
+        self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None
+    ) -> PendingCombine:
+        from moekit.kernels.peer_puts import send_tokens_back
+
+        self.check_combine_inputs(expert_out, handle, shared_out)
+        if not isinstance(handle, PeerDispatchHandle) or handle.dest_pos.shape[1] != self.world_size:
+            raise ValueError("handle comes from another dispatcher; pass the one this nvshmem_triton dispatcher returned")
+        expert_out = expert_out.to(self.dtype)
+        epoch, r = self._next_epoch(COMBINE)
+        send_tokens_back(
+            expert_out if expert_out.stride(1) == 1 else expert_out.contiguous(), handle.row_weight,
+            handle.rows_by_slot, handle.row_start, handle.slot_of_token, handle.back_counts,
+            self._back_tables[r], self._flag_tables[COMBINE][r], self._done[COMBINE:],
+            self.rank, self.max_tokens, epoch,
+        )  # fmt: skip
+        return PendingCombine(epoch, handle, shared_out)
+
+    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
+        from moekit.kernels.peer_puts import reduce_and_copy_to_output, wait_for_all_arrivals
+
+        r = pending.epoch % RING
+        wait_for_all_arrivals(self._flags[COMBINE, r], pending.epoch)
+        return reduce_and_copy_to_output(self._back[r], pending.handle.dest_pos, pending.shared_out, self.max_tokens)

@@ -1,0 +1,229 @@
+"""Device-initiated dispatch and combine: Triton kernels that store rows straight into the other ranks'
+symmetric buffers through mapped pointers and signal each arrival with release/acquire flags.
+
+Every rank holds the same buffers; a `*_table` argument is an int64 tensor [W] whose entry q is the
+address of rank q's copy (NVLink-mapped: what nvshmem_ptr or torch's symmetric memory hands out). Rank p
+puts its j-th token for rank q at row p * max_tokens + j of q's buffer, a position p computes alone, so
+no offsets travel before the rows. Each stage has flags int32 [W, 2] on every rank: row p holds
+(epoch, count) written by rank p after all its rows; the epoch is a call counter every rank advances in
+step, so flags are never reset between calls.
+
+Kernels (each with its launcher below):
+  send_tokens               dispatch: rows and metadata to every destination rank, then its flags
+  wait_for_all_arrivals     one program per source rank, spinning until that rank's flag shows the epoch
+  send_tokens_back          combine: the weighted sum of a received token's expert rows, stored into its
+                            source rank's back buffer, then flags
+  reduce_and_copy_to_output each token's rows from every rank summed (+ the shared expert) -> y
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_BLOCK_H = 1024
+
+
+@triton.jit
+def _signal_when_last(done_ptr, flag_table, counts_ptr, my_rank, epoch, num_programs, W):
+    """Counts this program done; the last one writes (epoch, counts[q]) into row my_rank of every rank q's
+    flags (release: everything the group stored before is visible first) and rearms the counter."""
+    tl.debug_barrier()  # the whole program's stores come before its count
+    finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
+    if finished == num_programs - 1:
+        for q in range(W):
+            flag = tl.load(flag_table + q).to(tl.pointer_type(tl.int32)) + 2 * my_rank
+            tl.store(flag + 1, tl.load(counts_ptr + q))
+            tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _send_tokens_kernel(
+    x_ptr,
+    meta_ptr,
+    dest_pos_ptr,
+    counts_ptr,
+    rows_table,
+    meta_table,
+    flag_table,
+    done_ptr,
+    T,
+    H,
+    stride_x,
+    META_W,
+    max_tokens,
+    my_rank,
+    W,
+    epoch,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_META: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = tokens < T
+    tokens = tokens.to(tl.int64)
+    meta_cols = tl.arange(0, BLOCK_META)
+    meta_mask = in_range[:, None] & (meta_cols[None, :] < META_W)
+    meta = tl.load(meta_ptr + tokens[:, None] * META_W + meta_cols[None, :], mask=meta_mask)
+    for q in range(W):
+        pos = tl.load(dest_pos_ptr + tokens * W + q, mask=in_range, other=-1)
+        goes = pos >= 0
+        slot = pos.to(tl.int64) + my_rank * max_tokens
+        rows = tl.load(rows_table + q).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            mask = goes[:, None] & (cols[None, :] < H)
+            tile = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :], mask=mask)
+            tl.store(rows + slot[:, None] * H + cols[None, :], tile, mask=mask)
+        meta_dst = tl.load(meta_table + q).to(tl.pointer_type(tl.int32))
+        tl.store(meta_dst + slot[:, None] * META_W + meta_cols[None, :], meta, mask=meta_mask & goes[:, None])
+    _signal_when_last(done_ptr, flag_table, counts_ptr, my_rank, epoch, tl.num_programs(0), W)
+
+
+def send_tokens(
+    x: torch.Tensor,
+    meta: torch.Tensor,
+    dest_pos: torch.Tensor,
+    counts: torch.Tensor,
+    rows_table: torch.Tensor,
+    meta_table: torch.Tensor,
+    flag_table: torch.Tensor,
+    done: torch.Tensor,
+    my_rank: int,
+    max_tokens: int,
+    epoch: int,
+    tokens_per_program: int = 4,
+) -> None:
+    """x [T, H], meta int32 [T, M], dest_pos int32 [T, W] (the token's row among this rank's rows for rank
+    q, or -1), counts int32 [W] (tokens to each rank) -> rows, metadata and flags on every rank.
+    done: int32 [1], zero between calls (the kernel rearms it)."""
+    T, H = x.shape
+    W = dest_pos.shape[1]
+    block_t = triton.next_power_of_2(max(1, tokens_per_program))
+    block_h = min(_MAX_BLOCK_H, triton.next_power_of_2(max(H, 1)))
+    grid = (max(1, triton.cdiv(T, block_t)),)  # one program at least: it signals
+    _send_tokens_kernel[grid](
+        x, meta, dest_pos, counts, rows_table, meta_table, flag_table, done,
+        T, H, x.stride(0), meta.shape[1], max_tokens, my_rank, W, epoch,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_META=triton.next_power_of_2(meta.shape[1]),
+    )  # fmt: skip
+
+
+@triton.jit
+def _wait_kernel(flags_ptr, epoch):
+    flag = flags_ptr + 2 * tl.program_id(0)
+    seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+    while seen != epoch:
+        seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+
+
+def wait_for_all_arrivals(flags: torch.Tensor, epoch: int) -> None:
+    """flags int32 [W, 2] (this rank's, for one stage): returns once every source rank signalled epoch;
+    kernels queued after it on the stream see that rank's rows."""
+    _wait_kernel[(flags.shape[0],)](flags, epoch)
+
+
+@triton.jit
+def _send_tokens_back_kernel(
+    out_ptr,
+    weight_ptr,
+    rows_by_slot_ptr,
+    row_start_ptr,
+    slot_ptr,
+    counts_ptr,
+    back_table,
+    flag_table,
+    done_ptr,
+    V,
+    H,
+    stride_out,
+    max_tokens,
+    my_rank,
+    W,
+    epoch,
+    BLOCK_H: tl.constexpr,
+):
+    v = tl.program_id(0)
+    if v < V:
+        slot = tl.load(slot_ptr + v)  # int64: src * max_tokens + j
+        src = slot // max_tokens
+        back = tl.load(back_table + src).to(tl.pointer_type(out_ptr.dtype.element_ty))
+        dst = back + (my_rank * max_tokens + slot - src * max_tokens) * H
+        start = tl.load(row_start_ptr + v)
+        end = tl.load(row_start_ptr + v + 1)
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            mask = cols < H
+            acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for i in range(start, end):
+                row = tl.load(rows_by_slot_ptr + i)
+                weight = tl.load(weight_ptr + row)
+                acc += weight * tl.load(out_ptr + row * stride_out + cols, mask=mask).to(tl.float32)
+            tl.store(dst + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _signal_when_last(done_ptr, flag_table, counts_ptr, my_rank, epoch, tl.num_programs(0), W)
+
+
+def send_tokens_back(
+    expert_out: torch.Tensor,
+    row_weight: torch.Tensor,
+    rows_by_slot: torch.Tensor,
+    row_start: torch.Tensor,
+    slot_of_token: torch.Tensor,
+    counts: torch.Tensor,
+    back_table: torch.Tensor,
+    flag_table: torch.Tensor,
+    done: torch.Tensor,
+    my_rank: int,
+    max_tokens: int,
+    epoch: int,
+) -> None:
+    """expert_out [R, H], row_weight float32 [R]; received token v (of V) has rows
+    rows_by_slot[row_start[v]:row_start[v + 1]] and came from slot_of_token[v] = src * max_tokens + j:
+    sum_rows weight * expert_out goes to row my_rank * max_tokens + j of rank src's back buffer.
+    counts int32 [W]: tokens going back to each rank."""
+    V, H = slot_of_token.numel(), expert_out.shape[1]
+    block_h = min(_MAX_BLOCK_H, triton.next_power_of_2(max(H, 1)))
+    _send_tokens_back_kernel[(max(1, V),)](
+        expert_out, row_weight, rows_by_slot, row_start, slot_of_token, counts, back_table, flag_table, done,
+        V, H, expert_out.stride(0), max_tokens, my_rank, counts.numel(), epoch, BLOCK_H=block_h,
+    )  # fmt: skip
+
+
+@triton.jit
+def _reduce_to_output_kernel(
+    back_ptr, dest_pos_ptr, shared_ptr, y_ptr, H, stride_shared, max_tokens, W,
+    HAS_SHARED: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for q in range(W):
+        pos = tl.load(dest_pos_ptr + token * W + q)
+        if pos >= 0:
+            row = q * max_tokens + pos.to(tl.int64)
+            acc += tl.load(back_ptr + row * H + cols, mask=mask).to(tl.float32)
+    if HAS_SHARED:
+        acc += tl.load(shared_ptr + token * stride_shared + cols, mask=mask).to(tl.float32)
+    tl.store(y_ptr + token * H + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def reduce_and_copy_to_output(
+    back: torch.Tensor, dest_pos: torch.Tensor, shared_out: torch.Tensor | None, max_tokens: int
+) -> torch.Tensor:
+    """back [W * max_tokens, H] (rank q's result for token t at row q * max_tokens + dest_pos[t, q]),
+    dest_pos int32 [T, W], shared_out [T, H] or None -> y [T, H] in back's dtype, summed in float32."""
+    T, W = dest_pos.shape
+    H = back.shape[1]
+    y = back.new_empty(T, H)
+    if T == 0 or H == 0:
+        return y
+    block_h = min(_MAX_BLOCK_H, triton.next_power_of_2(H))
+    shared = shared_out if shared_out is not None else y
+    _reduce_to_output_kernel[(T, triton.cdiv(H, block_h))](
+        back, dest_pos, shared, y, H, shared.stride(0), max_tokens, W,
+        HAS_SHARED=shared_out is not None, BLOCK_H=block_h,
+    )  # fmt: skip
+    return y
