@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moekit.dist.base import Dispatcher, _require_int, expand_received
+from moekit.dist.base import Dispatcher, _require_int
 from moekit.dist.handle import DispatchHandle, RecvMeta
 from moekit.dist.registry import DISPATCHERS
 from moekit.dist.symmetric_heap import LocalHeap, SymmetricHeap, TorchSymmetricHeap, offset_table
@@ -46,7 +46,7 @@ class PeerDispatchHandle(DispatchHandle):
     dest_pos      int32 [T, W]: row of token t among this rank's tokens for rank q, -1 if not sent there
     slot_of_token int64 [V]: src * max_tokens + j of each received token
     rows_by_slot  int64 [R]: expanded rows sorted by received token; row_start int64 [V + 1] bounds them
-    back_counts   int32 [W]: tokens going back to each rank (= recv_counts)
+    back_counts   int32 [W, 1]: tokens going back to each rank (= recv_counts)
     """
 
     dest_pos: torch.Tensor = field(default=None)
@@ -98,13 +98,15 @@ class NvshmemTritonDispatcher(Dispatcher):
         W, rows = self.world_size, self.world_size * max(1, max_tokens)
         self._recv, recv_table = self._heap.empty((RING, rows, hidden), dtype)
         self._back, back_table = self._heap.empty((RING, rows, hidden), dtype)
-        self._flags, flag_table = self._heap.empty((2, RING, W, 2), torch.int32)
+        self._flag_width = 2 + self.num_local_experts  # epoch, tokens, pairs per local expert
+        self._flags, flag_table = self._heap.empty((2, RING, W, self._flag_width), torch.int32)
         self._flags.zero_()
         ring_bytes = rows * hidden * self._recv.element_size()
         self._recv_tables = [offset_table(recv_table, r * ring_bytes) for r in range(RING)]
         self._back_tables = [offset_table(back_table, r * ring_bytes) for r in range(RING)]
         self._flag_tables = [
-            [offset_table(flag_table, (stage * RING + r) * W * 2 * 4) for r in range(RING)] for stage in (0, 1)
+            [offset_table(flag_table, (stage * RING + r) * W * self._flag_width * 4) for r in range(RING)]
+            for stage in (0, 1)
         ]
         self._done = torch.zeros(2, dtype=torch.int32, device=self.device)
         self._meta: torch.Tensor | None = None
@@ -164,54 +166,83 @@ class NvshmemTritonDispatcher(Dispatcher):
         goes.scatter_(1, topk_ids.long() // self.num_local_experts, True)
         dest_pos = (goes.cumsum(0, dtype=torch.int32) - 1).masked_fill_(~goes, -1)
         send_counts = goes.sum(0, dtype=torch.int32)
+        pairs = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        pairs.scatter_add_(0, topk_ids.reshape(-1).long(), torch.ones_like(topk_ids, dtype=torch.int32).reshape(-1))
+        flag_counts = torch.cat([send_counts[:, None], pairs.view(self.world_size, self.num_local_experts)], dim=1)
         weight_bits = topk_weights.to(torch.float32).contiguous().view(torch.int32)
         token = torch.arange(T, dtype=torch.int32, device=x.device)[:, None]
         meta = torch.cat([token, topk_ids.to(torch.int32), weight_bits], dim=1)
         epoch, r = self._next_epoch(DISPATCH)
         send_tokens(
-            x if x.stride(1) == 1 else x.contiguous(), meta, dest_pos, send_counts,
+            x if x.stride(1) == 1 else x.contiguous(), meta, dest_pos, flag_counts,
             self._recv_tables[r], self._meta_tables[r], self._flag_tables[DISPATCH][r], self._done[DISPATCH:],
-            self.rank, self.max_tokens, epoch, self.tokens_per_program,
+            self.rank, self.max_tokens, epoch, self._flag_width, self.tokens_per_program,
         )  # fmt: skip
         return PendingDispatch(epoch, dest_pos, send_counts, T)
 
     def dispatch_wait(self, pending: PendingDispatch) -> tuple[torch.Tensor, RecvMeta, PeerDispatchHandle]:
+        """Waits for every source rank's signal; the host then reads the counts once (they size the rows)
+        and every other step runs on the device without waiting."""
         from moekit.kernels.peer_puts import wait_for_all_arrivals
 
-        r, W, M, device = pending.epoch % RING, self.world_size, self.max_tokens, self.device
+        r, W, M, E_local, device = pending.epoch % RING, self.world_size, self.max_tokens, self.num_local_experts, self.device
         flags = self._flags[DISPATCH, r]
         wait_for_all_arrivals(flags, pending.epoch)
-        back_counts = flags[:, 1].clone()
-        recv_counts = back_counts.long().cpu()  # the host waits here: it sizes the expanded rows
-        src_of_token = torch.repeat_interleave(torch.arange(W, device=device), recv_counts.to(device))
-        first_of_src = torch.cumsum(recv_counts, 0) - recv_counts
-        j = torch.arange(src_of_token.numel(), device=device) - first_of_src.to(device)[src_of_token]
+        counts = flags[:, 1:].clone()  # [W, 1 + E_local]: tokens, then pairs per local expert, from each source
+        on_host = torch.cat([counts.reshape(-1), pending.send_counts]).long().cpu()  # the one host wait
+        recv_counts = on_host[: W * (1 + E_local)].view(W, 1 + E_local)[:, 0]
+        local_counts = on_host[: W * (1 + E_local)].view(W, 1 + E_local)[:, 1:].sum(0)
+        send_counts = on_host[W * (1 + E_local) :]
+        V, R, S, T = int(recv_counts.sum()), int(local_counts.sum()), int(send_counts.sum()), pending.num_tokens
+
+        # received tokens, source-major: token v came from src_of_token[v], row j of that source's rows
+        tokens_from = counts[:, 0].long()
+        src_of_token = torch.repeat_interleave(torch.arange(W, device=device), tokens_from, output_size=V)
+        j = torch.arange(V, device=device) - (torch.cumsum(tokens_from, 0) - tokens_from)[src_of_token]
         slot_of_token = src_of_token * M + j
-        meta = self._meta[r].index_select(0, slot_of_token).long()
-        expansion = expand_received(meta, src_of_token, self.expert_start, self.num_local_experts)
-        recv_x = self._recv[r].index_select(0, slot_of_token[expansion.slot_of_row])  # a copy: the ring turns
-        V = slot_of_token.numel()
-        row_start = torch.cat([recv_counts.new_zeros(1).to(device), torch.bincount(expansion.slot_of_row, minlength=V).cumsum(0)])
-        goes = (pending.dest_pos >= 0).T  # [W, T]
-        send_dest, send_token_idx = torch.nonzero(goes, as_tuple=True)
+        meta = self._meta[r].index_select(0, slot_of_token)  # int32 [V, 1 + 2K]
+        K = (meta.shape[1] - 1) // 2
+        # one row per (token, local expert): sort keys (expert, token, k), the R valid ones first
+        local = meta[:, 1 : 1 + K].long() - self.expert_start
+        valid = (local >= 0) & (local < E_local)
+        pair = torch.arange(V * K, device=device).view(V, K)
+        keys = torch.where(valid, local * (V * K) + pair, torch.iinfo(torch.int64).max).reshape(-1)
+        keys = torch.sort(keys)[0][:R]
+        token_of_row, k_of_row = (keys % (V * K)) // K, keys % K
+        weight = meta[token_of_row, 1 + K + k_of_row].view(torch.float32)
+        local_counts = local_counts.to(device)
+        recv_meta = RecvMeta(
+            local_counts,
+            torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)]),
+            src_of_token[token_of_row],
+            meta[token_of_row, 0].long(),
+            weight,
+        )
+        recv_x = self._recv[r].index_select(0, slot_of_token[token_of_row])  # a copy: the ring turns
+        rows_per_token = valid.sum(1)
+        # this rank's sends, destination-major (the handle's common fields)
+        goes = pending.dest_pos.T >= 0  # [W, T]
+        send_keys = torch.where(goes, torch.arange(W * T, device=device).view(W, T), torch.iinfo(torch.int64).max)
+        send_keys = torch.sort(send_keys.reshape(-1))[0][:S]
+        send_dest, send_token_idx = send_keys // max(T, 1), send_keys % max(T, 1)
         handle = PeerDispatchHandle(
-            send_counts=pending.send_counts.long().cpu(),
+            send_counts=send_counts,
             recv_counts=recv_counts,
             send_token_idx=send_token_idx,
-            send_slots=send_dest * M + pending.dest_pos.T[goes].long(),
-            recv_slot_of_row=expansion.slot_of_row,
-            row_weight=expansion.meta.weight,
+            send_slots=send_dest * M + pending.dest_pos[send_token_idx, send_dest].long(),
+            recv_slot_of_row=token_of_row,
+            row_weight=weight,
             num_send_slots=W * M,
             num_recv_slots=V,
-            num_tokens=pending.num_tokens,
+            num_tokens=T,
             hidden=self.hidden,
             dest_pos=pending.dest_pos,
             slot_of_token=slot_of_token,
-            rows_by_slot=torch.sort(expansion.slot_of_row, stable=True)[1],
-            row_start=row_start,
-            back_counts=back_counts,
+            rows_by_slot=torch.sort(token_of_row, stable=True)[1],
+            row_start=torch.cat([rows_per_token.new_zeros(1), rows_per_token.cumsum(0)]),
+            back_counts=counts[:, :1].contiguous(),
         )
-        return recv_x, expansion.meta, handle
+        return recv_x, recv_meta, handle
 
     def combine_async(
         self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None
@@ -227,7 +258,7 @@ class NvshmemTritonDispatcher(Dispatcher):
             expert_out if expert_out.stride(1) == 1 else expert_out.contiguous(), handle.row_weight,
             handle.rows_by_slot, handle.row_start, handle.slot_of_token, handle.back_counts,
             self._back_tables[r], self._flag_tables[COMBINE][r], self._done[COMBINE:],
-            self.rank, self.max_tokens, epoch,
+            self.rank, self.max_tokens, epoch, self._flag_width,
         )  # fmt: skip
         return PendingCombine(epoch, handle, shared_out)
 

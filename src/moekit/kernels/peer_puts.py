@@ -26,15 +26,20 @@ _MAX_BLOCK_H = 1024
 
 
 @triton.jit
-def _signal_when_last(done_ptr, flag_table, counts_ptr, my_rank, epoch, num_programs, W):
-    """Counts this program done; the last one writes (epoch, counts[q]) into row my_rank of every rank q's
-    flags (release: everything the group stored before is visible first) and rearms the counter."""
+def _signal_when_last(
+    done_ptr, flag_table, counts_ptr, my_rank, epoch, num_programs, W, FLAG_W, C, BLOCK_C: tl.constexpr
+):
+    """Counts this program done; the last one writes counts[q, :C] and then epoch into row my_rank of
+    every rank q's flags [W, FLAG_W] (release: everything the group stored before is visible first), and
+    rearms the counter."""
     tl.debug_barrier()  # the whole program's stores come before its count
     finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
     if finished == num_programs - 1:
+        cols = tl.arange(0, BLOCK_C)
         for q in range(W):
-            flag = tl.load(flag_table + q).to(tl.pointer_type(tl.int32)) + 2 * my_rank
-            tl.store(flag + 1, tl.load(counts_ptr + q))
+            flag = tl.load(flag_table + q).to(tl.pointer_type(tl.int32)) + FLAG_W * my_rank
+            counts = tl.load(counts_ptr + q * C + cols, mask=cols < C)
+            tl.store(flag + 1 + cols, counts, mask=cols < C)
             tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
         tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
 
@@ -57,9 +62,12 @@ def _send_tokens_kernel(
     my_rank,
     W,
     epoch,
+    FLAG_W,
+    C,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_META: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tokens < T
@@ -79,7 +87,7 @@ def _send_tokens_kernel(
             tl.store(rows + slot[:, None] * H + cols[None, :], tile, mask=mask)
         meta_dst = tl.load(meta_table + q).to(tl.pointer_type(tl.int32))
         tl.store(meta_dst + slot[:, None] * META_W + meta_cols[None, :], meta, mask=meta_mask & goes[:, None])
-    _signal_when_last(done_ptr, flag_table, counts_ptr, my_rank, epoch, tl.num_programs(0), W)
+    _signal_when_last(done_ptr, flag_table, counts_ptr, my_rank, epoch, tl.num_programs(0), W, FLAG_W, C, BLOCK_C)
 
 
 def send_tokens(
@@ -94,35 +102,37 @@ def send_tokens(
     my_rank: int,
     max_tokens: int,
     epoch: int,
+    flag_width: int,
     tokens_per_program: int = 4,
 ) -> None:
     """x [T, H], meta int32 [T, M], dest_pos int32 [T, W] (the token's row among this rank's rows for rank
-    q, or -1), counts int32 [W] (tokens to each rank) -> rows, metadata and flags on every rank.
-    done: int32 [1], zero between calls (the kernel rearms it)."""
+    q, or -1), counts int32 [W, C] (what rank q's flags carry after the epoch: tokens to q first) -> rows,
+    metadata and flags [W, flag_width >= 1 + C] on every rank. done: int32 [1], zero between calls."""
     T, H = x.shape
-    W = dest_pos.shape[1]
+    W, C = counts.shape
     block_t = triton.next_power_of_2(max(1, tokens_per_program))
     block_h = min(_MAX_BLOCK_H, triton.next_power_of_2(max(H, 1)))
     grid = (max(1, triton.cdiv(T, block_t)),)  # one program at least: it signals
     _send_tokens_kernel[grid](
         x, meta, dest_pos, counts, rows_table, meta_table, flag_table, done,
-        T, H, x.stride(0), meta.shape[1], max_tokens, my_rank, W, epoch,
+        T, H, x.stride(0), meta.shape[1], max_tokens, my_rank, W, epoch, flag_width, C,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_META=triton.next_power_of_2(meta.shape[1]),
+        BLOCK_C=triton.next_power_of_2(C),
     )  # fmt: skip
 
 
 @triton.jit
-def _wait_kernel(flags_ptr, epoch):
-    flag = flags_ptr + 2 * tl.program_id(0)
+def _wait_kernel(flags_ptr, epoch, FLAG_W):
+    flag = flags_ptr + FLAG_W * tl.program_id(0)
     seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-    while seen != epoch:
+    while seen < epoch:
         seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
 
 
 def wait_for_all_arrivals(flags: torch.Tensor, epoch: int) -> None:
-    """flags int32 [W, 2] (this rank's, for one stage): returns once every source rank signalled epoch;
+    """flags int32 [W, 1 + C] (this rank's, for one stage): returns once every source rank signalled epoch;
     kernels queued after it on the stream see that rank's rows."""
-    _wait_kernel[(flags.shape[0],)](flags, epoch)
+    _wait_kernel[(flags.shape[0],)](flags, epoch, flags.stride(0))
 
 
 @triton.jit
@@ -143,7 +153,10 @@ def _send_tokens_back_kernel(
     my_rank,
     W,
     epoch,
+    FLAG_W,
+    C,
     BLOCK_H: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     v = tl.program_id(0)
     if v < V:
@@ -162,7 +175,7 @@ def _send_tokens_back_kernel(
                 weight = tl.load(weight_ptr + row)
                 acc += weight * tl.load(out_ptr + row * stride_out + cols, mask=mask).to(tl.float32)
             tl.store(dst + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    _signal_when_last(done_ptr, flag_table, counts_ptr, my_rank, epoch, tl.num_programs(0), W)
+    _signal_when_last(done_ptr, flag_table, counts_ptr, my_rank, epoch, tl.num_programs(0), W, FLAG_W, C, BLOCK_C)
 
 
 def send_tokens_back(
@@ -178,16 +191,18 @@ def send_tokens_back(
     my_rank: int,
     max_tokens: int,
     epoch: int,
+    flag_width: int,
 ) -> None:
     """expert_out [R, H], row_weight float32 [R]; received token v (of V) has rows
     rows_by_slot[row_start[v]:row_start[v + 1]] and came from slot_of_token[v] = src * max_tokens + j:
     sum_rows weight * expert_out goes to row my_rank * max_tokens + j of rank src's back buffer.
-    counts int32 [W]: tokens going back to each rank."""
+    counts int32 [W, 1]: tokens going back to each rank; the flags have flag_width int32 per rank."""
     V, H = slot_of_token.numel(), expert_out.shape[1]
     block_h = min(_MAX_BLOCK_H, triton.next_power_of_2(max(H, 1)))
     _send_tokens_back_kernel[(max(1, V),)](
         expert_out, row_weight, rows_by_slot, row_start, slot_of_token, counts, back_table, flag_table, done,
-        V, H, expert_out.stride(0), max_tokens, my_rank, counts.numel(), epoch, BLOCK_H=block_h,
+        V, H, expert_out.stride(0), max_tokens, my_rank, counts.shape[0], epoch, flag_width, counts.shape[1],
+        BLOCK_H=block_h, BLOCK_C=triton.next_power_of_2(counts.shape[1]),
     )  # fmt: skip
 
 
