@@ -7,7 +7,7 @@ TRITON_INTERPRET=1, on one GPU with the kernels compiled. Each step checks, on e
     receive what (computed here from the routing), each token once per destination rank;
   - combine of expert_out = (1 + local expert) * recv_x: sum_k w_k (1 + e_k mod E_local) x (+ shared_out);
 over several steps with other sizes (the buffer ring turns, stale rows must not leak).
-Real ranks (spawned, NCCL, one GPU each): ep_forward with real experts equals the float64 oracle.
+Real ranks on GPUs: tests/distributed/test_gpu_dispatchers.py.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moekit import MoEConfig, make_problem, reference_moe
-from moekit.dist import DISPATCHERS, ep_forward
+from moekit.dist import DISPATCHERS
 from moekit.dist.nvshmem_triton import RING, NvshmemTritonDispatcher
 from moekit.kernels.availability import triton_support
 from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.simulated_heap import SimulatedGroup
-from moekit.testing.spawn import spawn_ranks
 
 H = 24
 MAX_TOKENS = 12
@@ -158,29 +156,3 @@ def test_registry_knows_where_it_runs():
     assert not ok and "CUDA" in reason
     with pytest.raises(ValueError, match="nvshmem_triton.*cannot run on 1 cpu ranks"):
         NvshmemTritonDispatcher(None, 4, H, MAX_TOKENS, torch.float32, "cpu")
-
-
-# ---- real ranks: one GPU each ---------------------------------------------------------------------------
-
-
-def _ep_forward_on_rank(rank, world_size, tokens_per_rank, seed):
-    device = torch.device("cuda", rank)
-    config = MoEConfig(64, 96, 4 * world_size, 3, num_shared_experts=1, dtype=torch.float32)
-    problem = make_problem(config, sum(tokens_per_rank), seed=seed, device=device)
-    start = sum(tokens_per_rank[:rank])
-    x = problem.x[start : start + tokens_per_rank[rank]]
-    dispatcher = NvshmemTritonDispatcher(None, config.num_experts, 64, max(tokens_per_rank), torch.float32, device)
-    ref = reference_moe(problem.x, problem.weights, config).y[start : start + x.shape[0]]
-    runs = [ep_forward(x, problem.weights, config, dispatcher, "grouped_mm", chunks=c) for c in (1, 3, 1, 2)]
-    return [(y.cpu(), ref.cpu()) for y in runs]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_ep_forward_on_gpus_matches_oracle(world_size):
-    if torch.cuda.device_count() < world_size:
-        pytest.skip(f"needs {world_size} CUDA devices; {torch.cuda.device_count()} here")
-    tokens = [37, 0, 64, 5][:world_size]
-    for rank_results in spawn_ranks(_ep_forward_on_rank, world_size, tokens, 11, backend="nccl", timeout_s=300):
-        for out, ref in rank_results:
-            assert_close_to_reference(out, ref, torch.float32, "nvshmem_triton ep_forward")
