@@ -3,7 +3,7 @@
 Wire format (moekit.kernels.peer_puts): rank p puts its j-th token for rank q (tokens ascending, each
 token once per destination rank) at row p * max_tokens + j of q's receive buffer [W * max_tokens, H],
 with its metadata (token index, K global expert ids, K router weights as float32 bits) beside it, then
-signals q with (epoch, count): no count exchange or offset agreement comes before the rows. The
+signals q with (epoch, tokens, pairs per local expert of q): no count exchange or offset agreement comes before the rows. The
 receiver waits for every source's signal, reads the counts (the host waits here, to size the expanded
 rows) and expands the tokens to one row per (token, local expert), grouped by local expert. Combine
 sums each received token's weighted expert rows and stores the sum at row q * max_tokens + j of the
@@ -95,19 +95,13 @@ class NvshmemTritonDispatcher(Dispatcher):
         self.tokens_per_program = tokens_per_program
         if self._heap is None:
             self._heap = LocalHeap(self.device) if self.world_size == 1 else TorchSymmetricHeap(group, self.device)
-        W, rows = self.world_size, self.world_size * max(1, max_tokens)
-        self._recv, recv_table = self._heap.empty((RING, rows, hidden), dtype)
-        self._back, back_table = self._heap.empty((RING, rows, hidden), dtype)
+        self._rows = self.world_size * max(1, max_tokens)  # per ring slot: max_tokens from each rank
+        self._recv, self._recv_tables = self._ring((self._rows, hidden), dtype)
+        self._back, self._back_tables = self._ring((self._rows, hidden), dtype)
         self._flag_width = 2 + self.num_local_experts  # epoch, tokens, pairs per local expert
-        self._flags, flag_table = self._heap.empty((2, RING, W, self._flag_width), torch.int32)
-        self._flags.zero_()
-        ring_bytes = rows * hidden * self._recv.element_size()
-        self._recv_tables = [offset_table(recv_table, r * ring_bytes) for r in range(RING)]
-        self._back_tables = [offset_table(back_table, r * ring_bytes) for r in range(RING)]
-        self._flag_tables = [
-            [offset_table(flag_table, (stage * RING + r) * W * self._flag_width * 4) for r in range(RING)]
-            for stage in (0, 1)
-        ]
+        flags = [self._ring((self.world_size, self._flag_width), torch.int32) for _stage in (DISPATCH, COMBINE)]
+        self._flags = [buffer.zero_() for buffer, _ in flags]  # per stage [RING, W, flag_width]
+        self._flag_tables = [tables for _, tables in flags]
         self._done = torch.zeros(2, dtype=torch.int32, device=self.device)
         self._meta: torch.Tensor | None = None
         self._meta_tables: list[torch.Tensor] = []
@@ -137,13 +131,16 @@ class NvshmemTritonDispatcher(Dispatcher):
             return self._heap.world_size, self._heap.rank
         return super().group_size_and_rank(group)
 
+    def _ring(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A symmetric buffer [RING, *shape] (allocated collectively) and the address table of each ring slot."""
+        buffer, table = self._heap.empty((RING, *shape), dtype)
+        slot_bytes = buffer[0].numel() * buffer.element_size()
+        return buffer, [offset_table(table, r * slot_bytes) for r in range(RING)]
+
     def _meta_buffers(self, top_k: int) -> torch.Tensor:
         """The metadata ring [RING, W * max_tokens, 1 + 2K] int32, allocated (collectively) on the first call."""
         if self._top_k is None:
-            rows = self.world_size * max(1, self.max_tokens)
-            self._meta, table = self._heap.empty((RING, rows, 1 + 2 * top_k), torch.int32)
-            ring_bytes = rows * (1 + 2 * top_k) * 4
-            self._meta_tables = [offset_table(table, r * ring_bytes) for r in range(RING)]
+            self._meta, self._meta_tables = self._ring((self._rows, 1 + 2 * top_k), torch.int32)
             self._top_k = top_k
         elif top_k != self._top_k:
             raise ValueError(
@@ -186,12 +183,12 @@ class NvshmemTritonDispatcher(Dispatcher):
         from moekit.kernels.peer_puts import wait_for_all_arrivals
 
         r, W, M, E_local, device = pending.epoch % RING, self.world_size, self.max_tokens, self.num_local_experts, self.device
-        flags = self._flags[DISPATCH, r]
+        flags = self._flags[DISPATCH][r]
         wait_for_all_arrivals(flags, pending.epoch)
         counts = flags[:, 1:].clone()  # [W, 1 + E_local]: tokens, then pairs per local expert, from each source
         on_host = torch.cat([counts.reshape(-1), pending.send_counts]).long().cpu()  # the one host wait
-        recv_counts = on_host[: W * (1 + E_local)].view(W, 1 + E_local)[:, 0]
-        local_counts = on_host[: W * (1 + E_local)].view(W, 1 + E_local)[:, 1:].sum(0)
+        received = on_host[: W * (1 + E_local)].view(W, 1 + E_local)
+        recv_counts, local_counts = received[:, 0], received[:, 1:].sum(0)
         send_counts = on_host[W * (1 + E_local) :]
         V, R, S, T = int(recv_counts.sum()), int(local_counts.sum()), int(send_counts.sum()), pending.num_tokens
 
@@ -266,5 +263,5 @@ class NvshmemTritonDispatcher(Dispatcher):
         from moekit.kernels.peer_puts import reduce_and_copy_to_output, wait_for_all_arrivals
 
         r = pending.epoch % RING
-        wait_for_all_arrivals(self._flags[COMBINE, r], pending.epoch)
+        wait_for_all_arrivals(self._flags[COMBINE][r], pending.epoch)
         return reduce_and_copy_to_output(self._back[r], pending.handle.dest_pos, pending.shared_out, self.max_tokens)

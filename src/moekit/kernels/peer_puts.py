@@ -4,9 +4,9 @@ symmetric buffers through mapped pointers and signal each arrival with release/a
 Every rank holds the same buffers; a `*_table` argument is an int64 tensor [W] whose entry q is the
 address of rank q's copy (NVLink-mapped: what nvshmem_ptr or torch's symmetric memory hands out). Rank p
 puts its j-th token for rank q at row p * max_tokens + j of q's buffer, a position p computes alone, so
-no offsets travel before the rows. Each stage has flags int32 [W, 2] on every rank: row p holds
-(epoch, count) written by rank p after all its rows; the epoch is a call counter every rank advances in
-step, so flags are never reset between calls.
+no offsets travel before the rows. Each stage has flags int32 [W, FLAG_W] on every rank: row p holds
+(epoch, counts...) written by rank p after all its rows; the epoch is a call counter every rank advances
+in step, so flags are never reset between calls.
 
 Kernels (each with its launcher below):
   send_tokens               dispatch: rows and metadata to every destination rank, then its flags
@@ -23,6 +23,11 @@ import triton
 import triton.language as tl
 
 _MAX_BLOCK_H = 1024
+
+
+def _block_h(H: int) -> int:
+    """Columns of a row one program moves per step."""
+    return min(_MAX_BLOCK_H, triton.next_power_of_2(max(H, 1)))
 
 
 @triton.jit
@@ -111,7 +116,7 @@ def send_tokens(
     T, H = x.shape
     W, C = counts.shape
     block_t = triton.next_power_of_2(max(1, tokens_per_program))
-    block_h = min(_MAX_BLOCK_H, triton.next_power_of_2(max(H, 1)))
+    block_h = _block_h(H)
     grid = (max(1, triton.cdiv(T, block_t)),)  # one program at least: it signals
     _send_tokens_kernel[grid](
         x, meta, dest_pos, counts, rows_table, meta_table, flag_table, done,
@@ -198,7 +203,7 @@ def send_tokens_back(
     sum_rows weight * expert_out goes to row my_rank * max_tokens + j of rank src's back buffer.
     counts int32 [W, 1]: tokens going back to each rank; the flags have flag_width int32 per rank."""
     V, H = slot_of_token.numel(), expert_out.shape[1]
-    block_h = min(_MAX_BLOCK_H, triton.next_power_of_2(max(H, 1)))
+    block_h = _block_h(H)
     _send_tokens_back_kernel[(max(1, V),)](
         expert_out, row_weight, rows_by_slot, row_start, slot_of_token, counts, back_table, flag_table, done,
         V, H, expert_out.stride(0), max_tokens, my_rank, counts.shape[0], epoch, flag_width, counts.shape[1],
@@ -235,7 +240,7 @@ def reduce_and_copy_to_output(
     y = back.new_empty(T, H)
     if T == 0 or H == 0:
         return y
-    block_h = min(_MAX_BLOCK_H, triton.next_power_of_2(H))
+    block_h = _block_h(H)
     shared = shared_out if shared_out is not None else y
     _reduce_to_output_kernel[(T, triton.cdiv(H, block_h))](
         back, dest_pos, shared, y, H, shared.stride(0), max_tokens, W,
