@@ -48,7 +48,9 @@ class MoELayer(nn.Module):
     own_first choose the overlap (moekit.dist.ep_forward); every rank must build the layer with the same
     arguments, which the constructor checks (a collective over the group). check_values=False drops the
     NaN check of the router logits, the one host synchronisation of a one-device forward, so the layer can
-    be captured in a CUDA graph (the router's ids reach the experts unchecked either way: they are in range).
+    be captured in a CUDA graph (the router's ids reach the experts unchecked either way: they are in range);
+    with the fixed-shape dispatcher nvshmem_triton_graph and backend triton_grouped, so can the
+    expert-parallel layer.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class MoELayer(nn.Module):
                 shared_overlap=self.shared_overlap,
                 chunks=self.chunks,
                 own_first=self.own_first,
+                check_values=self.check_values,
             )
         routing = route(
             router_logits(x, weights), self.config, weights.score_correction_bias, check_values=self.check_values

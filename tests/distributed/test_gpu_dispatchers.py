@@ -31,8 +31,9 @@ def _on_rank(rank, world_size, path):
     problem = make_problem(config, sum(tokens), seed=11, device=device)
     x = problem.x[start : start + T]
     dispatcher = DISPATCHERS.get(path).fn(None, config.num_experts, 64, max(tokens), torch.float32, device)
+    backend = "triton_grouped" if dispatcher.fixed_shapes else "grouped_mm"  # padded rows: device offsets
     ref = reference_moe(problem.x, problem.weights, config).y[start : start + T]
-    layers = [ep_forward(x, problem.weights, config, dispatcher, "grouped_mm", chunks=c) for c in (1, 3, 1, 2)]
+    layers = [ep_forward(x, problem.weights, config, dispatcher, backend, chunks=c) for c in (1, 3, 1, 2)]
 
     bf16 = DISPATCHERS.get(path).fn(None, config.num_experts, 64, max(tokens), torch.bfloat16, device)
     routing = route(problem.router_logits(), config, None)
@@ -61,5 +62,5 @@ def test_dispatcher_on_gpus_matches_oracle(world_size, path):
 def test_two_gpu_paths_are_listed():
     """symm_mem needs 2 ranks; nvshmem_triton runs on any count of GPUs."""
     two = [impl.name for impl in DISPATCHERS if impl.fn.supports(2, "cuda")[0] or impl.name == "symm_mem"]
-    assert {"nccl", "padded", "symmetric", "nvshmem_triton", "symm_mem"} <= set(two)
+    assert {"nccl", "padded", "symmetric", "nvshmem_triton", "nvshmem_triton_graph", "symm_mem"} <= set(two)
     assert not DISPATCHERS.get("symm_mem").fn.supports(1, "cuda")[0]

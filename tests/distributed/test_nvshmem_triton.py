@@ -20,13 +20,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moekit.dist import DISPATCHERS
-from moekit.dist.nvshmem_triton import RING, NvshmemTritonDispatcher
+from moekit.dist.nvshmem_triton import RING, NvshmemTritonDispatcher, NvshmemTritonGraphDispatcher
 from moekit.kernels.availability import triton_support
 from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.simulated_heap import SimulatedGroup
 
 H = 24
 MAX_TOKENS = 12
+
+
+@pytest.fixture(params=["nvshmem_triton", "nvshmem_triton_graph"])
+def dispatcher_cls(request):
+    return DISPATCHERS.get(request.param).fn
 
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=str)
@@ -58,38 +63,67 @@ def expected_rows(q, W, E_local, tokens, ids):
     return sorted(rows, key=lambda r: (r[0], r[1], r[2]))
 
 
-def run_step(dispatchers, device, dtype, E, K, tokens, skew_to, with_shared, g):
-    W, E_local = len(dispatchers), E // len(dispatchers)
+def send_step(dispatchers, device, dtype, E, K, tokens, skew_to, with_shared, g):
+    """Draw one step's inputs, dispatch on every rank; (inputs, what each rank received)."""
     xs = [torch.randn(T, H, generator=g).to(device, dtype) for T in tokens]
     routings = [routing_for(T, E, K, skew_to, g) for T in tokens]
-    ids = [r[0] for r in routings]
+    shared = [torch.randn(T, H, generator=g).to(device, dtype) if with_shared else None for T in tokens]
     pendings = [d.dispatch_async(x, i.to(device), w.to(device)) for d, x, (i, w) in zip(dispatchers, xs, routings)]
-    received = [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
-    for q, (recv_x, meta, handle) in enumerate(received):
+    return (xs, routings, shared), [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+
+
+def combine_step(dispatchers, received, shared):
+    """Every rank combines expert_out = (1 + local expert) * recv_x (padding rows poisoned with NaN)."""
+    pendings = []
+    for d, (recv_x, meta, handle), s in zip(dispatchers, received, shared):
+        E_local = d.num_local_experts
+        R = meta.local_expert_counts.sum()  # a tensor: no host sync, so a graph can capture this
+        expert = torch.searchsorted(
+            meta.local_expert_offsets[1:], torch.arange(recv_x.shape[0], device=R.device), right=True
+        )
+        scale = (1 + expert.clamp(max=E_local - 1)).to(recv_x.dtype)
+        padding = torch.arange(recv_x.shape[0], device=R.device) >= R
+        out = torch.where(padding[:, None], float("nan"), recv_x * scale[:, None])
+        pendings.append(d.combine_async(out, handle, s))
+    return [d.combine_wait(p) for d, p in zip(dispatchers, pendings)]
+
+
+def check_received(dispatchers, tokens, inputs, received):
+    xs, routings, _ = inputs
+    W, E_local, K = len(dispatchers), dispatchers[0].num_local_experts, routings[0][0].shape[1]
+    ids = [r[0] for r in routings]
+    for q, (d, (recv_x, meta, handle)) in enumerate(zip(dispatchers, received)):
         want = expected_rows(q, W, E_local, tokens, ids)
+        R = int(meta.local_expert_offsets[-1])
+        bound = W * MAX_TOKENS * min(K, E_local) if d.fixed_shapes else R
+        assert R == len(want) and recv_x.shape[0] == meta.num_rows == handle.num_rows == bound
         got_expert = torch.repeat_interleave(torch.arange(E_local), meta.local_expert_counts.cpu())
-        got = list(zip(got_expert.tolist(), meta.src_rank.tolist(), meta.src_token.tolist()))
+        got = list(zip(got_expert.tolist(), meta.src_rank[:R].tolist(), meta.src_token[:R].tolist()))
         assert got == [r[:3] for r in want], f"rank {q}: rows or their order"
         for i, (_, p, t, k) in enumerate(want):
             assert torch.equal(recv_x[i].cpu(), xs[p][t].cpu())
             assert meta.weight[i].item() == routings[p][1][t, k].item()
+        assert (meta.src_rank[R:] == -1).all() and (meta.src_token[R:] == -1).all() and (meta.weight[R:] == 0).all()
         senders = sum(1 for p in range(W) for t in range(tokens[p]) if (ids[p][t] // E_local == q).any())
         assert int(handle.recv_counts.sum()) == senders, "each token once per destination rank"
-    shared = [torch.randn(T, H, generator=g).to(device, dtype) if with_shared else None for T in tokens]
-    combines = []
-    for d, (recv_x, meta, handle), s in zip(dispatchers, received, shared):
-        scale = 1 + torch.repeat_interleave(torch.arange(E_local, device=device), meta.local_expert_counts)
-        out = torch.full_like(recv_x, float("nan"))  # poisoned, then every row written
-        out[:] = recv_x * scale[:, None].to(dtype)
-        combines.append(d.combine_async(out, handle, s))
-    for p, (d, pending) in enumerate(zip(dispatchers, combines)):
-        y = d.combine_wait(pending)
-        factor = (routings[p][1] * (1 + ids[p].long() % E_local)).sum(1, dtype=torch.float64)
+
+
+def check_combined(dispatchers, inputs, ys):
+    xs, routings, shared = inputs
+    E_local = dispatchers[0].num_local_experts
+    for p, y in enumerate(ys):
+        factor = (routings[p][1] * (1 + routings[p][0].long() % E_local)).sum(1, dtype=torch.float64)
         ref = factor[:, None] * xs[p].cpu().double()
         if shared[p] is not None:
             ref += shared[p].cpu().double()
-        assert y.dtype == dtype and y.shape == (tokens[p], H)
-        assert_close_to_reference(y.cpu(), ref, dtype, f"rank {p} combine")
+        assert y.dtype == xs[p].dtype and y.shape == xs[p].shape
+        assert_close_to_reference(y.cpu(), ref, xs[p].dtype, f"rank {p} combine")
+
+
+def run_step(dispatchers, device, dtype, E, K, tokens, skew_to, with_shared, g):
+    inputs, received = send_step(dispatchers, device, dtype, E, K, tokens, skew_to, with_shared, g)
+    check_received(dispatchers, tokens, inputs, received)
+    check_combined(dispatchers, inputs, combine_step(dispatchers, received, inputs[2]))
 
 
 @st.composite
@@ -110,28 +144,24 @@ def scenarios(draw):
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=12)
 @given(case=scenarios())
-def test_simulated_group_dispatch_combine(device, dtype, case):
+def test_simulated_group_dispatch_combine(device, dtype, dispatcher_cls, case):
     W, E, K, steps, tokens_per_program, seed = case
     g = torch.Generator().manual_seed(seed)
     group = SimulatedGroup(W, device)
     dispatchers = [
-        NvshmemTritonDispatcher(
-            None, E, H, MAX_TOKENS, dtype, device, heap=group.rank(p), tokens_per_program=tokens_per_program
-        )
+        dispatcher_cls(None, E, H, MAX_TOKENS, dtype, device, heap=group.rank(p), tokens_per_program=tokens_per_program)
         for p in range(W)
     ]
     for tokens, skew_to, with_shared in steps:  # more steps than the ring has buffers
         run_step(dispatchers, device, dtype, E, K, tokens, skew_to, with_shared, g)
 
 
-def test_fixed_edge_cases(device, dtype):
+def test_fixed_edge_cases(device, dtype, dispatcher_cls):
     """K = E, all tokens on one expert, a rank with no tokens, odd sizes: one step each on 3 ranks."""
     g = torch.Generator().manual_seed(7)
     for E, K, tokens, skew_to in [(3, 3, [5, 0, 7], None), (6, 2, [MAX_TOKENS, 3, 1], 4), (3, 1, [0, 0, 0], None)]:
         group = SimulatedGroup(3, device)
-        dispatchers = [
-            NvshmemTritonDispatcher(None, E, H, MAX_TOKENS, dtype, device, heap=group.rank(p)) for p in range(3)
-        ]
+        dispatchers = [dispatcher_cls(None, E, H, MAX_TOKENS, dtype, device, heap=group.rank(p)) for p in range(3)]
         run_step(dispatchers, device, dtype, E, K, tokens, skew_to, True, g)
 
 
@@ -151,8 +181,79 @@ def test_errors(device, dtype):
 
 
 def test_registry_knows_where_it_runs():
-    assert "nvshmem_triton" in DISPATCHERS.names()
-    ok, reason = DISPATCHERS.get("nvshmem_triton").fn.supports(2, "cpu")
-    assert not ok and "CUDA" in reason
-    with pytest.raises(ValueError, match="nvshmem_triton.*cannot run on 1 cpu ranks"):
-        NvshmemTritonDispatcher(None, 4, H, MAX_TOKENS, torch.float32, "cpu")
+    assert {"nvshmem_triton", "nvshmem_triton_graph"} <= set(DISPATCHERS.names())
+    for name in ("nvshmem_triton", "nvshmem_triton_graph"):
+        ok, reason = DISPATCHERS.get(name).fn.supports(2, "cpu")
+        assert not ok and "CUDA" in reason
+        with pytest.raises(ValueError, match=f"{name}.*cannot run on 1 cpu ranks"):
+            DISPATCHERS.get(name).fn(None, 4, H, MAX_TOKENS, torch.float32, "cpu")
+
+
+def test_graph_replays_every_rank_step(device, dtype):
+    """Two simulated ranks' dispatch and combine (fixed shapes) captured in one CUDA graph, replayed on new
+    routings more times than the ring has buffers: every replay's rows and combine are right (the epochs
+    live on the device, so each replay signals and waits for a new one)."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU; the CPU runs the same steps eagerly in the tests above")
+    E, K, tokens = 6, 2, [MAX_TOKENS, 5]
+    g = torch.Generator().manual_seed(3)
+    group = SimulatedGroup(2, device)
+    dispatchers = [
+        NvshmemTritonGraphDispatcher(None, E, H, MAX_TOKENS, dtype, device, heap=group.rank(p)) for p in range(2)
+    ]
+    run_step(dispatchers, device, dtype, E, K, tokens, None, True, g)  # compiles, allocates the metadata ring
+    xs = [torch.empty(T, H, device=device, dtype=dtype) for T in tokens]
+    ids = [torch.empty(T, K, device=device, dtype=torch.int32) for T in tokens]
+    ws = [torch.empty(T, K, device=device) for T in tokens]
+    shared = [torch.empty(T, H, device=device, dtype=dtype) for T in tokens]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pendings = [d.dispatch_async(x, i, w) for d, x, i, w in zip(dispatchers, xs, ids, ws)]
+        received = [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+        ys = combine_step(dispatchers, received, shared)
+    for _ in range(RING + 2):
+        inputs = ([], [], [])
+        for p, T in enumerate(tokens):
+            new_ids, new_w = routing_for(T, E, K, None, g)
+            for static, value in ((xs[p], torch.randn(T, H, generator=g)), (ids[p], new_ids), (ws[p], new_w)):
+                static.copy_(value)
+            shared[p].copy_(torch.randn(T, H, generator=g))
+            inputs[0].append(xs[p].clone()), inputs[1].append((new_ids, new_w)), inputs[2].append(shared[p].clone())
+        graph.replay()
+        check_received(dispatchers, tokens, inputs, received)
+        check_combined(dispatchers, inputs, ys)
+
+
+def test_ep_forward_on_fixed_shapes_matches_oracle(device):
+    """ep_forward on nvshmem_triton_graph (one rank; padded rows through moekit's grouped GEMM) equals the
+    float64 oracle, chunked and not; on a GPU also captured in a CUDA graph and replayed on new tokens."""
+    from moekit import MoEConfig, make_problem, reference_moe
+    from moekit.dist import ep_forward
+
+    ok, reason = triton_support(device, torch.float32)
+    if not ok:
+        pytest.skip(reason)
+    if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cuda":
+        pytest.skip("under TRITON_INTERPRET=1 a CUDA run is the CPU run with copies; the GPU run compiles")
+    config = MoEConfig(32, 48, 6, 3, num_shared_experts=1, dtype=torch.float32)
+    problem = make_problem(config, 40, seed=5, device=device)
+    d = NvshmemTritonGraphDispatcher(None, 6, 32, 40, torch.float32, device, heap=SimulatedGroup(1, device).rank(0))
+    ref = reference_moe(problem.x, problem.weights, config).y
+    for chunks in (1, 3):
+        y = ep_forward(problem.x, problem.weights, config, d, "triton_grouped", chunks=chunks, shared_overlap=True)
+        assert_close_to_reference(y, ref, torch.float32, f"ep_forward, {chunks} chunks")
+    with pytest.raises(ValueError, match="only expert backend 'triton_grouped'.*got 'grouped_mm'"):
+        ep_forward(problem.x, problem.weights, config, d, "grouped_mm")
+    with pytest.raises(ValueError, match="own_first"):
+        ep_forward(problem.x, problem.weights, config, d, "triton_grouped", own_first=True)
+    if device.type != "cuda":
+        return
+    x = problem.x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ep_forward(x, problem.weights, config, d, "triton_grouped", check_values=False)
+    for seed in range(RING + 1):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(device))
+        graph.replay()
+        ref = reference_moe(x, problem.weights, config).y
+        assert_close_to_reference(y, ref, torch.float32, f"graph replay {seed}")

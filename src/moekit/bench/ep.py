@@ -6,7 +6,9 @@ layer synchronous and overlapped, load skew, and (on request) the outputs for a 
   eta_overlap = (T_comm + T_compute - T_layer_overlapped) / min(T_comm, T_compute): 1.0 when the shorter
   part is fully hidden, 0 when nothing overlaps, negative when overlapping costs more than it hides.
 Each phase is timed on its own after a barrier (median of `runs`); a rank reports its own times, and
-tables show the slowest rank's (the layer is as fast as its slowest rank).
+tables show the slowest rank's (the layer is as fast as its slowest rank). With a fixed-shape dispatcher
+(nvshmem_triton_graph) on GPUs every phase, the layers included, is captured in a CUDA graph and its
+replays are timed: the decode setting, where Python and launch overheads would otherwise dominate.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.bench.timing import time_once
+from moekit.bench.timing import as_cuda_graph, time_once
 from moekit.config import MoEConfig
+from moekit.dist import DISPATCHERS
 from moekit.dist.forward import shared_experts
 from moekit.dist.local_experts import local_expert_forward
 from moekit.layer import MoELayer
@@ -78,15 +81,17 @@ def study_rank(rank: int, world_size: int, case: EPCase, runs: int, check: bool,
         skew_amount=case.skew_bias,
     )  # fmt: skip
     x = problem.x[rank * T : (rank + 1) * T]
+    graphs = DISPATCHERS.get(case.dispatcher).fn.fixed_shapes and device.type == "cuda"
     layer = MoELayer(
         config, backend=case.backend, dispatcher=case.dispatcher, weights=problem.weights, max_tokens=T,
-        device=device, chunks=case.chunks, own_first=case.own_first,
+        device=device, chunks=case.chunks, own_first=case.own_first, check_values=not graphs,
     )  # fmt: skip
     weights, dispatcher = layer.weights, layer.dispatcher
     state = {}
 
     def route_phase():
-        state["routing"] = route(router_logits(x, weights), config, weights.score_correction_bias)
+        logits = router_logits(x, weights)
+        state["routing"] = route(logits, config, weights.score_correction_bias, check_values=not graphs)
 
     def dispatch_phase():
         routing = state["routing"]
@@ -116,6 +121,10 @@ def study_rank(rank: int, world_size: int, case: EPCase, runs: int, check: bool,
         "layer_sync": layer_phase(False),
         "layer_overlapped": layer_phase(True),
     }
+    if graphs:  # a fixed-shape dispatcher: every phase captured and timed as replays, in pipeline order
+        for name in PHASES:
+            phases[name] = as_cuda_graph(phases[name])
+            phases[name]()  # fills the outputs the next phase's capture reads
     times: dict[str, list[float]] = {name: [] for name in PHASES}
     for i in range(runs + 2):  # two warm-up rounds
         for name in PHASES:

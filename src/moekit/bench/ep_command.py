@@ -14,7 +14,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moekit.bench.ceilings import measure_ceilings
 from moekit.bench.ep import PHASES, EPCase, EPResult, as_dict, eta_overlap, slowest, study_rank
+from moekit.bench.flops import expert_weight_bytes, layer_flops
 from moekit.bench.machine import machine_info
 from moekit.bench.tables import print_table
 from moekit.config import MoEConfig
@@ -171,6 +173,24 @@ def _check(case: EPCase, results: list[EPResult], backend: str) -> tuple[float, 
     return relative_error(y, reference), TOLERANCE[case.config.dtype]
 
 
+def _layer_rates(case: EPCase, results: list[EPResult], s: dict[str, float], backend: str) -> dict[str, float]:
+    """The layer's matmul rate (routed + shared FLOPs of a rank / the faster layer time) and the rate it
+    reads expert weights at (the experts its busiest rank owns that got tokens, + the shared ones); on GPUs
+    also as shares of the dense matmul rate and copy bandwidth measured here, after the ranks finished."""
+    world, config = len(results), case.config
+    layer_ms = min(s["layer_sync"], s["layer_overlapped"])
+    per_expert = torch.tensor([r.tokens_per_expert for r in results]).sum(0).view(world, -1)
+    experts_read = int((per_expert > 0).sum(1).max())
+    tflops = layer_flops(case.tokens_per_rank, config) / layer_ms / 1e9
+    weight_gbps = expert_weight_bytes(config, experts_read) / layer_ms / 1e6
+    rates = {"layer TFLOP/s": tflops, "expert weights read, GB/s": weight_gbps}
+    if backend == "nccl":
+        ceilings = measure_ceilings(torch.device("cuda", 0))
+        rates["layer % of dense matmul"] = 100 * tflops / ceilings.matmul_tflops
+        rates["weights read % of copy bandwidth"] = 100 * weight_gbps / ceilings.copy_gbps
+    return rates
+
+
 def run_layer_command(args, device: torch.device, dtype: torch.dtype) -> int:
     case = _case(args, args.router, dtype)
     per_case = _run_ranks(args, [case], args.check)
@@ -189,6 +209,9 @@ def run_layer_command(args, device: torch.device, dtype: torch.dtype) -> int:
     rows += [["T_comm (dispatch + combine)", s["comm"]], ["T_compute (route + experts + shared)", s["compute"]]]
     own = ", own rank first" if args.own_first else ""
     rows += [[f"eta_overlap (chunks={args.chunks}, shared overlapped{own})", s["eta_overlap"]]]
+    rates = _layer_rates(case, results, s, backend)
+    s.update(rates)
+    rows += [[name, value] for name, value in rates.items()]
     status = 0
     if args.check:
         error, tolerance = _check(case, results, backend)

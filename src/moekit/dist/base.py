@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from moekit.dist.handle import DispatchHandle, RecvMeta
 from moekit.registry import Support
-from moekit.validation import INDEX_DTYPES, check_ids_in_range, check_tensor
+from moekit.validation import INDEX_DTYPES, capturing_cuda_graph, check_ids_in_range, check_tensor
 
 
 def group_size_and_rank(group) -> tuple[int, int]:
@@ -141,6 +141,10 @@ class Dispatcher:
     name = "dispatcher"
     # what one row on the wire is: "token" = one per (token, destination rank), "pair" = one per (token, expert)
     rows_on_the_wire = "token"
+    # True: dispatch returns a fixed number of rows (a bound; rows from local_expert_offsets[-1] on are padding)
+    # and nothing waits for the host, so a layer on it can be captured in a CUDA graph
+    fixed_shapes = False
+    handle_type = DispatchHandle  # what dispatch returns and combine takes
 
     def __init__(
         self,
@@ -159,7 +163,9 @@ class Dispatcher:
         world_size, rank = self.group_size_and_rank(group)
         ok, reason = self.supported_here(world_size, torch.device(device), dtype)
         if not ok:
-            raise ValueError(f"dispatcher {self.name!r} cannot run on {world_size} {torch.device(device).type} ranks: {reason}")
+            raise ValueError(
+                f"dispatcher {self.name!r} cannot run on {world_size} {torch.device(device).type} ranks: {reason}"
+            )
         if num_experts % world_size:
             raise ValueError(
                 f"num_experts ({num_experts}) must be divisible by the world size ({world_size}): "
@@ -217,13 +223,12 @@ class Dispatcher:
         for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
             if t.device != x.device:
                 raise ValueError(f"{name} must be on {x.device} with x, got {t.device}")
-        check_ids_in_range("topk_ids", topk_ids, self.num_experts)
+        if not capturing_cuda_graph(topk_ids):  # the range check waits for the device; a capture cannot
+            check_ids_in_range("topk_ids", topk_ids, self.num_experts)
 
-    def check_combine_inputs(
-        self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None
-    ) -> None:
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
+    def check_combine_inputs(self, expert_out: torch.Tensor, handle, shared_out: torch.Tensor | None) -> None:
+        if not isinstance(handle, self.handle_type):
+            raise TypeError(f"handle must be a {self.handle_type.__name__}, got {type(handle).__name__}")
         check_tensor("expert_out", expert_out, shape=(handle.num_rows, self.hidden), floating=True)
         if not _on_device(expert_out, self.device):
             raise ValueError(f"expert_out must be on the dispatcher's device {self.device}, got {expert_out.device}")

@@ -6,9 +6,8 @@ import torch
 
 from moekit.config import MoEConfig
 from moekit.dist.base import Dispatcher, group_size_and_rank
-from moekit.dist.local_experts import local_expert_forward
+from moekit.dist.local_experts import check_backend_fits, local_expert_forward
 from moekit.dist.own_rank_first import expert_out_with_own_rows, own_rank_rows
-from moekit.experts import EXPERT_BACKENDS
 from moekit.experts.mlp import swiglu_mlp
 from moekit.routing import route
 from moekit.weights import MoEWeights, router_logits
@@ -58,6 +57,7 @@ def ep_forward(
     shared_overlap: bool = False,
     chunks: int = 1,
     own_first: bool = False,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """x [T, H] (this rank's tokens) -> y [T, H] in x.dtype: route, dispatch, local experts, combine
     (+ shared experts, computed here on x). Every rank of the group calls this together.
@@ -71,11 +71,18 @@ def ep_forward(
           is dispatched and chunk i-1 combined. Every rank must pass the same n (empty chunks are fine);
       own_first: the local experts compute this rank's own tokens while the dispatch is in flight, and
           only the other ranks' rows once it lands (moekit.dist.own_rank_first).
+    check_values=False skips the router's NaN check (a host sync): with a fixed-shape dispatcher
+    (nvshmem_triton_graph) nothing else waits for the host, and the forward can be captured in a CUDA graph.
     """
     check_group_matches(dispatcher, config, weights, group)
-    EXPERT_BACKENDS.get(backend_name)  # an unknown name fails before any communication
+    check_backend_fits(dispatcher, backend_name)  # before any communication
+    if own_first and dispatcher.fixed_shapes:
+        raise ValueError(
+            f"own_first matches rows by their count, which dispatcher {dispatcher.name!r} keeps on the device: "
+            "pass own_first=False"
+        )
     bounds = chunk_bounds(x.shape[0], chunks)
-    routing = route(router_logits(x, weights), config, weights.score_correction_bias)
+    routing = route(router_logits(x, weights), config, weights.score_correction_bias, check_values=check_values)
 
     own = [None] * len(bounds)
 

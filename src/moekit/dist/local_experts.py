@@ -38,14 +38,33 @@ def run_local_experts(
         return EXPERT_BACKENDS.get(backend_name).fn(rows, local_ids[:, None], ones, local_weights(weights, dispatcher))
 
 
+FIXED_SHAPE_BACKEND = "triton_grouped"
+
+
+def check_backend_fits(dispatcher: Dispatcher, backend_name: str) -> None:
+    """A fixed-shape dispatcher's padded rows need the backend that reads device-side offsets."""
+    EXPERT_BACKENDS.get(backend_name)  # an unknown name fails here
+    if dispatcher.fixed_shapes and backend_name != FIXED_SHAPE_BACKEND:
+        raise ValueError(
+            f"dispatcher {dispatcher.name!r} returns padded rows with device-side expert offsets (fixed shapes, "
+            f"no host sync); only expert backend {FIXED_SHAPE_BACKEND!r} runs on those, got {backend_name!r}"
+        )
+
+
 def local_expert_forward(
     recv_x: torch.Tensor, meta: RecvMeta, weights: MoEWeights, dispatcher: Dispatcher, backend_name: str
 ) -> torch.Tensor:
-    """recv_x [R, H] grouped by local expert -> unweighted expert outputs [R, H]."""
+    """recv_x [R, H] grouped by local expert -> unweighted expert outputs [R, H] (a fixed-shape dispatcher's
+    padding rows, past meta.local_expert_offsets[-1], stay unspecified)."""
+    if dispatcher.fixed_shapes:
+        check_backend_fits(dispatcher, backend_name)
+        from moekit.experts.triton_grouped import sorted_rows_mlp
+
+        return sorted_rows_mlp(recv_x, meta.local_expert_offsets, local_weights(weights, dispatcher))
     local_ids = torch.repeat_interleave(
         torch.arange(dispatcher.num_local_experts, device=recv_x.device), meta.local_expert_counts
     )
     return run_local_experts(recv_x, local_ids, weights, dispatcher, backend_name)
 
 
-__all__ = ["local_expert_forward", "local_weights", "run_local_experts"]
+__all__ = ["check_backend_fits", "local_expert_forward", "local_weights", "run_local_experts"]

@@ -1,6 +1,7 @@
 """triton_grouped (level 6): moekit's own kernels end to end. A Triton permute, one grouped-GEMM launch
 for gate+up with SiLU(gate) * up fused into its epilogue, one for down with each row's router weight
-fused into its epilogue, and a Triton unpermute that sums each token's K rows. No host synchronisation."""
+fused into its epilogue, and a Triton unpermute that sums each token's K rows. No host synchronisation.
+sorted_rows_mlp, the two GEMMs alone, also runs the expert-parallel paths' padded rows (device offsets)."""
 
 import torch
 
@@ -21,14 +22,24 @@ def sixteen(dtype: torch.dtype) -> int:
 @EXPERT_BACKENDS.register("triton_grouped", supports=triton_support, size_multiple=sixteen)
 def triton_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
     """x [T, H] -> y [T, H]."""
-    from moekit.kernels.grouped_gemm import grouped_gemm
     from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_triton
 
     num_experts = weights.w_gate_up.shape[0]
     check_routing(topk_ids, topk_weights, num_experts)
     layout = expert_layout(topk_ids, num_experts)
     rows = permute_tokens_triton(x, layout)
-    activation = grouped_gemm(rows, weights.w_gate_up, layout.expert_offsets, swiglu=True)
     row_weights = topk_weights.flatten()[layout.sorted_assignments].float()  # row i is sorted assignment i
-    out = grouped_gemm(activation, weights.w_down, layout.expert_offsets, row_scale=row_weights)
+    out = sorted_rows_mlp(rows, layout.expert_offsets, weights, row_weights)
     return unpermute_reduce_triton(out, layout, None)
+
+
+def sorted_rows_mlp(
+    rows: torch.Tensor, expert_offsets: torch.Tensor, weights: MoEWeights, row_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """rows [M, H] sorted by expert (expert e owns rows expert_offsets[e]:expert_offsets[e+1], offsets [E + 1]
+    on the device) -> [M, H]: w_down(silu(gate) * up) of each row's expert, times row_scale [M] float32 if
+    given. Rows from expert_offsets[E] on are padding: never read, left unspecified in the output."""
+    from moekit.kernels.grouped_gemm import grouped_gemm
+
+    activation = grouped_gemm(rows, weights.w_gate_up, expert_offsets, swiglu=True)
+    return grouped_gemm(activation, weights.w_down, expert_offsets, row_scale=row_scale)

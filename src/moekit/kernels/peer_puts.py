@@ -1,12 +1,17 @@
 """Device-initiated dispatch and combine: Triton kernels that store rows straight into the other ranks'
 symmetric buffers through mapped pointers and signal each arrival with release/acquire flags.
 
-Every rank holds the same buffers; a `*_table` argument is an int64 tensor [W] whose entry q is the
-address of rank q's copy (NVLink-mapped: what nvshmem_ptr or torch's symmetric memory hands out). Rank p
-puts its j-th token for rank q at row p * max_tokens + j of q's buffer, a position p computes alone, so
-no offsets travel before the rows. Each stage has flags int32 [W, FLAG_W] on every rank: row p holds
-(epoch, counts...) written by rank p after all its rows; the epoch is a call counter every rank advances
-in step, so flags are never reset between calls.
+Every rank holds the same buffers, each a ring of RING slots [RING, ...] (the caller picks RING); a
+`*_table` argument is an int64 tensor [W] whose entry q is the address of rank q's copy (NVLink-mapped:
+what nvshmem_ptr or torch's symmetric memory hands out). Rank p puts its j-th token for rank q at row
+p * per_source + j of q's buffer, a position p computes alone, so no offsets travel before the rows. Each
+stage has flags int32 [RING, W, FLAG_W] on every rank: row p holds (epoch, counts...) written by rank p
+after all its rows.
+
+The epoch is a call counter every rank advances in step, kept on the device (int32 [1] per stage), so the
+kernels need no host value and a CUDA graph replays them: a sending kernel works in ring slot
+(epoch + 1) % RING, and its last program signals epoch + 1 and stores it as the stage's epoch; the waits
+and reads queued after it use that epoch. Flags are never reset between calls.
 
 Kernels (each with its launcher below):
   send_tokens               dispatch: rows and metadata to every destination rank, then its flags
@@ -31,21 +36,30 @@ def _block_h(H: int) -> int:
 
 
 @triton.jit
+def _next_epoch(epoch_ptr, RING: tl.constexpr):
+    """(epoch this call signals, its ring slot)."""
+    epoch = tl.load(epoch_ptr) + 1
+    return epoch, epoch % RING
+
+
+@triton.jit
 def _signal_when_last(
-    done_ptr, flag_table, counts_ptr, my_rank, epoch, num_programs, W, FLAG_W, C, BLOCK_C: tl.constexpr
-):
+    done_ptr, epoch_ptr, epoch, flag_table, flag_offset, counts_ptr, my_rank, num_programs, W, FLAG_W, C,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
     """Counts this program done; the last one writes counts[q, :C] and then epoch into row my_rank of
-    every rank q's flags [W, FLAG_W] (release: everything the group stored before is visible first), and
-    rearms the counter."""
+    every rank q's flags (flag_offset elements into its flag ring: the slot's start; release: everything
+    the group stored before is visible first), stores epoch as this stage's, and rearms the counter."""
     tl.debug_barrier()  # the whole program's stores come before its count
     finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
     if finished == num_programs - 1:
         cols = tl.arange(0, BLOCK_C)
         for q in range(W):
-            flag = tl.load(flag_table + q).to(tl.pointer_type(tl.int32)) + FLAG_W * my_rank
+            flag = tl.load(flag_table + q).to(tl.pointer_type(tl.int32)) + flag_offset + FLAG_W * my_rank
             counts = tl.load(counts_ptr + q * C + cols, mask=cols < C)
             tl.store(flag + 1 + cols, counts, mask=cols < C)
             tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
+        tl.store(epoch_ptr, epoch)
         tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
 
 
@@ -59,21 +73,24 @@ def _send_tokens_kernel(
     meta_table,
     flag_table,
     done_ptr,
+    epoch_ptr,
     T,
     H,
     stride_x,
     META_W,
-    max_tokens,
+    per_source,
     my_rank,
     W,
-    epoch,
     FLAG_W,
     C,
+    RING: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_META: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    epoch, ring = _next_epoch(epoch_ptr, RING)
+    ring_rows = ring.to(tl.int64) * W * per_source  # first row of the ring slot
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tokens < T
     tokens = tokens.to(tl.int64)
@@ -83,7 +100,7 @@ def _send_tokens_kernel(
     for q in range(W):
         pos = tl.load(dest_pos_ptr + tokens * W + q, mask=in_range, other=-1)
         goes = pos >= 0
-        slot = pos.to(tl.int64) + my_rank * max_tokens
+        slot = ring_rows + my_rank * per_source + pos.to(tl.int64)
         rows = tl.load(rows_table + q).to(tl.pointer_type(x_ptr.dtype.element_ty))
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
@@ -92,7 +109,10 @@ def _send_tokens_kernel(
             tl.store(rows + slot[:, None] * H + cols[None, :], tile, mask=mask)
         meta_dst = tl.load(meta_table + q).to(tl.pointer_type(tl.int32))
         tl.store(meta_dst + slot[:, None] * META_W + meta_cols[None, :], meta, mask=meta_mask & goes[:, None])
-    _signal_when_last(done_ptr, flag_table, counts_ptr, my_rank, epoch, tl.num_programs(0), W, FLAG_W, C, BLOCK_C)
+    _signal_when_last(
+        done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, tl.num_programs(0), W,
+        FLAG_W, C, BLOCK_C,
+    )  # fmt: skip
 
 
 def send_tokens(
@@ -104,40 +124,45 @@ def send_tokens(
     meta_table: torch.Tensor,
     flag_table: torch.Tensor,
     done: torch.Tensor,
+    epoch: torch.Tensor,
     my_rank: int,
-    max_tokens: int,
-    epoch: int,
+    per_source: int,
     flag_width: int,
+    ring_slots: int,
     tokens_per_program: int = 4,
 ) -> None:
     """x [T, H], meta int32 [T, M], dest_pos int32 [T, W] (the token's row among this rank's rows for rank
-    q, or -1), counts int32 [W, C] (what rank q's flags carry after the epoch: tokens to q first) -> rows,
-    metadata and flags [W, flag_width >= 1 + C] on every rank. done: int32 [1], zero between calls."""
+    q, or -1), counts int32 [W, C] (what rank q's flags carry after the epoch: tokens to q first) -> rows
+    into the ring slot [W * per_source, H] of every rank's rows buffer, metadata [W * per_source, M] beside
+    them, flags [W, flag_width >= 1 + C]; each buffer a ring of ring_slots. done: int32 [1], zero between
+    calls; epoch: int32 [1], this stage's, advanced by one."""
     T, H = x.shape
     W, C = counts.shape
     block_t = triton.next_power_of_2(max(1, tokens_per_program))
-    block_h = _block_h(H)
     grid = (max(1, triton.cdiv(T, block_t)),)  # one program at least: it signals
     _send_tokens_kernel[grid](
-        x, meta, dest_pos, counts, rows_table, meta_table, flag_table, done,
-        T, H, x.stride(0), meta.shape[1], max_tokens, my_rank, W, epoch, flag_width, C,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_META=triton.next_power_of_2(meta.shape[1]),
+        x, meta, dest_pos, counts, rows_table, meta_table, flag_table, done, epoch,
+        T, H, x.stride(0), meta.shape[1], per_source, my_rank, W, flag_width, C,
+        RING=ring_slots, BLOCK_T=block_t, BLOCK_H=_block_h(H), BLOCK_META=triton.next_power_of_2(meta.shape[1]),
         BLOCK_C=triton.next_power_of_2(C),
     )  # fmt: skip
 
 
 @triton.jit
-def _wait_kernel(flags_ptr, epoch, FLAG_W):
-    flag = flags_ptr + FLAG_W * tl.program_id(0)
+def _wait_kernel(flags_ptr, epoch_ptr, W, FLAG_W, RING: tl.constexpr):
+    epoch = tl.load(epoch_ptr)
+    flag = flags_ptr + (epoch % RING) * W * FLAG_W + FLAG_W * tl.program_id(0)
     seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
     while seen < epoch:
         seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
 
 
-def wait_for_all_arrivals(flags: torch.Tensor, epoch: int) -> None:
-    """flags int32 [W, 1 + C] (this rank's, for one stage): returns once every source rank signalled epoch;
-    kernels queued after it on the stream see that rank's rows."""
-    _wait_kernel[(flags.shape[0],)](flags, epoch, flags.stride(0))
+def wait_for_all_arrivals(flags: torch.Tensor, epoch: torch.Tensor) -> None:
+    """flags int32 [RING, W, FLAG_W] (this rank's, for one stage), epoch int32 [1] (the stage's, as the
+    sending kernel left it): returns once every source rank signalled that epoch; kernels queued after it
+    on the stream see that rank's rows."""
+    ring_slots, W, flag_width = flags.shape
+    _wait_kernel[(W,)](flags, epoch, W, flag_width, RING=ring_slots)
 
 
 @triton.jit
@@ -146,31 +171,30 @@ def _send_tokens_back_kernel(
     weight_ptr,
     rows_by_slot_ptr,
     row_start_ptr,
-    slot_ptr,
     counts_ptr,
     back_table,
     flag_table,
     done_ptr,
-    V,
+    epoch_ptr,
     H,
     stride_out,
-    max_tokens,
+    per_source,
     my_rank,
     W,
-    epoch,
     FLAG_W,
     C,
+    RING: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    v = tl.program_id(0)
-    if v < V:
-        slot = tl.load(slot_ptr + v)  # int64: src * max_tokens + j
-        src = slot // max_tokens
+    epoch, ring = _next_epoch(epoch_ptr, RING)
+    slot = tl.program_id(0).to(tl.int64)  # src * per_source + j
+    start = tl.load(row_start_ptr + slot)
+    end = tl.load(row_start_ptr + slot + 1)
+    if end > start:  # a token arrived in this slot
+        src = slot // per_source
         back = tl.load(back_table + src).to(tl.pointer_type(out_ptr.dtype.element_ty))
-        dst = back + (my_rank * max_tokens + slot - src * max_tokens) * H
-        start = tl.load(row_start_ptr + v)
-        end = tl.load(row_start_ptr + v + 1)
+        dst = back + (ring.to(tl.int64) * W * per_source + my_rank * per_source + slot - src * per_source) * H
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             mask = cols < H
@@ -180,7 +204,10 @@ def _send_tokens_back_kernel(
                 weight = tl.load(weight_ptr + row)
                 acc += weight * tl.load(out_ptr + row * stride_out + cols, mask=mask).to(tl.float32)
             tl.store(dst + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    _signal_when_last(done_ptr, flag_table, counts_ptr, my_rank, epoch, tl.num_programs(0), W, FLAG_W, C, BLOCK_C)
+    _signal_when_last(
+        done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, tl.num_programs(0), W,
+        FLAG_W, C, BLOCK_C,
+    )  # fmt: skip
 
 
 def send_tokens_back(
@@ -188,34 +215,36 @@ def send_tokens_back(
     row_weight: torch.Tensor,
     rows_by_slot: torch.Tensor,
     row_start: torch.Tensor,
-    slot_of_token: torch.Tensor,
     counts: torch.Tensor,
     back_table: torch.Tensor,
     flag_table: torch.Tensor,
     done: torch.Tensor,
+    epoch: torch.Tensor,
     my_rank: int,
-    max_tokens: int,
-    epoch: int,
+    per_source: int,
     flag_width: int,
+    ring_slots: int,
 ) -> None:
-    """expert_out [R, H], row_weight float32 [R]; received token v (of V) has rows
-    rows_by_slot[row_start[v]:row_start[v + 1]] and came from slot_of_token[v] = src * max_tokens + j:
-    sum_rows weight * expert_out goes to row my_rank * max_tokens + j of rank src's back buffer.
-    counts int32 [W, 1]: tokens going back to each rank; the flags have flag_width int32 per rank."""
-    V, H = slot_of_token.numel(), expert_out.shape[1]
-    block_h = _block_h(H)
-    _send_tokens_back_kernel[(max(1, V),)](
-        expert_out, row_weight, rows_by_slot, row_start, slot_of_token, counts, back_table, flag_table, done,
-        V, H, expert_out.stride(0), max_tokens, my_rank, counts.shape[0], epoch, flag_width, counts.shape[1],
-        BLOCK_H=block_h, BLOCK_C=triton.next_power_of_2(counts.shape[1]),
+    """expert_out [R, H], row_weight float32 [R]; the token in receive slot s = src * per_source + j (of
+    W * per_source) has rows rows_by_slot[row_start[s]:row_start[s + 1]] (none: no token there):
+    sum_rows weight * expert_out goes to row my_rank * per_source + j of rank src's back ring slot.
+    counts int32 [W, 1]: tokens going back to each rank; the flags have flag_width int32 per rank;
+    done, epoch and ring_slots as in send_tokens."""
+    H = expert_out.shape[1]
+    W = counts.shape[0]
+    _send_tokens_back_kernel[(W * per_source,)](
+        expert_out, row_weight, rows_by_slot, row_start, counts, back_table, flag_table, done, epoch,
+        H, expert_out.stride(0), per_source, my_rank, W, flag_width, counts.shape[1],
+        RING=ring_slots, BLOCK_H=_block_h(H), BLOCK_C=triton.next_power_of_2(counts.shape[1]),
     )  # fmt: skip
 
 
 @triton.jit
 def _reduce_to_output_kernel(
-    back_ptr, dest_pos_ptr, shared_ptr, y_ptr, H, stride_shared, max_tokens, W,
-    HAS_SHARED: tl.constexpr, BLOCK_H: tl.constexpr,
+    back_ptr, epoch_ptr, dest_pos_ptr, shared_ptr, y_ptr, H, stride_shared, per_source, W,
+    RING: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
+    ring_rows = (tl.load(epoch_ptr) % RING).to(tl.int64) * W * per_source
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -223,7 +252,7 @@ def _reduce_to_output_kernel(
     for q in range(W):
         pos = tl.load(dest_pos_ptr + token * W + q)
         if pos >= 0:
-            row = q * max_tokens + pos.to(tl.int64)
+            row = ring_rows + q * per_source + pos.to(tl.int64)
             acc += tl.load(back_ptr + row * H + cols, mask=mask).to(tl.float32)
     if HAS_SHARED:
         acc += tl.load(shared_ptr + token * stride_shared + cols, mask=mask).to(tl.float32)
@@ -231,19 +260,20 @@ def _reduce_to_output_kernel(
 
 
 def reduce_and_copy_to_output(
-    back: torch.Tensor, dest_pos: torch.Tensor, shared_out: torch.Tensor | None, max_tokens: int
+    back: torch.Tensor, epoch: torch.Tensor, dest_pos: torch.Tensor, shared_out: torch.Tensor | None
 ) -> torch.Tensor:
-    """back [W * max_tokens, H] (rank q's result for token t at row q * max_tokens + dest_pos[t, q]),
-    dest_pos int32 [T, W], shared_out [T, H] or None -> y [T, H] in back's dtype, summed in float32."""
+    """back [RING, W * per_source, H] (this rank's back buffer; in the slot of epoch int32 [1], rank q's
+    result for token t sits at row q * per_source + dest_pos[t, q]), dest_pos int32 [T, W], shared_out
+    [T, H] or None -> y [T, H] in back's dtype, summed in float32."""
     T, W = dest_pos.shape
-    H = back.shape[1]
+    H = back.shape[2]
     y = back.new_empty(T, H)
     if T == 0 or H == 0:
         return y
     block_h = _block_h(H)
     shared = shared_out if shared_out is not None else y
     _reduce_to_output_kernel[(T, triton.cdiv(H, block_h))](
-        back, dest_pos, shared, y, H, shared.stride(0), max_tokens, W,
-        HAS_SHARED=shared_out is not None, BLOCK_H=block_h,
+        back, epoch, dest_pos, shared, y, H, shared.stride(0), back.shape[1] // W, W,
+        RING=back.shape[0], HAS_SHARED=shared_out is not None, BLOCK_H=block_h,
     )  # fmt: skip
     return y
