@@ -46,26 +46,22 @@ from moekit.registry import Support
 
 RING = 3  # slots per buffer; see the module docstring for why three
 DISPATCH, COMBINE = 0, 1
-_LAST = torch.iinfo(torch.int64).max  # sort key of a (slot, k) pair that is not a row here
 
 
 @dataclass(frozen=True)
 class PeerDispatchHandle:
     """What combine needs on this rank. S = W * M receive slots, R = rows dispatch returned.
 
-    dest_pos     int32 [T, W]: row of token t among this rank's tokens for rank q, -1 if not sent there
-    slot_of_row  int64 [R]: receive slot (src * M + j) of each row's token (any slot for padding rows)
-    row_weight   float32 [R]: router weight of each row (0 for padding rows)
-    rows_by_slot int64 [R]: the rows sorted by slot; the token in slot s has rows
-                 rows_by_slot[row_start[s]:row_start[s + 1]], row_start int64 [S + 1]
-    recv_counts  int32 [W]: tokens received from (and sent back to) each rank, on the device
+    dest_pos    int32 [T, W]: row of token t among this rank's tokens for rank q, -1 if not sent there
+    row_of_pair int32 [S, K]: the row of the token in slot s (src * M + j) for its k-th expert, -1 when
+                that expert is not on this rank (or no token arrived in the slot)
+    row_weight  float32 [R]: router weight of each row (0 for padding rows)
+    recv_counts int32 [W]: tokens received from (and sent back to) each rank, on the device
     """
 
     dest_pos: torch.Tensor
-    slot_of_row: torch.Tensor
+    row_of_pair: torch.Tensor
     row_weight: torch.Tensor
-    rows_by_slot: torch.Tensor
-    row_start: torch.Tensor
     recv_counts: torch.Tensor
     num_tokens: int
     hidden: int
@@ -73,7 +69,7 @@ class PeerDispatchHandle:
     @property
     def num_rows(self) -> int:
         """R: rows of expert_out that combine takes."""
-        return self.slot_of_row.numel()
+        return self.row_weight.numel()
 
 
 @dataclass
@@ -123,9 +119,6 @@ class NvshmemTritonDispatcher(Dispatcher):
         self._flag_tables = [table for _, table in flags]
         self._done = torch.zeros(2, dtype=torch.int32, device=self.device)
         self._epoch = torch.zeros(2, dtype=torch.int32, device=self.device)  # per stage, advanced by the kernels
-        slots = torch.arange(self._slots, device=self.device)
-        self._slot_src = slots // self._per_source
-        self._slot_j = slots % self._per_source
         self._meta: torch.Tensor | None = None
         self._meta_table: torch.Tensor | None = None
         self._top_k: int | None = None
@@ -186,58 +179,31 @@ class NvshmemTritonDispatcher(Dispatcher):
         )  # fmt: skip
         return PendingDispatch(dest_pos, K)
 
-    def _row_count(self, local_counts: torch.Tensor, top_k: int) -> int:
+    def _row_count(self, epoch: torch.Tensor, top_k: int) -> int:
         """Rows dispatch returns: here, exactly the rows received (the host reads the counts once)."""
-        return int(local_counts.sum())
+        ring = (epoch % RING).long()
+        return int(self._flags[DISPATCH].index_select(0, ring)[0, :, 2:].sum())
 
     def dispatch_wait(self, pending: PendingDispatch) -> tuple[torch.Tensor, RecvMeta, PeerDispatchHandle]:
         """Waits for every source rank's signal, then expands the arrived tokens to rows grouped by local
-        expert, every receive slot considered (so the shapes depend on no count)."""
-        from moekit.kernels.peer_puts import wait_for_all_arrivals
+        expert (moekit.kernels.peer_puts.expand_received: two kernels, whatever the counts)."""
+        from moekit.kernels.peer_puts import expand_received, wait_for_all_arrivals
 
-        S, K, E_local = self._slots, pending.top_k, self.num_local_experts
         epoch = self._epoch[DISPATCH : DISPATCH + 1]
         wait_for_all_arrivals(self._flags[DISPATCH], epoch)
-        ring = (epoch % RING).long()  # [1], on the device
-        counts = self._flags[DISPATCH].index_select(0, ring)[0, :, 1:]  # [W, 1 + E_local]: tokens, pairs/expert
-        local_counts = counts[:, 1:].sum(0, dtype=torch.int64)
-        R = self._row_count(local_counts, K)
-        meta = self._meta.index_select(0, ring)[0]  # int32 [S, 1 + 2K]; slots nothing arrived in hold stale rows
-        arrived = self._slot_j < counts[:, 0].long()[self._slot_src]
-        local = meta[:, 1 : 1 + K].long() - self.expert_start
-        here = arrived[:, None] & (local >= 0) & (local < E_local)
-        pair = torch.arange(S * K, device=self.device).view(S, K)
-        keys = torch.sort(torch.where(here, local * (S * K) + pair, _LAST).reshape(-1))[0][:R]
-        is_row = keys != _LAST
-        pair_of_row = keys % (S * K)  # the padding's is some pair in range, masked below
-        slot_of_row, k_of_row = pair_of_row // K, pair_of_row % K
-        weight = torch.where(is_row, meta[slot_of_row, 1 + K + k_of_row].view(torch.float32), 0.0)
-        none = torch.full_like(slot_of_row, -1)
-        recv_meta = RecvMeta(
-            local_counts,
-            torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)]),
-            torch.where(is_row, self._slot_src[slot_of_row], none),
-            torch.where(is_row, meta[slot_of_row, 0].long(), none),
-            weight,
-        )
-        recv_x = self._recv.view(RING * S, self.hidden).index_select(
-            0, ring * S + slot_of_row
-        )  # a copy: the ring turns
-        slot_key = torch.where(is_row, slot_of_row, S)  # padding rows after every slot's
-        rows_per_slot = torch.zeros(S + 1, dtype=torch.int64, device=self.device).scatter_add_(
-            0, slot_key, torch.ones_like(slot_key)
+        R = self._row_count(epoch, pending.top_k)
+        recv_x, row_of_pair, _, src_rank, src_token, weight, counts, offsets, recv_counts = expand_received(
+            self._flags[DISPATCH], self._meta, self._recv, epoch, self.expert_start, self.num_local_experts, R
         )
         handle = PeerDispatchHandle(
             dest_pos=pending.dest_pos,
-            slot_of_row=slot_of_row,
+            row_of_pair=row_of_pair,
             row_weight=weight,
-            rows_by_slot=torch.sort(slot_key, stable=True)[1],
-            row_start=torch.cat([rows_per_slot.new_zeros(1), rows_per_slot[:S].cumsum(0)]),
-            recv_counts=counts[:, 0].contiguous(),
+            recv_counts=recv_counts,
             num_tokens=pending.dest_pos.shape[0],
             hidden=self.hidden,
         )
-        return recv_x, recv_meta, handle
+        return recv_x, RecvMeta(counts, offsets, src_rank, src_token, weight), handle
 
     def combine_async(
         self, expert_out: torch.Tensor, handle: PeerDispatchHandle, shared_out: torch.Tensor | None = None
@@ -245,14 +211,13 @@ class NvshmemTritonDispatcher(Dispatcher):
         from moekit.kernels.peer_puts import send_tokens_back
 
         self.check_combine_inputs(expert_out, handle, shared_out)
-        if handle.dest_pos.shape[1] != self.world_size or handle.row_start.numel() != self._slots + 1:
+        if handle.dest_pos.shape[1] != self.world_size or handle.row_of_pair.shape[0] != self._slots:
             raise ValueError("handle comes from another dispatcher; pass the one this dispatcher's dispatch returned")
         expert_out = expert_out.to(self.dtype)
         send_tokens_back(
             expert_out if expert_out.stride(1) == 1 else expert_out.contiguous(), handle.row_weight,
-            handle.rows_by_slot, handle.row_start, handle.recv_counts[:, None], self._back_table,
-            self._flag_tables[COMBINE], self._done[COMBINE : COMBINE + 1], self._epoch[COMBINE : COMBINE + 1],
-            self.rank, self._per_source, self._flag_width, RING,
+            handle.row_of_pair, handle.recv_counts[:, None], self._back_table, self._flag_tables[COMBINE],
+            self._done[COMBINE : COMBINE + 1], self._epoch[COMBINE : COMBINE + 1], self.rank, self._flag_width, RING,
         )  # fmt: skip
         return PendingCombine(handle, shared_out)
 
@@ -271,6 +236,6 @@ class NvshmemTritonGraphDispatcher(NvshmemTritonDispatcher):
     name = "nvshmem_triton_graph"
     fixed_shapes = True
 
-    def _row_count(self, local_counts: torch.Tensor, top_k: int) -> int:
+    def _row_count(self, epoch: torch.Tensor, top_k: int) -> int:
         """The bound: every arrived token (W * M at most) has at most min(K, E_local) rows here."""
         return self._slots * min(top_k, self.num_local_experts)

@@ -16,6 +16,8 @@ and reads queued after it use that epoch. Flags are never reset between calls.
 Kernels (each with its launcher below):
   send_tokens               dispatch: rows and metadata to every destination rank, then its flags
   wait_for_all_arrivals     one program per source rank, spinning until that rank's flag shows the epoch
+  expand_received           the arrived tokens as rows grouped by local expert (one program per expert
+                            places its rows by a running count), then one gather of their values
   send_tokens_back          combine: the weighted sum of a received token's expert rows, stored into its
                             source rank's back buffer, then flags
   reduce_and_copy_to_output each token's rows from every rank summed (+ the shared expert) -> y
@@ -166,17 +168,132 @@ def wait_for_all_arrivals(flags: torch.Tensor, epoch: torch.Tensor) -> None:
 
 
 @triton.jit
+def _expand_received_kernel(
+    flags_ptr, meta_ptr, epoch_ptr, row_of_pair_ptr, slot_of_row_ptr, src_rank_ptr, src_token_ptr, weight_ptr,
+    counts_ptr, offsets_ptr, recv_counts_ptr, S, per_source, W, K, E_local, expert_start, R_out, FLAG_W, META_W,
+    RING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    ring = (tl.load(epoch_ptr) % RING).to(tl.int64)
+    flags = flags_ptr + ring * W * FLAG_W
+    meta = meta_ptr + ring * S * META_W
+    # rows per local expert, summed over the sources: flags[q] = (epoch, tokens, pairs per local expert)
+    qs, es = tl.arange(0, BLOCK_W), tl.arange(0, BLOCK_E)
+    pairs = tl.load(
+        flags + qs[:, None] * FLAG_W + 2 + es[None, :], mask=(qs[:, None] < W) & (es[None, :] < E_local), other=0
+    )
+    per_expert = tl.sum(pairs, axis=0).to(tl.int64)
+    total = tl.sum(per_expert, axis=0)
+    e = tl.program_id(0)
+    start = tl.sum(tl.where(es < e, per_expert, 0), axis=0)  # this expert's first row
+    pair_ids = tl.arange(0, BLOCK_S * BLOCK_K)
+    if e < E_local:  # the rows of local expert e, in (slot, k) order
+        tl.store(counts_ptr + e, tl.sum(tl.where(es == e, per_expert, 0), axis=0))
+        tl.store(offsets_ptr + e + 1, start + tl.sum(tl.where(es == e, per_expert, 0), axis=0))
+        row = start
+        for s0 in range(0, S, BLOCK_S):
+            slot = s0 + pair_ids // BLOCK_K
+            k = pair_ids % BLOCK_K
+            src = slot // per_source
+            arrived = (slot < S) & (slot % per_source < tl.load(flags + src * FLAG_W + 1, mask=slot < S, other=0))
+            ok = arrived & (k < K)
+            ids = tl.load(meta + slot.to(tl.int64) * META_W + 1 + k, mask=ok, other=-1)
+            hit = ok & (ids - expert_start == e)
+            position = row + tl.cumsum(hit.to(tl.int64), axis=0) - 1
+            tl.store(row_of_pair_ptr + slot.to(tl.int64) * K + k, position.to(tl.int32), mask=hit)
+            tl.store(slot_of_row_ptr + position, slot.to(tl.int64), mask=hit)
+            tl.store(src_rank_ptr + position, src.to(tl.int64), mask=hit)
+            token = tl.load(meta + slot.to(tl.int64) * META_W, mask=hit, other=-1)
+            tl.store(src_token_ptr + position, token.to(tl.int64), mask=hit)
+            bits = tl.load(meta + slot.to(tl.int64) * META_W + 1 + K + k, mask=hit, other=0)
+            tl.store(weight_ptr + position, bits.to(tl.float32, bitcast=True), mask=hit)
+            row += tl.sum(hit.to(tl.int64), axis=0)
+    else:  # the last program: pairs not here, padding rows, tokens per source, offsets[0]
+        tl.store(offsets_ptr, 0)
+        tokens_from = tl.load(flags + qs * FLAG_W + 1, mask=qs < W, other=0)
+        tl.store(recv_counts_ptr + qs, tokens_from, mask=qs < W)
+        for s0 in range(0, S, BLOCK_S):
+            slot = s0 + pair_ids // BLOCK_K
+            k = pair_ids % BLOCK_K
+            src = slot // per_source
+            arrived = (slot < S) & (slot % per_source < tl.load(flags + src * FLAG_W + 1, mask=slot < S, other=0))
+            local = tl.load(meta + slot.to(tl.int64) * META_W + 1 + k, mask=arrived & (k < K), other=-1) - expert_start
+            here = arrived & (local >= 0) & (local < E_local)
+            tl.store(row_of_pair_ptr + slot.to(tl.int64) * K + k, -1, mask=(slot < S) & (k < K) & ~here)
+        for r0 in range(total, R_out, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            pad = rows < R_out
+            tl.store(slot_of_row_ptr + rows, 0, mask=pad)
+            tl.store(src_rank_ptr + rows, -1, mask=pad)
+            tl.store(src_token_ptr + rows, -1, mask=pad)
+            tl.store(weight_ptr + rows, 0.0, mask=pad)
+
+
+@triton.jit
+def _gather_rows_kernel(recv_ptr, epoch_ptr, slot_of_row_ptr, offsets_ptr, out_ptr, S, H, E_local,
+                        RING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    is_row = rows < tl.load(offsets_ptr + E_local)  # the padding rows after them stay as they are
+    ring = (tl.load(epoch_ptr) % RING).to(tl.int64)
+    slot = tl.load(slot_of_row_ptr + rows, mask=is_row, other=0) + ring * S
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        mask = is_row[:, None] & (cols[None, :] < H)
+        tile = tl.load(recv_ptr + slot[:, None] * H + cols[None, :], mask=mask)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], tile, mask=mask)
+
+
+def expand_received(
+    flags: torch.Tensor, meta: torch.Tensor, recv: torch.Tensor, epoch: torch.Tensor, expert_start: int,
+    num_local_experts: int, num_rows: int,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The tokens that arrived in this epoch's ring slot, one row per (token, local expert), grouped by local
+    expert, then by slot (source rank, then its token order), then by top-k column. S = W * per_source slots.
+
+    flags int32 [RING, W, 2 + E_local] (this rank's dispatch flags), meta int32 [RING, S, 1 + 2K], recv
+    [RING, S, H], epoch int32 [1]; num_rows: rows to return (>= the rows that arrived; those past them are
+    padding: slot 0, src -1, weight 0, values unspecified). Returns (recv_x [num_rows, H], row_of_pair int32
+    [S, K] (-1: that pair is not a row here), slot_of_row int64, src_rank int64, src_token int64, weight
+    float32 [num_rows], local_counts int64 [E_local], local_offsets int64 [E_local + 1], recv_counts int32 [W]).
+    """
+    ring_slots, W, flag_width = flags.shape
+    _, S, meta_width = meta.shape
+    K, H, device = (meta_width - 1) // 2, recv.shape[2], recv.device
+    row_of_pair = torch.empty(S, K, dtype=torch.int32, device=device)
+    slot_of_row, src_rank, src_token = (torch.empty(num_rows, dtype=torch.int64, device=device) for _ in range(3))
+    weight = torch.empty(num_rows, dtype=torch.float32, device=device)
+    counts = torch.empty(num_local_experts, dtype=torch.int64, device=device)
+    offsets = torch.empty(num_local_experts + 1, dtype=torch.int64, device=device)
+    recv_counts = torch.empty(W, dtype=torch.int32, device=device)
+    block_s = max(1, 256 // triton.next_power_of_2(K))
+    _expand_received_kernel[(num_local_experts + 1,)](
+        flags, meta, epoch, row_of_pair, slot_of_row, src_rank, src_token, weight, counts, offsets, recv_counts,
+        S, S // W, W, K, num_local_experts, expert_start, num_rows, flag_width, meta_width,
+        RING=ring_slots, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(K), BLOCK_W=triton.next_power_of_2(W),
+        BLOCK_E=triton.next_power_of_2(num_local_experts), BLOCK_R=256,
+    )  # fmt: skip
+    recv_x = recv.new_empty(num_rows, H)
+    block_r = 4
+    if num_rows:
+        _gather_rows_kernel[(triton.cdiv(num_rows, block_r),)](
+            recv, epoch, slot_of_row, offsets, recv_x, S, H, num_local_experts,
+            RING=ring_slots, BLOCK_R=block_r, BLOCK_H=_block_h(H),
+        )  # fmt: skip
+    return recv_x, row_of_pair, slot_of_row, src_rank, src_token, weight, counts, offsets, recv_counts
+
+
+@triton.jit
 def _send_tokens_back_kernel(
     out_ptr,
     weight_ptr,
-    rows_by_slot_ptr,
-    row_start_ptr,
+    row_of_pair_ptr,
     counts_ptr,
     back_table,
     flag_table,
     done_ptr,
     epoch_ptr,
     H,
+    K,
     stride_out,
     per_source,
     my_rank,
@@ -184,14 +301,15 @@ def _send_tokens_back_kernel(
     FLAG_W,
     C,
     RING: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     epoch, ring = _next_epoch(epoch_ptr, RING)
     slot = tl.program_id(0).to(tl.int64)  # src * per_source + j
-    start = tl.load(row_start_ptr + slot)
-    end = tl.load(row_start_ptr + slot + 1)
-    if end > start:  # a token arrived in this slot
+    ks = tl.arange(0, BLOCK_K)
+    rows = tl.load(row_of_pair_ptr + slot * K + ks, mask=ks < K, other=-1)
+    if tl.max(rows, axis=0) >= 0:  # a token arrived in this slot (it has a row here)
         src = slot // per_source
         back = tl.load(back_table + src).to(tl.pointer_type(out_ptr.dtype.element_ty))
         dst = back + (ring.to(tl.int64) * W * per_source + my_rank * per_source + slot - src * per_source) * H
@@ -199,10 +317,11 @@ def _send_tokens_back_kernel(
             cols = h0 + tl.arange(0, BLOCK_H)
             mask = cols < H
             acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for i in range(start, end):
-                row = tl.load(rows_by_slot_ptr + i)
-                weight = tl.load(weight_ptr + row)
-                acc += weight * tl.load(out_ptr + row * stride_out + cols, mask=mask).to(tl.float32)
+            for k in range(K):
+                row = tl.load(row_of_pair_ptr + slot * K + k).to(tl.int64)
+                if row >= 0:
+                    weight = tl.load(weight_ptr + row)
+                    acc += weight * tl.load(out_ptr + row * stride_out + cols, mask=mask).to(tl.float32)
             tl.store(dst + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
     _signal_when_last(
         done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, tl.num_programs(0), W,
@@ -213,29 +332,29 @@ def _send_tokens_back_kernel(
 def send_tokens_back(
     expert_out: torch.Tensor,
     row_weight: torch.Tensor,
-    rows_by_slot: torch.Tensor,
-    row_start: torch.Tensor,
+    row_of_pair: torch.Tensor,
     counts: torch.Tensor,
     back_table: torch.Tensor,
     flag_table: torch.Tensor,
     done: torch.Tensor,
     epoch: torch.Tensor,
     my_rank: int,
-    per_source: int,
     flag_width: int,
     ring_slots: int,
 ) -> None:
     """expert_out [R, H], row_weight float32 [R]; the token in receive slot s = src * per_source + j (of
-    W * per_source) has rows rows_by_slot[row_start[s]:row_start[s + 1]] (none: no token there):
+    S = W * per_source) has its rows at row_of_pair int32 [S, K] (-1: not a row; all -1: no token there):
     sum_rows weight * expert_out goes to row my_rank * per_source + j of rank src's back ring slot.
     counts int32 [W, 1]: tokens going back to each rank; the flags have flag_width int32 per rank;
     done, epoch and ring_slots as in send_tokens."""
     H = expert_out.shape[1]
+    S, K = row_of_pair.shape
     W = counts.shape[0]
-    _send_tokens_back_kernel[(W * per_source,)](
-        expert_out, row_weight, rows_by_slot, row_start, counts, back_table, flag_table, done, epoch,
-        H, expert_out.stride(0), per_source, my_rank, W, flag_width, counts.shape[1],
-        RING=ring_slots, BLOCK_H=_block_h(H), BLOCK_C=triton.next_power_of_2(counts.shape[1]),
+    _send_tokens_back_kernel[(S,)](
+        expert_out, row_weight, row_of_pair, counts, back_table, flag_table, done, epoch,
+        H, K, expert_out.stride(0), S // W, my_rank, W, flag_width, counts.shape[1],
+        RING=ring_slots, BLOCK_K=triton.next_power_of_2(K), BLOCK_H=_block_h(H),
+        BLOCK_C=triton.next_power_of_2(counts.shape[1]),
     )  # fmt: skip
 
 
