@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 _MAX_BLOCK_H = 1024
+_ENOUGH_PROGRAMS = 1024  # to keep an H200's 132 SMs busy
 
 
 def _block_h(H: int) -> int:
@@ -313,7 +314,7 @@ def _send_tokens_back_kernel(
         src = slot // per_source
         back = tl.load(back_table + src).to(tl.pointer_type(out_ptr.dtype.element_ty))
         dst = back + (ring.to(tl.int64) * W * per_source + my_rank * per_source + slot - src * per_source) * H
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in range(tl.program_id(1) * BLOCK_H, H, tl.num_programs(1) * BLOCK_H):  # this program's columns
             cols = h0 + tl.arange(0, BLOCK_H)
             mask = cols < H
             acc = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -323,9 +324,10 @@ def _send_tokens_back_kernel(
                     weight = tl.load(weight_ptr + row)
                     acc += weight * tl.load(out_ptr + row * stride_out + cols, mask=mask).to(tl.float32)
             tl.store(dst + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    programs = tl.num_programs(0) * tl.num_programs(1)
     _signal_when_last(
-        done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, tl.num_programs(0), W,
-        FLAG_W, C, BLOCK_C,
+        done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, programs, W, FLAG_W, C,
+        BLOCK_C,
     )  # fmt: skip
 
 
@@ -350,10 +352,14 @@ def send_tokens_back(
     H = expert_out.shape[1]
     S, K = row_of_pair.shape
     W = counts.shape[0]
-    _send_tokens_back_kernel[(S,)](
+    block_h = _block_h(H)
+    # a few programs per slot when the slots are few (decode): each program counts itself done on one
+    # atomic, so many thousands of them would queue there instead
+    column_programs = max(1, min(triton.cdiv(max(H, 1), block_h), triton.cdiv(_ENOUGH_PROGRAMS, S)))
+    _send_tokens_back_kernel[(S, column_programs)](
         expert_out, row_weight, row_of_pair, counts, back_table, flag_table, done, epoch,
         H, K, expert_out.stride(0), S // W, my_rank, W, flag_width, counts.shape[1],
-        RING=ring_slots, BLOCK_K=triton.next_power_of_2(K), BLOCK_H=_block_h(H),
+        RING=ring_slots, BLOCK_K=triton.next_power_of_2(K), BLOCK_H=block_h,
         BLOCK_C=triton.next_power_of_2(counts.shape[1]),
     )  # fmt: skip
 
