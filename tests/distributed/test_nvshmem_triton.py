@@ -68,8 +68,14 @@ def send_step(dispatchers, device, dtype, E, K, tokens, skew_to, with_shared, g)
     xs = [torch.randn(T, H, generator=g).to(device, dtype) for T in tokens]
     routings = [routing_for(T, E, K, skew_to, g) for T in tokens]
     shared = [torch.randn(T, H, generator=g).to(device, dtype) if with_shared else None for T in tokens]
-    pendings = [d.dispatch_async(x, i.to(device), w.to(device)) for d, x, (i, w) in zip(dispatchers, xs, routings)]
-    return (xs, routings, shared), [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+    ids, ws = ([r[i].to(device) for r in routings] for i in (0, 1))
+    return (xs, routings, shared), dispatch_step(dispatchers, xs, ids, ws)
+
+
+def dispatch_step(dispatchers, xs, ids, ws):
+    """Every rank's dispatch_async, then every rank's dispatch_wait (the waits spin until signalled)."""
+    pendings = [d.dispatch_async(x, i, w) for d, x, i, w in zip(dispatchers, xs, ids, ws)]
+    return [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
 
 
 def combine_step(dispatchers, received, shared):
@@ -208,17 +214,16 @@ def test_graph_replays_every_rank_step(device, dtype):
     shared = [torch.empty(T, H, device=device, dtype=dtype) for T in tokens]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        pendings = [d.dispatch_async(x, i, w) for d, x, i, w in zip(dispatchers, xs, ids, ws)]
-        received = [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+        received = dispatch_step(dispatchers, xs, ids, ws)
         ys = combine_step(dispatchers, received, shared)
     for _ in range(RING + 2):
-        inputs = ([], [], [])
+        routings = [routing_for(T, E, K, None, g) for T in tokens]
         for p, T in enumerate(tokens):
-            new_ids, new_w = routing_for(T, E, K, None, g)
-            for static, value in ((xs[p], torch.randn(T, H, generator=g)), (ids[p], new_ids), (ws[p], new_w)):
-                static.copy_(value)
+            xs[p].copy_(torch.randn(T, H, generator=g))
+            ids[p].copy_(routings[p][0])
+            ws[p].copy_(routings[p][1])
             shared[p].copy_(torch.randn(T, H, generator=g))
-            inputs[0].append(xs[p].clone()), inputs[1].append((new_ids, new_w)), inputs[2].append(shared[p].clone())
+        inputs = ([x.clone() for x in xs], routings, [s.clone() for s in shared])
         graph.replay()
         check_received(dispatchers, tokens, inputs, received)
         check_combined(dispatchers, inputs, ys)

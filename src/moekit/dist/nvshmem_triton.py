@@ -192,7 +192,7 @@ class NvshmemTritonDispatcher(Dispatcher):
         epoch = self._epoch[DISPATCH : DISPATCH + 1]
         wait_for_all_arrivals(self._flags[DISPATCH], epoch)
         R = self._row_count(epoch, pending.top_k)
-        recv_x, row_of_pair, _, src_rank, src_token, weight, counts, offsets, recv_counts = expand_received(
+        recv_x, row_of_pair, src_rank, src_token, weight, counts, offsets, recv_counts = expand_received(
             self._flags[DISPATCH], self._meta, self._recv, epoch, self.expert_start, self.num_local_experts, R
         )
         handle = PeerDispatchHandle(

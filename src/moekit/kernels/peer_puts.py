@@ -46,6 +46,12 @@ def _next_epoch(epoch_ptr, RING: tl.constexpr):
 
 
 @triton.jit
+def _current_ring(epoch_ptr, RING: tl.constexpr):
+    """The ring slot of the stage's last signalled epoch (int64), where the waits and reads look."""
+    return (tl.load(epoch_ptr) % RING).to(tl.int64)
+
+
+@triton.jit
 def _signal_when_last(
     done_ptr, epoch_ptr, epoch, flag_table, flag_offset, counts_ptr, my_rank, num_programs, W, FLAG_W, C,
     BLOCK_C: tl.constexpr,
@@ -169,13 +175,27 @@ def wait_for_all_arrivals(flags: torch.Tensor, epoch: torch.Tensor) -> None:
 
 
 @triton.jit
+def _slot_pairs(flags, meta, s0, S, per_source, K, FLAG_W, META_W, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (slot, k) pairs of slots s0 .. s0 + BLOCK_S, slot-major: (slot int64, k, source rank, whether a token
+    arrived in the slot and k < K, the pair's global expert id or -1)."""
+    pair_ids = tl.arange(0, BLOCK_S * BLOCK_K)
+    slot = (s0 + pair_ids // BLOCK_K).to(tl.int64)
+    k = pair_ids % BLOCK_K
+    src = slot // per_source
+    tokens_from_src = tl.load(flags + src * FLAG_W + 1, mask=slot < S, other=0)
+    ok = (slot < S) & (slot % per_source < tokens_from_src) & (k < K)
+    ids = tl.load(meta + slot * META_W + 1 + k, mask=ok, other=-1)
+    return slot, k, src, ok, ids
+
+
+@triton.jit
 def _expand_received_kernel(
     flags_ptr, meta_ptr, epoch_ptr, row_of_pair_ptr, slot_of_row_ptr, src_rank_ptr, src_token_ptr, weight_ptr,
     counts_ptr, offsets_ptr, recv_counts_ptr, S, per_source, W, K, E_local, expert_start, R_out, FLAG_W, META_W,
     RING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    ring = (tl.load(epoch_ptr) % RING).to(tl.int64)
+    ring = _current_ring(epoch_ptr, RING)
     flags = flags_ptr + ring * W * FLAG_W
     meta = meta_ptr + ring * S * META_W
     # rows per local expert, summed over the sources: flags[q] = (epoch, tokens, pairs per local expert)
@@ -186,27 +206,22 @@ def _expand_received_kernel(
     per_expert = tl.sum(pairs, axis=0).to(tl.int64)
     total = tl.sum(per_expert, axis=0)
     e = tl.program_id(0)
-    start = tl.sum(tl.where(es < e, per_expert, 0), axis=0)  # this expert's first row
-    pair_ids = tl.arange(0, BLOCK_S * BLOCK_K)
     if e < E_local:  # the rows of local expert e, in (slot, k) order
-        tl.store(counts_ptr + e, tl.sum(tl.where(es == e, per_expert, 0), axis=0))
-        tl.store(offsets_ptr + e + 1, start + tl.sum(tl.where(es == e, per_expert, 0), axis=0))
+        start = tl.sum(tl.where(es < e, per_expert, 0), axis=0)  # this expert's first row
+        count = tl.sum(tl.where(es == e, per_expert, 0), axis=0)
+        tl.store(counts_ptr + e, count)
+        tl.store(offsets_ptr + e + 1, start + count)
         row = start
         for s0 in range(0, S, BLOCK_S):
-            slot = s0 + pair_ids // BLOCK_K
-            k = pair_ids % BLOCK_K
-            src = slot // per_source
-            arrived = (slot < S) & (slot % per_source < tl.load(flags + src * FLAG_W + 1, mask=slot < S, other=0))
-            ok = arrived & (k < K)
-            ids = tl.load(meta + slot.to(tl.int64) * META_W + 1 + k, mask=ok, other=-1)
+            slot, k, src, ok, ids = _slot_pairs(flags, meta, s0, S, per_source, K, FLAG_W, META_W, BLOCK_S, BLOCK_K)
             hit = ok & (ids - expert_start == e)
             position = row + tl.cumsum(hit.to(tl.int64), axis=0) - 1
-            tl.store(row_of_pair_ptr + slot.to(tl.int64) * K + k, position.to(tl.int32), mask=hit)
-            tl.store(slot_of_row_ptr + position, slot.to(tl.int64), mask=hit)
-            tl.store(src_rank_ptr + position, src.to(tl.int64), mask=hit)
-            token = tl.load(meta + slot.to(tl.int64) * META_W, mask=hit, other=-1)
+            tl.store(row_of_pair_ptr + slot * K + k, position.to(tl.int32), mask=hit)
+            tl.store(slot_of_row_ptr + position, slot, mask=hit)
+            tl.store(src_rank_ptr + position, src, mask=hit)
+            token = tl.load(meta + slot * META_W, mask=hit, other=-1)
             tl.store(src_token_ptr + position, token.to(tl.int64), mask=hit)
-            bits = tl.load(meta + slot.to(tl.int64) * META_W + 1 + K + k, mask=hit, other=0)
+            bits = tl.load(meta + slot * META_W + 1 + K + k, mask=hit, other=0)
             tl.store(weight_ptr + position, bits.to(tl.float32, bitcast=True), mask=hit)
             row += tl.sum(hit.to(tl.int64), axis=0)
     else:  # the last program: pairs not here, padding rows, tokens per source, offsets[0]
@@ -214,13 +229,9 @@ def _expand_received_kernel(
         tokens_from = tl.load(flags + qs * FLAG_W + 1, mask=qs < W, other=0)
         tl.store(recv_counts_ptr + qs, tokens_from, mask=qs < W)
         for s0 in range(0, S, BLOCK_S):
-            slot = s0 + pair_ids // BLOCK_K
-            k = pair_ids % BLOCK_K
-            src = slot // per_source
-            arrived = (slot < S) & (slot % per_source < tl.load(flags + src * FLAG_W + 1, mask=slot < S, other=0))
-            local = tl.load(meta + slot.to(tl.int64) * META_W + 1 + k, mask=arrived & (k < K), other=-1) - expert_start
-            here = arrived & (local >= 0) & (local < E_local)
-            tl.store(row_of_pair_ptr + slot.to(tl.int64) * K + k, -1, mask=(slot < S) & (k < K) & ~here)
+            slot, k, _, ok, ids = _slot_pairs(flags, meta, s0, S, per_source, K, FLAG_W, META_W, BLOCK_S, BLOCK_K)
+            here = ok & (ids - expert_start >= 0) & (ids - expert_start < E_local)
+            tl.store(row_of_pair_ptr + slot * K + k, -1, mask=(slot < S) & (k < K) & ~here)
         for r0 in range(total, R_out, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             pad = rows < R_out
@@ -235,7 +246,7 @@ def _gather_rows_kernel(recv_ptr, epoch_ptr, slot_of_row_ptr, offsets_ptr, out_p
                         RING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     is_row = rows < tl.load(offsets_ptr + E_local)  # the padding rows after them stay as they are
-    ring = (tl.load(epoch_ptr) % RING).to(tl.int64)
+    ring = _current_ring(epoch_ptr, RING)
     slot = tl.load(slot_of_row_ptr + rows, mask=is_row, other=0) + ring * S
     for h0 in range(0, H, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
@@ -253,9 +264,9 @@ def expand_received(
 
     flags int32 [RING, W, 2 + E_local] (this rank's dispatch flags), meta int32 [RING, S, 1 + 2K], recv
     [RING, S, H], epoch int32 [1]; num_rows: rows to return (>= the rows that arrived; those past them are
-    padding: slot 0, src -1, weight 0, values unspecified). Returns (recv_x [num_rows, H], row_of_pair int32
-    [S, K] (-1: that pair is not a row here), slot_of_row int64, src_rank int64, src_token int64, weight
-    float32 [num_rows], local_counts int64 [E_local], local_offsets int64 [E_local + 1], recv_counts int32 [W]).
+    padding: src -1, weight 0, values unspecified). Returns (recv_x [num_rows, H], row_of_pair int32 [S, K]
+    (-1: that pair is not a row here), src_rank int64, src_token int64, weight float32 [num_rows],
+    local_counts int64 [E_local], local_offsets int64 [E_local + 1], recv_counts int32 [W]).
     """
     ring_slots, W, flag_width = flags.shape
     _, S, meta_width = meta.shape
@@ -280,7 +291,7 @@ def expand_received(
             recv, epoch, slot_of_row, offsets, recv_x, S, H, num_local_experts,
             RING=ring_slots, BLOCK_R=block_r, BLOCK_H=_block_h(H),
         )  # fmt: skip
-    return recv_x, row_of_pair, slot_of_row, src_rank, src_token, weight, counts, offsets, recv_counts
+    return recv_x, row_of_pair, src_rank, src_token, weight, counts, offsets, recv_counts
 
 
 @triton.jit
@@ -369,7 +380,7 @@ def _reduce_to_output_kernel(
     back_ptr, epoch_ptr, dest_pos_ptr, shared_ptr, y_ptr, H, stride_shared, per_source, W,
     RING: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    ring_rows = (tl.load(epoch_ptr) % RING).to(tl.int64) * W * per_source
+    ring_rows = _current_ring(epoch_ptr, RING) * W * per_source
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
