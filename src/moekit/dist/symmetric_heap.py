@@ -73,7 +73,3 @@ class LocalHeap:
     def barrier(self) -> None:
         """One rank: nothing to wait for."""
 
-
-def offset_table(table: torch.Tensor, byte_offset: int) -> torch.Tensor:
-    """The address table of the sub-buffer byte_offset bytes into every rank's copy."""
-    return table + byte_offset
