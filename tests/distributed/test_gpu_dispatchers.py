@@ -62,5 +62,6 @@ def test_dispatcher_on_gpus_matches_oracle(world_size, path):
 def test_two_gpu_paths_are_listed():
     """symm_mem needs 2 ranks; nvshmem_triton runs on any count of GPUs."""
     two = [impl.name for impl in DISPATCHERS if impl.fn.supports(2, "cuda")[0] or impl.name == "symm_mem"]
-    assert {"nccl", "padded", "symmetric", "nvshmem_triton", "nvshmem_triton_graph", "symm_mem"} <= set(two)
+    paths = {"nccl", "padded", "padded_triton", "symmetric", "nvshmem_triton", "nvshmem_triton_graph", "symm_mem"}
+    assert paths <= set(two)
     assert not DISPATCHERS.get("symm_mem").fn.supports(1, "cuda")[0]

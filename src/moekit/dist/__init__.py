@@ -5,6 +5,7 @@ Paths, registered by name in DISPATCHERS (registration order is table order):
   nvshmem_triton  Triton kernels store rows into the peers' symmetric buffers and signal (CUDA; on the CPU
             only with every rank simulated in one process)
   padded    fixed-size messages: M slots per pair, zero-padded, M agreed per step or fixed
+  padded_triton  padded's messages, put by a Triton kernel into the peers' symmetric buffers (CUDA)
   skip_a2a  one rank, no communication (the nccl path restricted to a group of one)
   symm_mem  torch symmetric memory's NVSHMEM all_to_all_vdev_2d / _2d_offset (CUDA, 2 ranks or more)
   symmetric the FlashMoE layout: one row per (token, expert) at a slot every rank computes, capacity per
@@ -12,7 +13,7 @@ Paths, registered by name in DISPATCHERS (registration order is table order):
 """
 
 # registration order is the order of the tables (I001 would sort it)
-from moekit.dist import nccl, nvshmem_triton, padded, skip_a2a, symm_mem, symmetric  # noqa: F401
+from moekit.dist import nccl, nvshmem_triton, padded, padded_triton, skip_a2a, symm_mem, symmetric  # noqa: F401
 from moekit.dist.base import Dispatcher
 from moekit.dist.forward import ep_forward
 from moekit.dist.handle import DispatchHandle, RecvMeta

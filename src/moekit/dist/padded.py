@@ -38,6 +38,8 @@ from moekit.dist.base import (
 from moekit.dist.handle import DispatchHandle, RecvMeta
 from moekit.dist.registry import DISPATCHERS
 
+DISPATCH, COMBINE = 0, 1  # the stages that exchange: rows and metadata out, rows back
+
 
 @dataclass
 class PendingDispatch:
@@ -70,20 +72,37 @@ class PaddedDispatcher(Dispatcher):
         def buffer() -> torch.Tensor:
             return torch.zeros(size, dtype=dtype, device=self.device)
 
-        self._send_rows, self._recv_rows = buffer(), buffer()
-        self._back_send, self._back_recv = buffer(), buffer()
+        self._send_rows, self._back_send = buffer(), buffer()
+        self._allocate_receive_buffers(size)
         self._send_meta: torch.Tensor | None = None
         self._recv_meta: torch.Tensor | None = None
         self._top_k: int | None = None
         self.last_padding_fraction: float | None = None
 
-    def _meta_buffers(self, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _allocate_receive_buffers(self, size: int) -> None:
+        """The flat buffers (size elements) that dispatch's rows and combine's back rows arrive in."""
+        self._recv_rows = torch.zeros(size, dtype=self.dtype, device=self.device)
+        self._back_recv = torch.zeros(size, dtype=self.dtype, device=self.device)
+
+    def _meta_buffers(self, top_k: int) -> torch.Tensor:
+        """The metadata send buffer for top_k (the receive buffer beside it), reallocated when top_k changes."""
         if self._top_k != top_k:
             size = self.max_slots * (1 + 2 * top_k)
             self._send_meta = torch.empty(size, dtype=torch.int64, device=self.device)
             self._recv_meta = torch.empty(size, dtype=torch.int64, device=self.device)
             self._top_k = top_k
-        return self._send_meta, self._recv_meta
+        return self._send_meta
+
+    def _exchange(self, stage: int, sends: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+        """Equal splits: block q (of W) of each send [W*M, width] goes to rank q -> (what arrived, the same
+        shapes, block p from rank p; works whose .wait() orders what follows after the arrival). DISPATCH
+        sends rows and metadata, COMBINE the back rows. Nothing moves on one rank or when M = 0."""
+        if self.world_size == 1 or sends[0].numel() == 0:
+            return sends, []
+        buffers = [self._recv_rows, self._recv_meta] if stage == DISPATCH else [self._back_recv]
+        received = [buffer[: send.numel()].view_as(send) for buffer, send in zip(buffers, sends)]
+        works = [dist.all_to_all_single(r, send, group=self.group, async_op=True) for r, send in zip(received, sends)]
+        return received, works
 
     def _count_matrix(self, send_counts: torch.Tensor) -> torch.Tensor:
         """[W, W] int64 on the host: entry (p, q) = tokens rank p sends to rank q this step."""
@@ -97,6 +116,7 @@ class PaddedDispatcher(Dispatcher):
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
         self.check_dispatch_inputs(x, topk_ids, topk_weights)
         W, K, H = self.world_size, topk_ids.shape[1], self.hidden
+        send_meta_buf = self._meta_buffers(K)  # before the counts go out: a path may refuse this K
         plan = plan_sends(topk_ids, self.num_local_experts, W)
         matrix = self._count_matrix(plan.send_counts)
         largest = int(matrix.max())
@@ -121,7 +141,6 @@ class PaddedDispatcher(Dispatcher):
         within = torch.arange(plan.send_dest.numel(), device=counts.device) - starts[plan.send_dest]
         send_slots = plan.send_dest * M + within
 
-        send_meta_buf, recv_meta_buf = self._meta_buffers(K)
         width = 1 + 2 * K
         send_rows = self._send_rows[: slots * H].view(slots, H).zero_()
         send_rows.index_copy_(0, send_slots, x.index_select(0, plan.send_token_idx))
@@ -129,16 +148,7 @@ class PaddedDispatcher(Dispatcher):
         meta_padding(send_meta, K)
         send_meta.index_copy_(0, send_slots, pack_meta(plan.send_token_idx, topk_ids, topk_weights))
 
-        works = []
-        if W == 1 or slots == 0:
-            recv_rows, recv_meta = send_rows, send_meta
-        else:
-            recv_rows = self._recv_rows[: slots * H].view(slots, H)
-            recv_meta = recv_meta_buf[: slots * width].view(slots, width)
-            works = [
-                dist.all_to_all_single(recv_rows, send_rows, group=self.group, async_op=True),
-                dist.all_to_all_single(recv_meta, send_meta, group=self.group, async_op=True),
-            ]
+        (recv_rows, recv_meta), works = self._exchange(DISPATCH, [send_rows, send_meta])
         return PendingDispatch(
             works,
             recv_rows,
@@ -187,8 +197,5 @@ class PaddedDispatcher(Dispatcher):
             raise ValueError(f"handle has {slots} slots, above the {self.max_slots} this dispatcher holds")
         send = self._back_send[: slots * H].view(slots, H)
         send.copy_(self.reduce_rows(expert_out, handle))
-        if self.world_size == 1 or slots == 0:
-            return PendingCombine([], send, handle, shared_out)
-        back = self._back_recv[: slots * H].view(slots, H)
-        work = dist.all_to_all_single(back, send, group=self.group, async_op=True)
-        return PendingCombine([work], back, handle, shared_out)
+        (back,), works = self._exchange(COMBINE, [send])
+        return PendingCombine(works, back, handle, shared_out)
