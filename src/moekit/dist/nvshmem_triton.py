@@ -158,24 +158,17 @@ class NvshmemTritonDispatcher(Dispatcher):
             )
 
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
-        from moekit.kernels.peer_puts import send_tokens
+        from moekit.kernels.peer_puts import plan_peer_sends, send_tokens
 
         self.check_dispatch_inputs(x, topk_ids, topk_weights)
-        T, K = topk_ids.shape
+        K = topk_ids.shape[1]
         self._meta_buffers(K)
-        goes = torch.zeros(T, self.world_size, dtype=torch.bool, device=x.device)
-        goes.scatter_(1, topk_ids.long() // self.num_local_experts, True)
-        dest_pos = (goes.cumsum(0, dtype=torch.int32) - 1).masked_fill_(~goes, -1)
-        pairs = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
-        pairs.scatter_add_(0, topk_ids.reshape(-1).long(), torch.ones_like(topk_ids, dtype=torch.int32).reshape(-1))
-        flag_counts = torch.cat([goes.sum(0, dtype=torch.int32)[:, None], pairs.view(self.world_size, -1)], dim=1)
-        weight_bits = topk_weights.to(torch.float32).contiguous().view(torch.int32)
-        token = torch.arange(T, dtype=torch.int32, device=x.device)[:, None]
-        meta = torch.cat([token, topk_ids.to(torch.int32), weight_bits], dim=1)
+        dest_pos, flag_counts = plan_peer_sends(topk_ids, self.world_size, self.num_local_experts)
         send_tokens(
-            x if x.stride(1) == 1 else x.contiguous(), meta, dest_pos, flag_counts,
+            x if x.stride(1) == 1 else x.contiguous(), topk_ids, topk_weights, dest_pos, flag_counts,
             self._recv_table, self._meta_table, self._flag_tables[DISPATCH], self._done[DISPATCH : DISPATCH + 1],
-            self._epoch[DISPATCH : DISPATCH + 1], self.rank, self._per_source, self._flag_width, RING, self.tokens_per_program,
+            self._epoch[DISPATCH : DISPATCH + 1], self.rank, self._per_source, self._flag_width, RING,
+            self.tokens_per_program,
         )  # fmt: skip
         return PendingDispatch(dest_pos, K)
 

@@ -14,6 +14,7 @@ kernels need no host value and a CUDA graph replays them: a sending kernel works
 and reads queued after it use that epoch. Flags are never reset between calls.
 
 Kernels (each with its launcher below):
+  plan_peer_sends           dispatch: each token's row per destination rank and the counts its flags carry
   send_tokens               dispatch: rows and metadata to every destination rank, then its flags
   wait_for_all_arrivals     one program per source rank, spinning until that rank's flag shows the epoch
   expand_received           the arrived tokens as rows grouped by local expert (one program per expert
@@ -73,9 +74,57 @@ def _signal_when_last(
 
 
 @triton.jit
+def _plan_sends_kernel(
+    ids_ptr, dest_pos_ptr, counts_ptr, T, K, W, E_local, C,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """One program walks the tokens in blocks, carrying each destination's running count; pairs per
+    expert are counted with atomics into counts (zeroed first by the same program)."""
+    experts = tl.arange(0, BLOCK_E)
+    tl.store(counts_ptr + (experts // E_local) * C + 1 + experts % E_local, 0, mask=experts < W * E_local)
+    tl.debug_barrier()  # zeroed before any count lands
+    qs, ks = tl.arange(0, BLOCK_W), tl.arange(0, BLOCK_K)
+    sent = tl.zeros([BLOCK_W], dtype=tl.int32)  # tokens so far per destination rank
+    for t0 in range(0, T, BLOCK_T):
+        tokens = t0 + tl.arange(0, BLOCK_T)
+        in_range = tokens < T
+        valid = in_range[:, None] & (ks[None, :] < K)
+        ids = tl.load(ids_ptr + tokens[:, None] * K + ks[None, :], mask=valid, other=0).to(tl.int32)
+        dest = ids // E_local
+        tl.atomic_add(counts_ptr + dest * C + 1 + ids % E_local, 1, mask=valid, sem="relaxed", scope="gpu")
+        to_q = valid[:, :, None] & (dest[:, :, None] == qs[None, None, :])  # [T, K, W]
+        goes = tl.max(to_q.to(tl.int32), axis=1)  # [BLOCK_T, BLOCK_W]: token t goes to rank q
+        pos = sent[None, :] + tl.cumsum(goes, axis=0) - 1
+        mask = in_range[:, None] & (qs[None, :] < W)
+        tl.store(dest_pos_ptr + tokens[:, None] * W + qs[None, :], tl.where(goes > 0, pos, -1), mask=mask)
+        sent += tl.sum(goes, axis=0)
+    tl.store(counts_ptr + qs * C, sent, mask=qs < W)
+
+
+def plan_peer_sends(
+    topk_ids: torch.Tensor, world_size: int, num_local_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_ids [T, K] (global expert ids, expert g on rank g // num_local_experts) -> (dest_pos int32 [T, W]:
+    the token's row among this rank's tokens for rank q, -1 if none of its experts is there; counts int32
+    [W, 1 + E_local]: tokens to rank q, then pairs per local expert of q), in one launch."""
+    T, K = topk_ids.shape
+    W, C = world_size, 1 + num_local_experts
+    dest_pos = torch.empty(T, W, dtype=torch.int32, device=topk_ids.device)
+    counts = torch.empty(W, C, dtype=torch.int32, device=topk_ids.device)
+    block_k, block_w = triton.next_power_of_2(K), triton.next_power_of_2(W)
+    _plan_sends_kernel[(1,)](
+        topk_ids.contiguous(), dest_pos, counts, T, K, W, num_local_experts, C,
+        BLOCK_T=max(1, 1024 // (block_k * block_w)), BLOCK_K=block_k, BLOCK_W=block_w,
+        BLOCK_E=triton.next_power_of_2(W * num_local_experts), num_warps=8,
+    )  # fmt: skip
+    return dest_pos, counts
+
+
+@triton.jit
 def _send_tokens_kernel(
     x_ptr,
-    meta_ptr,
+    ids_ptr,
+    weights_ptr,
     dest_pos_ptr,
     counts_ptr,
     rows_table,
@@ -85,8 +134,8 @@ def _send_tokens_kernel(
     epoch_ptr,
     T,
     H,
+    K,
     stride_x,
-    META_W,
     per_source,
     my_rank,
     W,
@@ -95,7 +144,7 @@ def _send_tokens_kernel(
     RING: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_META: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     epoch, ring = _next_epoch(epoch_ptr, RING)
@@ -103,30 +152,38 @@ def _send_tokens_kernel(
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tokens < T
     tokens = tokens.to(tl.int64)
-    meta_cols = tl.arange(0, BLOCK_META)
-    meta_mask = in_range[:, None] & (meta_cols[None, :] < META_W)
-    meta = tl.load(meta_ptr + tokens[:, None] * META_W + meta_cols[None, :], mask=meta_mask)
+    ks = tl.arange(0, BLOCK_K)
+    pair_mask = in_range[:, None] & (ks[None, :] < K)
+    ids = tl.load(ids_ptr + tokens[:, None] * K + ks[None, :], mask=pair_mask).to(tl.int32)
+    weights = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=pair_mask).to(tl.float32)
+    meta_w = 1 + 2 * K
     for q in range(W):
         pos = tl.load(dest_pos_ptr + tokens * W + q, mask=in_range, other=-1)
         goes = pos >= 0
         slot = ring_rows + my_rank * per_source + pos.to(tl.int64)
         rows = tl.load(rows_table + q).to(tl.pointer_type(x_ptr.dtype.element_ty))
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in range(tl.program_id(1) * BLOCK_H, H, tl.num_programs(1) * BLOCK_H):  # this program's columns
             cols = h0 + tl.arange(0, BLOCK_H)
             mask = goes[:, None] & (cols[None, :] < H)
             tile = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :], mask=mask)
             tl.store(rows + slot[:, None] * H + cols[None, :], tile, mask=mask)
-        meta_dst = tl.load(meta_table + q).to(tl.pointer_type(tl.int32))
-        tl.store(meta_dst + slot[:, None] * META_W + meta_cols[None, :], meta, mask=meta_mask & goes[:, None])
+        if tl.program_id(1) == 0:  # metadata (token, K expert ids, K weights as float32 bits)
+            meta = tl.load(meta_table + q).to(tl.pointer_type(tl.int32)) + slot * meta_w
+            tl.store(meta, tokens.to(tl.int32), mask=goes)
+            pair_goes = pair_mask & goes[:, None]
+            tl.store(meta[:, None] + 1 + ks[None, :], ids, mask=pair_goes)
+            tl.store(meta[:, None] + 1 + K + ks[None, :], weights.to(tl.int32, bitcast=True), mask=pair_goes)
+    programs = tl.num_programs(0) * tl.num_programs(1)
     _signal_when_last(
-        done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, tl.num_programs(0), W,
-        FLAG_W, C, BLOCK_C,
+        done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, programs, W, FLAG_W, C,
+        BLOCK_C,
     )  # fmt: skip
 
 
 def send_tokens(
     x: torch.Tensor,
-    meta: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
     dest_pos: torch.Tensor,
     counts: torch.Tensor,
     rows_table: torch.Tensor,
@@ -140,19 +197,23 @@ def send_tokens(
     ring_slots: int,
     tokens_per_program: int = 4,
 ) -> None:
-    """x [T, H], meta int32 [T, M], dest_pos int32 [T, W] (the token's row among this rank's rows for rank
-    q, or -1), counts int32 [W, C] (what rank q's flags carry after the epoch: tokens to q first) -> rows
-    into the ring slot [W * per_source, H] of every rank's rows buffer, metadata [W * per_source, M] beside
-    them, flags [W, flag_width >= 1 + C]; each buffer a ring of ring_slots. done: int32 [1], zero between
-    calls; epoch: int32 [1], this stage's, advanced by one."""
+    """x [T, H], topk_ids [T, K], topk_weights [T, K], dest_pos int32 [T, W] and counts int32 [W, C] (what
+    rank q's flags carry after the epoch: tokens to q first) as plan_peer_sends returns them -> rows into
+    the ring slot [W * per_source, H] of every rank's rows buffer, metadata int32 [W * per_source, 1 + 2K]
+    (token, expert ids, router weights as float32 bits) beside them, flags [W, flag_width >= 1 + C]; each
+    buffer a ring of ring_slots. done: int32 [1], zero between calls; epoch: int32 [1], this stage's,
+    advanced by one."""
     T, H = x.shape
+    K = topk_ids.shape[1]
     W, C = counts.shape
-    block_t = triton.next_power_of_2(max(1, tokens_per_program))
-    grid = (max(1, triton.cdiv(T, block_t)),)  # one program at least: it signals
-    _send_tokens_kernel[grid](
-        x, meta, dest_pos, counts, rows_table, meta_table, flag_table, done, epoch,
-        T, H, x.stride(0), meta.shape[1], per_source, my_rank, W, flag_width, C,
-        RING=ring_slots, BLOCK_T=block_t, BLOCK_H=_block_h(H), BLOCK_META=triton.next_power_of_2(meta.shape[1]),
+    block_t, block_h = triton.next_power_of_2(max(1, tokens_per_program)), _block_h(H)
+    token_programs = max(1, triton.cdiv(T, block_t))  # one program at least: it signals
+    # few tokens (decode): a few programs per token block, each a stride of column blocks
+    column_programs = max(1, min(triton.cdiv(max(H, 1), block_h), triton.cdiv(_ENOUGH_PROGRAMS, token_programs)))
+    _send_tokens_kernel[(token_programs, column_programs)](
+        x, topk_ids.contiguous(), topk_weights.contiguous(), dest_pos, counts, rows_table, meta_table, flag_table,
+        done, epoch, T, H, K, x.stride(0), per_source, my_rank, W, flag_width, C,
+        RING=ring_slots, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=triton.next_power_of_2(K),
         BLOCK_C=triton.next_power_of_2(C),
     )  # fmt: skip
 
