@@ -148,31 +148,52 @@ def scenarios(draw):
     return W, E, K, steps, draw(st.integers(1, 4)), draw(st.integers(0, 2**31 - 1))
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=10, deadline=None)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=6, deadline=None)
 @given(
-    W=st.integers(1, 5), E_local=st.integers(1, 40), K=st.integers(1, 9), T=st.integers(0, 300), seed=st.integers(0, 99)
+    W=st.integers(1, 4),
+    E_local=st.integers(1, 40),
+    K=st.integers(1, 9),
+    T=st.lists(st.integers(0, 300), min_size=2, max_size=2),
+    tokens_per_program=st.sampled_from([1, 4, 16]),
+    seed=st.integers(0, 99),
 )
-def test_send_plan_matches_torch(device, W, E_local, K, T, seed):
-    """plan_peer_sends (one program, tokens in blocks with a running count per rank) equals the torch plan:
-    each token's row among the tokens sent to rank q, and the counts the flags carry."""
+def test_send_plan_matches_torch(device, W, E_local, K, T, tokens_per_program, seed):
+    """The send kernels' plan (token blocks counted in parallel, their first rows scanned; up to 300 blocks)
+    equals the torch plan on every rank, two steps in a row (the counts are rearmed): dest_pos, each token's
+    row among the tokens sent to rank q, and the counts rank q's flags carry (tokens, pairs per local expert)."""
     from moekit.dist.base import plan_sends
-    from moekit.kernels.peer_puts import plan_peer_sends
 
     ok, reason = triton_support(device, torch.float32)
     if not ok:
         pytest.skip(reason)
     if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cuda":
         pytest.skip("under TRITON_INTERPRET=1 a CUDA run is the CPU run with copies; the GPU run compiles")
-    E = W * E_local
-    ids, _ = routing_for(T, E, min(K, E), None, torch.Generator().manual_seed(seed))
-    dest_pos, counts = plan_peer_sends(ids.to(device), W, E_local)
-    plan = plan_sends(ids, E_local, W)
-    want = torch.full((T, W), -1, dtype=torch.int32)
-    starts = torch.cat([plan.send_counts.new_zeros(1), plan.send_counts.cumsum(0)[:-1]])
-    want[plan.send_token_idx, plan.send_dest] = (torch.arange(len(plan.send_dest)) - starts[plan.send_dest]).int()
-    assert torch.equal(dest_pos.cpu(), want)
-    pairs = torch.bincount(ids.reshape(-1).long(), minlength=E).view(W, E_local)
-    assert torch.equal(counts.cpu(), torch.cat([plan.send_counts[:, None], pairs], dim=1).int())
+    E, K, H_small = W * E_local, min(K, W * E_local), 4
+    g = torch.Generator().manual_seed(seed)
+    group = SimulatedGroup(W, device)
+    dispatchers = [
+        NvshmemTritonDispatcher(None, E, H_small, 300, torch.float32, device, heap=group.rank(p),
+                                tokens_per_program=tokens_per_program)
+        for p in range(W)
+    ]  # fmt: skip
+    for T_step in T:
+        ids = [routing_for(T_step, E, K, None, g) for _ in range(W)]
+        pendings = [
+            d.dispatch_async(torch.randn(T_step, H_small).to(device), i.to(device), w.to(device))
+            for d, (i, w) in zip(dispatchers, ids)
+        ]
+        for p, (pending, (i, _)) in enumerate(zip(pendings, ids)):
+            plan = plan_sends(i, E_local, W)
+            want = torch.full((T_step, W), -1, dtype=torch.int32)
+            starts = torch.cat([plan.send_counts.new_zeros(1), plan.send_counts.cumsum(0)[:-1]])
+            want[plan.send_token_idx, plan.send_dest] = (
+                torch.arange(len(plan.send_dest)) - starts[plan.send_dest]
+            ).int()
+            assert torch.equal(pending.dest_pos.cpu(), want), f"rank {p} dest_pos"
+            pairs = torch.bincount(i.reshape(-1).long(), minlength=E).view(W, E_local)
+            for q, d in enumerate(dispatchers):
+                flags = d._flags[0][int(d._epoch[0]) % RING, p].cpu()
+                assert torch.equal(flags[1:], torch.cat([plan.send_counts[q : q + 1], pairs[q]]).int()), f"{p} -> {q}"
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=12)

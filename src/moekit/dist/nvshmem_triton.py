@@ -45,7 +45,7 @@ from moekit.kernels.availability import triton_support
 from moekit.registry import Support
 
 RING = 3  # slots per buffer; see the module docstring for why three
-DISPATCH, COMBINE = 0, 1
+DISPATCH, COMBINE, PLAN = 0, 1, 2  # the stages' done counters (PLAN: dispatch's counting kernel)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,8 @@ class NvshmemTritonDispatcher(Dispatcher):
         flags = [self._heap.empty((RING, self.world_size, self._flag_width), torch.int32) for _ in (DISPATCH, COMBINE)]
         self._flags = [buffer.zero_() for buffer, _ in flags]
         self._flag_tables = [table for _, table in flags]
-        self._done = torch.zeros(2, dtype=torch.int32, device=self.device)
+        self._done = torch.zeros(3, dtype=torch.int32, device=self.device)  # programs finished, per kernel
+        self._send_counts = torch.zeros(self.world_size, self._flag_width - 1, dtype=torch.int32, device=self.device)
         self._epoch = torch.zeros(2, dtype=torch.int32, device=self.device)  # per stage, advanced by the kernels
         self._meta: torch.Tensor | None = None
         self._meta_table: torch.Tensor | None = None
@@ -158,14 +159,13 @@ class NvshmemTritonDispatcher(Dispatcher):
             )
 
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
-        from moekit.kernels.peer_puts import plan_peer_sends, send_tokens
+        from moekit.kernels.peer_puts import send_tokens
 
         self.check_dispatch_inputs(x, topk_ids, topk_weights)
         K = topk_ids.shape[1]
         self._meta_buffers(K)
-        dest_pos, flag_counts = plan_peer_sends(topk_ids, self.world_size, self.num_local_experts)
-        send_tokens(
-            x if x.stride(1) == 1 else x.contiguous(), topk_ids, topk_weights, dest_pos, flag_counts,
+        dest_pos = send_tokens(
+            x if x.stride(1) == 1 else x.contiguous(), topk_ids, topk_weights, self._send_counts, self._done[PLAN:],
             self._recv_table, self._meta_table, self._flag_tables[DISPATCH], self._done[DISPATCH : DISPATCH + 1],
             self._epoch[DISPATCH : DISPATCH + 1], self.rank, self._per_source, self._flag_width, RING,
             self.tokens_per_program,

@@ -14,8 +14,8 @@ kernels need no host value and a CUDA graph replays them: a sending kernel works
 and reads queued after it use that epoch. Flags are never reset between calls.
 
 Kernels (each with its launcher below):
-  plan_peer_sends           dispatch: each token's row per destination rank and the counts its flags carry
-  send_tokens               dispatch: rows and metadata to every destination rank, then its flags
+  send_tokens               dispatch: counts the tokens per destination rank (per token block, scanned),
+                            then stores rows and metadata to every destination rank, then its flags
   wait_for_all_arrivals     one program per source rank, spinning until that rank's flag shows the epoch
   expand_received           the arrived tokens as rows grouped by local expert (one program per expert
                             places its rows by a running count), then one gather of their values
@@ -32,6 +32,7 @@ import triton.language as tl
 
 _MAX_BLOCK_H = 1024
 _ENOUGH_PROGRAMS = 1024  # to keep an H200's 132 SMs busy
+_SCAN_BLOCK = 256  # token blocks one step of the send plan's scan takes
 
 
 def _block_h(H: int) -> int:
@@ -59,10 +60,12 @@ def _signal_when_last(
 ):  # fmt: skip
     """Counts this program done; the last one writes counts[q, :C] and then epoch into row my_rank of
     every rank q's flags (flag_offset elements into its flag ring: the slot's start; release: everything
-    the group stored before is visible first), stores epoch as this stage's, and rearms the counter."""
+    the group stored before is visible first), stores epoch as this stage's, and rearms the counter.
+    Returns whether this program was the last."""
     tl.debug_barrier()  # the whole program's stores come before its count
     finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
-    if finished == num_programs - 1:
+    last = finished == num_programs - 1
+    if last:
         cols = tl.arange(0, BLOCK_C)
         for q in range(W):
             flag = tl.load(flag_table + q).to(tl.pointer_type(tl.int32)) + flag_offset + FLAG_W * my_rank
@@ -71,53 +74,48 @@ def _signal_when_last(
             tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
         tl.store(epoch_ptr, epoch)
         tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
+    return last
 
 
 @triton.jit
-def _plan_sends_kernel(
-    ids_ptr, dest_pos_ptr, counts_ptr, T, K, W, E_local, C,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_E: tl.constexpr,
+def _token_block(ids_ptr, block, T, K, E_local, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Token block `block` of topk_ids [T, K]: (tokens int64 [BLOCK_T], in_range, ids int32 [BLOCK_T, BLOCK_K],
+    pair_mask, goes int32 [BLOCK_T, BLOCK_W]: 1 where token t has an expert on rank q)."""
+    tokens = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = tokens < T
+    tokens = tokens.to(tl.int64)
+    ks, qs = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_W)
+    pair_mask = in_range[:, None] & (ks[None, :] < K)
+    ids = tl.load(ids_ptr + tokens[:, None] * K + ks[None, :], mask=pair_mask, other=0).to(tl.int32)
+    to_q = pair_mask[:, :, None] & ((ids // E_local)[:, :, None] == qs[None, None, :])  # [T, K, W]
+    return tokens, in_range, ids, pair_mask, tl.max(to_q.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _count_sends_kernel(
+    ids_ptr, block_starts_ptr, counts_ptr, done_ptr, T, K, W, E_local, C,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
-    """One program walks the tokens in blocks, carrying each destination's running count; pairs per
-    expert are counted with atomics into counts (zeroed first by the same program)."""
-    experts = tl.arange(0, BLOCK_E)
-    tl.store(counts_ptr + (experts // E_local) * C + 1 + experts % E_local, 0, mask=experts < W * E_local)
-    tl.debug_barrier()  # zeroed before any count lands
-    qs, ks = tl.arange(0, BLOCK_W), tl.arange(0, BLOCK_K)
-    sent = tl.zeros([BLOCK_W], dtype=tl.int32)  # tokens so far per destination rank
-    for t0 in range(0, T, BLOCK_T):
-        tokens = t0 + tl.arange(0, BLOCK_T)
-        in_range = tokens < T
-        valid = in_range[:, None] & (ks[None, :] < K)
-        ids = tl.load(ids_ptr + tokens[:, None] * K + ks[None, :], mask=valid, other=0).to(tl.int32)
-        dest = ids // E_local
-        tl.atomic_add(counts_ptr + dest * C + 1 + ids % E_local, 1, mask=valid, sem="relaxed", scope="gpu")
-        to_q = valid[:, :, None] & (dest[:, :, None] == qs[None, None, :])  # [T, K, W]
-        goes = tl.max(to_q.to(tl.int32), axis=1)  # [BLOCK_T, BLOCK_W]: token t goes to rank q
-        pos = sent[None, :] + tl.cumsum(goes, axis=0) - 1
-        mask = in_range[:, None] & (qs[None, :] < W)
-        tl.store(dest_pos_ptr + tokens[:, None] * W + qs[None, :], tl.where(goes > 0, pos, -1), mask=mask)
-        sent += tl.sum(goes, axis=0)
-    tl.store(counts_ptr + qs * C, sent, mask=qs < W)
-
-
-def plan_peer_sends(
-    topk_ids: torch.Tensor, world_size: int, num_local_experts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """topk_ids [T, K] (global expert ids, expert g on rank g // num_local_experts) -> (dest_pos int32 [T, W]:
-    the token's row among this rank's tokens for rank q, -1 if none of its experts is there; counts int32
-    [W, 1 + E_local]: tokens to rank q, then pairs per local expert of q), in one launch."""
-    T, K = topk_ids.shape
-    W, C = world_size, 1 + num_local_experts
-    dest_pos = torch.empty(T, W, dtype=torch.int32, device=topk_ids.device)
-    counts = torch.empty(W, C, dtype=torch.int32, device=topk_ids.device)
-    block_k, block_w = triton.next_power_of_2(K), triton.next_power_of_2(W)
-    _plan_sends_kernel[(1,)](
-        topk_ids.contiguous(), dest_pos, counts, T, K, W, num_local_experts, C,
-        BLOCK_T=max(1, 1024 // (block_k * block_w)), BLOCK_K=block_k, BLOCK_W=block_w,
-        BLOCK_E=triton.next_power_of_2(W * num_local_experts), num_warps=8,
-    )  # fmt: skip
-    return dest_pos, counts
+    block = tl.program_id(0)
+    _, _, ids, pair_mask, goes = _token_block(ids_ptr, block, T, K, E_local, BLOCK_T, BLOCK_K, BLOCK_W)
+    dest = ids // E_local
+    tl.atomic_add(counts_ptr + dest * C + 1 + ids % E_local, 1, mask=pair_mask, sem="relaxed", scope="gpu")
+    qs = tl.arange(0, BLOCK_W)
+    tl.store(block_starts_ptr + block * W + qs, tl.sum(goes, axis=0), mask=qs < W)  # scanned below
+    tl.debug_barrier()  # the whole program's stores come before its count
+    finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
+    blocks = tl.num_programs(0)
+    if finished == blocks - 1:  # the last program: the block counts -> each block's first row per rank
+        sent = tl.zeros([BLOCK_W], dtype=tl.int32)
+        for b0 in range(0, blocks, BLOCK_B):
+            bs = b0 + tl.arange(0, BLOCK_B)
+            mask = (bs[:, None] < blocks) & (qs[None, :] < W)
+            block_counts = tl.load(block_starts_ptr + bs[:, None] * W + qs[None, :], mask=mask, other=0)
+            starts = sent[None, :] + tl.cumsum(block_counts, axis=0) - block_counts
+            tl.store(block_starts_ptr + bs[:, None] * W + qs[None, :], starts, mask=mask)
+            sent += tl.sum(block_counts, axis=0)
+        tl.store(counts_ptr + qs * C, sent, mask=qs < W)
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -125,6 +123,7 @@ def _send_tokens_kernel(
     x_ptr,
     ids_ptr,
     weights_ptr,
+    block_starts_ptr,
     dest_pos_ptr,
     counts_ptr,
     rows_table,
@@ -139,53 +138,66 @@ def _send_tokens_kernel(
     per_source,
     my_rank,
     W,
+    E_local,
     FLAG_W,
     C,
     RING: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     epoch, ring = _next_epoch(epoch_ptr, RING)
     ring_rows = ring.to(tl.int64) * W * per_source  # first row of the ring slot
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_range = tokens < T
-    tokens = tokens.to(tl.int64)
-    ks = tl.arange(0, BLOCK_K)
-    pair_mask = in_range[:, None] & (ks[None, :] < K)
-    ids = tl.load(ids_ptr + tokens[:, None] * K + ks[None, :], mask=pair_mask).to(tl.int32)
+    block = tl.program_id(0)
+    tokens, in_range, ids, pair_mask, goes = _token_block(ids_ptr, block, T, K, E_local, BLOCK_T, BLOCK_K, BLOCK_W)
+    qs, ks = tl.arange(0, BLOCK_W), tl.arange(0, BLOCK_K)
+    start = tl.load(block_starts_ptr + block * W + qs, mask=qs < W, other=0)
+    # goes summed over the block's tokens up to t (a triangular sum: Triton 3.6's scan lowering asserts
+    # on tl.cumsum along axis 0 of a 2-D block this small)
+    ts = tl.arange(0, BLOCK_T)
+    up_to = (ts[None, :] <= ts[:, None]).to(tl.int32)  # [t, s]: token s comes no later than t
+    sent_so_far = tl.sum(up_to[:, :, None] * goes[None, :, :], axis=1)  # [BLOCK_T, BLOCK_W]
+    dest_pos = tl.where(goes > 0, start[None, :] + sent_so_far - 1, -1)
+    if tl.program_id(1) == 0:
+        tl.store(dest_pos_ptr + tokens[:, None] * W + qs[None, :], dest_pos, mask=in_range[:, None] & (qs[None, :] < W))
     weights = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=pair_mask).to(tl.float32)
     meta_w = 1 + 2 * K
     for q in range(W):
-        pos = tl.load(dest_pos_ptr + tokens * W + q, mask=in_range, other=-1)
-        goes = pos >= 0
+        pos = tl.sum(tl.where(qs[None, :] == q, dest_pos, 0), axis=1)  # column q
+        goes_q = pos >= 0
         slot = ring_rows + my_rank * per_source + pos.to(tl.int64)
         rows = tl.load(rows_table + q).to(tl.pointer_type(x_ptr.dtype.element_ty))
         for h0 in range(tl.program_id(1) * BLOCK_H, H, tl.num_programs(1) * BLOCK_H):  # this program's columns
             cols = h0 + tl.arange(0, BLOCK_H)
-            mask = goes[:, None] & (cols[None, :] < H)
+            mask = goes_q[:, None] & (cols[None, :] < H)
             tile = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :], mask=mask)
             tl.store(rows + slot[:, None] * H + cols[None, :], tile, mask=mask)
         if tl.program_id(1) == 0:  # metadata (token, K expert ids, K weights as float32 bits)
             meta = tl.load(meta_table + q).to(tl.pointer_type(tl.int32)) + slot * meta_w
-            tl.store(meta, tokens.to(tl.int32), mask=goes)
-            pair_goes = pair_mask & goes[:, None]
+            tl.store(meta, tokens.to(tl.int32), mask=goes_q)
+            pair_goes = pair_mask & goes_q[:, None]
             tl.store(meta[:, None] + 1 + ks[None, :], ids, mask=pair_goes)
             tl.store(meta[:, None] + 1 + K + ks[None, :], weights.to(tl.int32, bitcast=True), mask=pair_goes)
     programs = tl.num_programs(0) * tl.num_programs(1)
-    _signal_when_last(
+    last = _signal_when_last(
         done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, programs, W, FLAG_W, C,
         BLOCK_C,
     )  # fmt: skip
+    if last:  # the counts were read into the flags: zero them for the next call's count
+        tl.debug_barrier()
+        cs = tl.arange(0, BLOCK_C)
+        for q in range(W):
+            tl.store(counts_ptr + q * C + cs, 0, mask=cs < C)
 
 
 def send_tokens(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    dest_pos: torch.Tensor,
     counts: torch.Tensor,
+    plan_done: torch.Tensor,
     rows_table: torch.Tensor,
     meta_table: torch.Tensor,
     flag_table: torch.Tensor,
@@ -196,26 +208,40 @@ def send_tokens(
     flag_width: int,
     ring_slots: int,
     tokens_per_program: int = 4,
-) -> None:
-    """x [T, H], topk_ids [T, K], topk_weights [T, K], dest_pos int32 [T, W] and counts int32 [W, C] (what
-    rank q's flags carry after the epoch: tokens to q first) as plan_peer_sends returns them -> rows into
-    the ring slot [W * per_source, H] of every rank's rows buffer, metadata int32 [W * per_source, 1 + 2K]
-    (token, expert ids, router weights as float32 bits) beside them, flags [W, flag_width >= 1 + C]; each
-    buffer a ring of ring_slots. done: int32 [1], zero between calls; epoch: int32 [1], this stage's,
-    advanced by one."""
+) -> torch.Tensor:
+    """x [T, H], topk_ids [T, K] (global expert ids: expert g lives on rank g // E_local), topk_weights
+    [T, K] -> rows into the ring slot [W * per_source, H] of every rank's rows buffer, metadata int32
+    [W * per_source, 1 + 2K] (token, expert ids, router weights as float32 bits) beside them, flags
+    [W, flag_width >= 1 + C]; each buffer a ring of ring_slots. Returns dest_pos int32 [T, W]: the token's
+    row among this rank's rows for rank q (tokens ascending), -1 if none of its experts is there.
+
+    Two kernels: one counts, per token block, the tokens for each rank (its last program turns them into
+    each block's first row) and adds the pairs per expert into counts int32 [W, C = 1 + E_local] (zero
+    between calls: tokens to q, then pairs per local expert of q: what q's flags carry); the send kernel
+    then places its block's tokens and zeroes counts after signalling. plan_done and done: int32 [1], zero
+    between calls; epoch: int32 [1], this stage's, advanced by one."""
     T, H = x.shape
     K = topk_ids.shape[1]
     W, C = counts.shape
     block_t, block_h = triton.next_power_of_2(max(1, tokens_per_program)), _block_h(H)
+    block_k, block_w = triton.next_power_of_2(K), triton.next_power_of_2(W)
     token_programs = max(1, triton.cdiv(T, block_t))  # one program at least: it signals
+    topk_ids = topk_ids.contiguous()
+    dest_pos = torch.empty(T, W, dtype=torch.int32, device=x.device)
+    block_starts = torch.empty(token_programs, W, dtype=torch.int32, device=x.device)
+    _count_sends_kernel[(token_programs,)](
+        topk_ids, block_starts, counts, plan_done, T, K, W, C - 1, C,
+        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_W=block_w, BLOCK_B=_SCAN_BLOCK,
+    )  # fmt: skip
     # few tokens (decode): a few programs per token block, each a stride of column blocks
     column_programs = max(1, min(triton.cdiv(max(H, 1), block_h), triton.cdiv(_ENOUGH_PROGRAMS, token_programs)))
     _send_tokens_kernel[(token_programs, column_programs)](
-        x, topk_ids.contiguous(), topk_weights.contiguous(), dest_pos, counts, rows_table, meta_table, flag_table,
-        done, epoch, T, H, K, x.stride(0), per_source, my_rank, W, flag_width, C,
-        RING=ring_slots, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=triton.next_power_of_2(K),
+        x, topk_ids, topk_weights.contiguous(), block_starts, dest_pos, counts, rows_table, meta_table, flag_table,
+        done, epoch, T, H, K, x.stride(0), per_source, my_rank, W, C - 1, flag_width, C,
+        RING=ring_slots, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_W=block_w,
         BLOCK_C=triton.next_power_of_2(C),
     )  # fmt: skip
+    return dest_pos
 
 
 @triton.jit
