@@ -210,8 +210,16 @@ def test_simulated_group_dispatch_combine(device, dtype, dispatcher_cls, case):
         run_step(dispatchers, device, dtype, E, K, tokens, skew_to, with_shared, g)
 
 
-def test_fixed_edge_cases(device, dtype, dispatcher_cls):
-    """K = E, all tokens on one expert, a rank with no tokens, odd sizes: one step each on 3 ranks."""
+@pytest.mark.parametrize("few_programs", [False, True])
+def test_fixed_edge_cases(device, dtype, dispatcher_cls, few_programs, monkeypatch):
+    """K = E, all tokens on one expert, a rank with no tokens, odd sizes: one step each on 3 ranks. Rows are
+    moved 8 columns at a time (3 column blocks), by a few programs per token block or slot (the decode
+    launches), or, with the kernels' program budget at 1, by one that walks every column block."""
+    from moekit.kernels import peer_puts
+
+    monkeypatch.setattr(peer_puts, "_MAX_BLOCK_H", 8)
+    if few_programs:
+        monkeypatch.setattr(peer_puts, "_ENOUGH_PROGRAMS", 1)
     g = torch.Generator().manual_seed(7)
     for E, K, tokens, skew_to in [(3, 3, [5, 0, 7], None), (6, 2, [MAX_TOKENS, 3, 1], 4), (3, 1, [0, 0, 0], None)]:
         group = SimulatedGroup(3, device)
