@@ -1,14 +1,14 @@
 """The whole MoE layer (router + routed experts + a shared expert) against the same layer on the naive
-backend (on GPU: on grouped_mm, which never waits on the host), and the dispatch + combine of every
+backend (on GPU: on grouped_mm, which never waits on the host), the dispatch + combine of every
 expert-parallel path against the nccl path, on one rank (the packing and unpacking every path does around
-its collectives)."""
+its collectives), and the expert-parallel layer overlapped against synchronous (moekit bench ep's pair)."""
 
 import pytest
 import torch
 
 from moekit import MoEConfig, make_problem, route
 from moekit.bench.flops import routed_expert_flops
-from moekit.dist import DISPATCHERS
+from moekit.dist import DISPATCHERS, ep_forward
 from moekit.experts import EXPERT_BACKENDS
 from moekit.layer import MoELayer
 
@@ -58,3 +58,36 @@ def test_dispatch_combine_on_one_rank(path, perf, perf_device):
     rows_moved = 2 * T * CONFIG.top_k * H * problem.x.element_size()  # there and back, one row per pair
     # every path reads its split sizes or counts on the host
     perf(round_trip(path), round_trip("nccl"), reference_name="nccl", bytes_moved=rows_moved, host_bound=True)
+
+
+EP_CASES = [("nccl", "grouped_mm_fused" if GPU else "grouped_mm"), ("nvshmem_triton_graph", "triton_grouped")]
+
+
+@pytest.mark.benchmark(group="ep_layer")
+@pytest.mark.parametrize(("path", "backend"), EP_CASES, ids=[path for path, _ in EP_CASES])
+def test_ep_layer_overlapped(path, backend, perf, perf_device):
+    """moekit bench ep's two layers on one rank: overlapped (the shared expert on a second stream, two token
+    chunks in flight) against the synchronous layer on the same dispatcher, timed in the same run; a fixed-
+    shape dispatcher's layers as CUDA-graph replays."""
+    for ok, reason in (
+        DISPATCHERS.get(path).fn.supports(1, perf_device.type),
+        EXPERT_BACKENDS.get(backend).supports(perf_device, DTYPE),
+    ):
+        if not ok:
+            pytest.skip(reason)
+    problem = make_problem(CONFIG, EXPERT_TOKENS, seed=0, device=perf_device)
+    dispatcher = DISPATCHERS.get(path).fn(
+        None, CONFIG.num_experts, CONFIG.hidden_size, EXPERT_TOKENS, DTYPE, perf_device
+    )
+
+    def layer(chunks: int, overlap: bool):
+        return lambda: ep_forward(
+            problem.x, problem.weights, CONFIG, dispatcher, backend, chunks=chunks, shared_overlap=overlap,
+            check_values=False,
+        )  # fmt: skip
+
+    flops = routed_expert_flops(EXPERT_TOKENS, CONFIG) * (CONFIG.top_k + 1) / CONFIG.top_k  # + the shared expert
+    fixed = dispatcher.fixed_shapes
+    with torch.inference_mode():
+        perf(layer(2, True), layer(1, False), reference_name="ep_forward synchronous", flops=flops, graphs=fixed,
+             host_bound=not fixed)  # fmt: skip
