@@ -18,6 +18,7 @@ from moekit.config import MoEConfig
 from moekit.dist import DISPATCHERS, ep_forward
 from moekit.dist.base import group_size_and_rank
 from moekit.dist.forward import chunk_bounds, shared_experts
+from moekit.dist.local_experts import check_backend_fits
 from moekit.experts import EXPERT_BACKENDS
 from moekit.routing import ROUTERS, route
 from moekit.validation import check_tensor, trusted_values
@@ -84,6 +85,7 @@ class MoELayer(nn.Module):
         self.dispatcher = None
         if dispatcher is not None:
             cls = DISPATCHERS.get(dispatcher).fn
+            check_backend_fits(cls, backend, own_first)  # here, not at the first forward
             agree_across_ranks(
                 group,
                 config=config,

@@ -44,3 +44,14 @@ def test_layer_holds_its_weights_as_parameters_and_checks_input():
         layer(torch.randn(3, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown expert backend 'nope'"):
         MoELayer(config, backend="nope")
+
+
+def test_layer_refuses_a_backend_its_dispatcher_cannot_feed_when_built():
+    """The fixed-shape dispatcher's padded rows need triton_grouped, and own_first cannot run on it: the
+    constructor says so, before any dispatcher, buffer or collective exists (here on a CPU, where that
+    dispatcher could not even be made)."""
+    config = MoEConfig(hidden_size=16, ffn_size=8, num_experts=4, top_k=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="only expert backend 'triton_grouped'.*got 'grouped_mm'"):
+        MoELayer(config, backend="grouped_mm", dispatcher="nvshmem_triton_graph")
+    with pytest.raises(ValueError, match="own_first"):
+        MoELayer(config, backend="triton_grouped", dispatcher="nvshmem_triton_graph", own_first=True)

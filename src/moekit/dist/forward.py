@@ -75,12 +75,7 @@ def ep_forward(
     (nvshmem_triton_graph) nothing else waits for the host, and the forward can be captured in a CUDA graph.
     """
     check_group_matches(dispatcher, config, weights, group)
-    check_backend_fits(dispatcher, backend_name)  # before any communication
-    if own_first and dispatcher.fixed_shapes:
-        raise ValueError(
-            f"own_first matches rows by their count, which dispatcher {dispatcher.name!r} keeps on the device: "
-            "pass own_first=False"
-        )
+    check_backend_fits(dispatcher, backend_name, own_first)  # before any communication
     bounds = chunk_bounds(x.shape[0], chunks)
     routing = route(router_logits(x, weights), config, weights.score_correction_bias, check_values=check_values)
 

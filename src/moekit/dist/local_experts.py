@@ -41,13 +41,20 @@ def run_local_experts(
 FIXED_SHAPE_BACKEND = "triton_grouped"
 
 
-def check_backend_fits(dispatcher: Dispatcher, backend_name: str) -> None:
-    """A fixed-shape dispatcher's padded rows need the backend that reads device-side offsets."""
+def check_backend_fits(dispatcher: Dispatcher | type[Dispatcher], backend_name: str, own_first: bool = False) -> None:
+    """A fixed-shape dispatcher's padded rows need the backend that reads device-side offsets, and its
+    counts stay on the device, where own_first cannot match rows by them. dispatcher: one, or its class
+    (a layer checks before it makes one)."""
     EXPERT_BACKENDS.get(backend_name)  # an unknown name fails here
     if dispatcher.fixed_shapes and backend_name != FIXED_SHAPE_BACKEND:
         raise ValueError(
             f"dispatcher {dispatcher.name!r} returns padded rows with device-side expert offsets (fixed shapes, "
             f"no host sync); only expert backend {FIXED_SHAPE_BACKEND!r} runs on those, got {backend_name!r}"
+        )
+    if own_first and dispatcher.fixed_shapes:
+        raise ValueError(
+            f"own_first matches rows by their count, which dispatcher {dispatcher.name!r} keeps on the device: "
+            "pass own_first=False"
         )
 
 
