@@ -17,8 +17,8 @@ Kernels (each with its launcher below):
   send_tokens               dispatch: counts the tokens per destination rank (per token block, scanned),
                             then stores rows and metadata to every destination rank, then its flags
   wait_for_all_arrivals     one program per source rank, spinning until that rank's flag shows the epoch
-  expand_received           the arrived tokens as rows grouped by local expert (one program per expert
-                            places its rows by a running count), then one gather of their values
+  expand_received           the arrived tokens as rows grouped by local expert (one program per local
+                            expert and source rank places its rows by a running count), then one gather
   send_tokens_back          combine: the weighted sum of a received token's expert rows, stored into its
                             source rank's back buffer, then flags
   reduce_and_copy_to_output each token's rows from every rank summed (+ the shared expert) -> y
@@ -292,16 +292,21 @@ def _expand_received_kernel(
     )
     per_expert = tl.sum(pairs, axis=0).to(tl.int64)
     total = tl.sum(per_expert, axis=0)
-    e = tl.program_id(0)
-    if e < E_local:  # the rows of local expert e, in (slot, k) order
+    program = tl.program_id(0)
+    if program < E_local * W:  # the rows of local expert e from source rank q, in (slot, k) order
+        e, q = program // W, program % W
         start = tl.sum(tl.where(es < e, per_expert, 0), axis=0)  # this expert's first row
-        count = tl.sum(tl.where(es == e, per_expert, 0), axis=0)
-        tl.store(counts_ptr + e, count)
-        tl.store(offsets_ptr + e + 1, start + count)
-        row = start
-        for s0 in range(0, S, BLOCK_S):
+        if q == 0:
+            count = tl.sum(tl.where(es == e, per_expert, 0), axis=0)
+            tl.store(counts_ptr + e, count)
+            tl.store(offsets_ptr + e + 1, start + count)
+        earlier = tl.where((qs[:, None] < q) & (es[None, :] == e), pairs, 0)  # expert e's pairs from ranks < q
+        row = start + tl.sum(tl.sum(earlier, axis=1), axis=0)
+        first = q * per_source
+        end = first + tl.load(flags + q * FLAG_W + 1)  # past the last slot a token from q arrived in
+        for s0 in range(first, end, BLOCK_S):
             slot, k, src, ok, ids = _slot_pairs(flags, meta, s0, S, per_source, K, FLAG_W, META_W, BLOCK_S, BLOCK_K)
-            hit = ok & (ids - expert_start == e)
+            hit = ok & (slot < end) & (ids - expert_start == e)
             position = row + tl.cumsum(hit.to(tl.int64), axis=0) - 1
             tl.store(row_of_pair_ptr + slot * K + k, position.to(tl.int32), mask=hit)
             tl.store(slot_of_row_ptr + position, slot, mask=hit)
@@ -365,7 +370,7 @@ def expand_received(
     offsets = torch.empty(num_local_experts + 1, dtype=torch.int64, device=device)
     recv_counts = torch.empty(W, dtype=torch.int32, device=device)
     block_s = max(1, 256 // triton.next_power_of_2(K))
-    _expand_received_kernel[(num_local_experts + 1,)](
+    _expand_received_kernel[(num_local_experts * W + 1,)](
         flags, meta, epoch, row_of_pair, slot_of_row, src_rank, src_token, weight, counts, offsets, recv_counts,
         S, S // W, W, K, num_local_experts, expert_start, num_rows, flag_width, meta_width,
         RING=ring_slots, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(K), BLOCK_W=triton.next_power_of_2(W),
