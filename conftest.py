@@ -57,6 +57,22 @@ def device(request) -> torch.device:
 
 
 @pytest.fixture
+def skip_unless_triton_runs(device):
+    """skip_unless_triton_runs(dtype): skips the test where moekit's Triton kernels cannot run on `device` in
+    dtype, and the CUDA run under TRITON_INTERPRET=1 (the CPU run again, with copies; the GPU run compiles)."""
+    from moekit.kernels.availability import triton_support
+
+    def check(dtype: torch.dtype) -> None:
+        ok, reason = triton_support(device, dtype)
+        if not ok:
+            pytest.skip(reason)
+        if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("under TRITON_INTERPRET=1 a CUDA run is the CPU run with copies; the GPU run compiles")
+
+    return check
+
+
+@pytest.fixture
 def tolerance():
     """The dtype -> relative-error table (moekit.testing.TOLERANCE)."""
     return TOLERANCE

@@ -10,7 +10,6 @@ and that the flags show the step's epoch. The dispatcher on it: test_padded_trit
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -18,7 +17,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moekit.kernels.availability import triton_support
 from moekit.testing.simulated_heap import SimulatedGroup
 
 ROW_CAPACITY, META_CAPACITY = 40, 24  # elements per block of the receive buffers
@@ -26,12 +24,8 @@ META_POISON = -7
 
 
 @pytest.fixture(params=[torch.float32, torch.float16, torch.bfloat16], ids=str)
-def dtype(request, device):
-    ok, reason = triton_support(device, request.param)
-    if not ok:
-        pytest.skip(reason)
-    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("under TRITON_INTERPRET=1 a CUDA run is the CPU run with copies; the GPU run compiles")
+def dtype(request, skip_unless_triton_runs):
+    skip_unless_triton_runs(request.param)
     return request.param
 
 

@@ -12,8 +12,6 @@ Real ranks on GPUs: tests/distributed/test_gpu_dispatchers.py.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +19,6 @@ from hypothesis import strategies as st
 
 from moekit.dist import DISPATCHERS
 from moekit.dist.nvshmem_triton import RING, NvshmemTritonDispatcher, NvshmemTritonGraphDispatcher
-from moekit.kernels.availability import triton_support
 from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.simulated_heap import SimulatedGroup
 
@@ -35,12 +32,8 @@ def dispatcher_cls(request):
 
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=str)
-def dtype(request, device):
-    ok, reason = triton_support(device, request.param)
-    if not ok:
-        pytest.skip(reason)
-    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("under TRITON_INTERPRET=1 a CUDA run is the CPU run with copies; the GPU run compiles")
+def dtype(request, skip_unless_triton_runs):
+    skip_unless_triton_runs(request.param)
     return request.param
 
 
@@ -157,17 +150,13 @@ def scenarios(draw):
     tokens_per_program=st.sampled_from([1, 4, 16]),
     seed=st.integers(0, 99),
 )
-def test_send_plan_matches_torch(device, W, E_local, K, T, tokens_per_program, seed):
+def test_send_plan_matches_torch(device, skip_unless_triton_runs, W, E_local, K, T, tokens_per_program, seed):
     """The send kernels' plan (token blocks counted in parallel, their first rows scanned; up to 300 blocks)
     equals the torch plan on every rank, two steps in a row (the counts are rearmed): dest_pos, each token's
     row among the tokens sent to rank q, and the counts rank q's flags carry (tokens, pairs per local expert)."""
     from moekit.dist.base import plan_sends
 
-    ok, reason = triton_support(device, torch.float32)
-    if not ok:
-        pytest.skip(reason)
-    if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cuda":
-        pytest.skip("under TRITON_INTERPRET=1 a CUDA run is the CPU run with copies; the GPU run compiles")
+    skip_unless_triton_runs(torch.float32)
     E, K, H_small = W * E_local, min(K, W * E_local), 4
     g = torch.Generator().manual_seed(seed)
     group = SimulatedGroup(W, device)
@@ -285,17 +274,13 @@ def test_graph_replays_every_rank_step(device, dtype):
         check_combined(dispatchers, inputs, ys)
 
 
-def test_ep_forward_on_fixed_shapes_matches_oracle(device):
+def test_ep_forward_on_fixed_shapes_matches_oracle(device, skip_unless_triton_runs):
     """ep_forward on nvshmem_triton_graph (one rank; padded rows through moekit's grouped GEMM) equals the
     float64 oracle, chunked and not; on a GPU also captured in a CUDA graph and replayed on new tokens."""
     from moekit import MoEConfig, make_problem, reference_moe
     from moekit.dist import ep_forward
 
-    ok, reason = triton_support(device, torch.float32)
-    if not ok:
-        pytest.skip(reason)
-    if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cuda":
-        pytest.skip("under TRITON_INTERPRET=1 a CUDA run is the CPU run with copies; the GPU run compiles")
+    skip_unless_triton_runs(torch.float32)
     config = MoEConfig(32, 48, 6, 3, num_shared_experts=1, dtype=torch.float32)
     problem = make_problem(config, 40, seed=5, device=device)
     d = NvshmemTritonGraphDispatcher(None, 6, 32, 40, torch.float32, device, heap=SimulatedGroup(1, device).rank(0))

@@ -40,7 +40,7 @@ import torch
 from moekit.dist.base import Dispatcher, _require_int
 from moekit.dist.handle import RecvMeta
 from moekit.dist.registry import DISPATCHERS
-from moekit.dist.symmetric_heap import LocalHeap, SymmetricHeap, TorchSymmetricHeap
+from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
 from moekit.kernels.availability import triton_support
 from moekit.registry import Support
 
@@ -85,7 +85,7 @@ class PendingCombine:
 
 
 @DISPATCHERS.register("nvshmem_triton")
-class NvshmemTritonDispatcher(Dispatcher):
+class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
     """Triton kernels store rows into the peers' symmetric buffers and signal; no collective on the data path."""
 
     name = "nvshmem_triton"
@@ -107,8 +107,7 @@ class NvshmemTritonDispatcher(Dispatcher):
         super().__init__(group, num_experts, hidden, max_tokens, dtype, device)
         _require_int("tokens_per_program", tokens_per_program, 1)
         self.tokens_per_program = tokens_per_program
-        if self._heap is None:
-            self._heap = LocalHeap(self.device) if self.world_size == 1 else TorchSymmetricHeap(group, self.device)
+        self.default_heap()
         self._per_source = max(1, max_tokens)  # M: receive slots per source rank
         self._slots = self.world_size * self._per_source
         self._recv, self._recv_table = self._heap.empty((RING, self._slots, hidden), dtype)
@@ -124,28 +123,6 @@ class NvshmemTritonDispatcher(Dispatcher):
         self._meta_table: torch.Tensor | None = None
         self._top_k: int | None = None
         self._heap.barrier()  # every rank's flags are zero before anyone signals
-
-    @classmethod
-    def supports(cls, world_size: int, device_type: str) -> Support:
-        if device_type != "cuda":
-            return False, (
-                "needs CUDA symmetric memory; on the CPU its kernels run under TRITON_INTERPRET=1 with every "
-                "rank in one process (moekit.testing.simulated_heap)"
-            )
-        return True, ""
-
-    def supported_here(self, world_size: int, device: torch.device, dtype: torch.dtype) -> Support:
-        ok, reason = triton_support(device, dtype)
-        if not ok:
-            return ok, reason
-        if self._heap is not None:
-            return True, ""
-        return self.supports(world_size, device.type)
-
-    def group_size_and_rank(self, group) -> tuple[int, int]:
-        if self._heap is not None:
-            return self._heap.world_size, self._heap.rank
-        return super().group_size_and_rank(group)
 
     def _meta_buffers(self, top_k: int) -> None:
         """The metadata ring [RING, W * M, 1 + 2K] int32, allocated (collectively) on the first call."""

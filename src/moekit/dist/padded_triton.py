@@ -33,7 +33,7 @@ import torch
 
 from moekit.dist.padded import COMBINE, DISPATCH, PaddedDispatcher
 from moekit.dist.registry import DISPATCHERS
-from moekit.dist.symmetric_heap import LocalHeap, SymmetricHeap, TorchSymmetricHeap
+from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
 from moekit.kernels.availability import triton_support
 from moekit.registry import Support
 
@@ -54,7 +54,7 @@ class Arrival:
 
 
 @DISPATCHERS.register("padded_triton")
-class PaddedTritonDispatcher(PaddedDispatcher):
+class PaddedTritonDispatcher(OnSymmetricHeap, PaddedDispatcher):
     """padded, its equal-split exchanges done by a Triton put kernel into symmetric buffers and a flag wait."""
 
     name = "padded_triton"
@@ -80,31 +80,10 @@ class PaddedTritonDispatcher(PaddedDispatcher):
         self._epochs = [0, 0]  # per stage: the last epoch signalled
         self._heap.barrier()  # every rank's flags are zero before anyone signals
 
-    @classmethod
-    def supports(cls, world_size: int, device_type: str) -> Support:
-        if device_type != "cuda":
-            return False, (
-                "needs CUDA symmetric memory; its kernel is checked on the CPU under TRITON_INTERPRET=1 with every "
-                "rank in one process (tests/distributed/test_fixed_messages.py)"
-            )
-        return True, ""
-
-    def supported_here(self, world_size: int, device: torch.device, dtype: torch.dtype) -> Support:
-        ok, reason = triton_support(device, dtype)
-        if not ok or self._heap is not None:
-            return ok, reason
-        return self.supports(world_size, device.type)
-
-    def group_size_and_rank(self, group) -> tuple[int, int]:
-        if self._heap is not None:
-            return self._heap.world_size, self._heap.rank
-        return super().group_size_and_rank(group)
-
     def _allocate_receive_buffers(self, size: int) -> None:
         """Symmetric, each a (buffer [size], address table int64 [W]): dispatch's rows and combine's ring of
         BACK_RING (padded's constructor calls this, so the default heap is made here)."""
-        if self._heap is None:
-            self._heap = LocalHeap(self.device) if self.world_size == 1 else TorchSymmetricHeap(self.group, self.device)
+        self.default_heap()
         self._rows_inbox = self._heap.empty((size,), self.dtype)
         self._back_inboxes = [self._heap.empty((size,), self.dtype) for _ in range(BACK_RING)]
 

@@ -8,6 +8,7 @@ TorchSymmetricHeap uses torch.distributed._symmetric_memory: on one node its buf
 into every rank (NVSHMEM's heap when torch's symmetric-memory backend is set to NVSHMEM, CUDA's IPC
 allocations by default), so a plain store to a table address lands in the peer's memory.
 moekit.testing.simulated_heap plays every rank of a group in one process, for the CPU tests.
+OnSymmetricHeap is what a dispatcher whose Triton kernels store into such buffers has in common.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+from moekit.kernels.availability import triton_support
+from moekit.registry import Support
 
 
 class SymmetricHeap(Protocol):
@@ -73,3 +77,37 @@ class LocalHeap:
     def barrier(self) -> None:
         """One rank: nothing to wait for."""
 
+
+
+class OnSymmetricHeap:
+    """Mixin for a Dispatcher whose Triton kernels store into the peers' symmetric buffers: CUDA only, or any
+    device with a heap passed in (a simulated group under TRITON_INTERPRET=1 on the CPU), whose world size
+    and rank are then the group's. Set self._heap (the one passed, or None) before Dispatcher.__init__."""
+
+    _heap: SymmetricHeap | None
+
+    @classmethod
+    def supports(cls, world_size: int, device_type: str) -> Support:
+        if device_type != "cuda":
+            return False, (
+                "needs CUDA symmetric memory; on the CPU its kernels run under TRITON_INTERPRET=1 with every "
+                "rank in one process (moekit.testing.simulated_heap)"
+            )
+        return True, ""
+
+    def supported_here(self, world_size: int, device: torch.device, dtype: torch.dtype) -> Support:
+        ok, reason = triton_support(device, dtype)
+        if not ok or self._heap is not None:
+            return ok, reason
+        return self.supports(world_size, device.type)
+
+    def group_size_and_rank(self, group) -> tuple[int, int]:
+        if self._heap is not None:
+            return self._heap.world_size, self._heap.rank
+        return super().group_size_and_rank(group)
+
+    def default_heap(self) -> SymmetricHeap:
+        """The heap passed in, else plain device buffers on one rank, torch's symmetric memory on more."""
+        if self._heap is None:
+            self._heap = LocalHeap(self.device) if self.world_size == 1 else TorchSymmetricHeap(self.group, self.device)
+        return self._heap
