@@ -41,8 +41,6 @@ from moekit.dist.base import Dispatcher, _require_int
 from moekit.dist.handle import RecvMeta
 from moekit.dist.registry import DISPATCHERS
 from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
-from moekit.kernels.availability import triton_support
-from moekit.registry import Support
 
 RING = 3  # slots per buffer; see the module docstring for why three
 DISPATCH, COMBINE, PLAN = 0, 1, 2  # the stages' done counters (PLAN: dispatch's counting kernel)
@@ -119,6 +117,19 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
         self._done = torch.zeros(3, dtype=torch.int32, device=self.device)  # programs finished, per kernel
         self._send_counts = torch.zeros(self.world_size, self._flag_width - 1, dtype=torch.int32, device=self.device)
         self._epoch = torch.zeros(2, dtype=torch.int32, device=self.device)  # per stage, advanced by the kernels
+        from moekit.kernels.peer_puts import Signal
+
+        self._signals = [
+            Signal(
+                self._flag_tables[st],
+                self._done[st : st + 1],
+                self._epoch[st : st + 1],
+                self.rank,
+                self._flag_width,
+                RING,
+            )
+            for st in (DISPATCH, COMBINE)
+        ]
         self._meta: torch.Tensor | None = None
         self._meta_table: torch.Tensor | None = None
         self._top_k: int | None = None
@@ -142,10 +153,9 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
         K = topk_ids.shape[1]
         self._meta_buffers(K)
         dest_pos = send_tokens(
-            x if x.stride(1) == 1 else x.contiguous(), topk_ids, topk_weights, self._send_counts, self._done[PLAN:],
-            self._recv_table, self._meta_table, self._flag_tables[DISPATCH], self._done[DISPATCH : DISPATCH + 1],
-            self._epoch[DISPATCH : DISPATCH + 1], self.rank, self._per_source, self._flag_width, RING,
-            self.tokens_per_program,
+            x if x.stride(1) == 1 else x.contiguous(), topk_ids, topk_weights, self._send_counts,
+            self._done[PLAN : PLAN + 1], self._recv_table, self._meta_table, self._per_source,
+            self._signals[DISPATCH], self.tokens_per_program,
         )  # fmt: skip
         return PendingDispatch(dest_pos, K)
 
@@ -186,8 +196,7 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
         expert_out = expert_out.to(self.dtype)
         send_tokens_back(
             expert_out if expert_out.stride(1) == 1 else expert_out.contiguous(), handle.row_weight,
-            handle.row_of_pair, handle.recv_counts[:, None], self._back_table, self._flag_tables[COMBINE],
-            self._done[COMBINE : COMBINE + 1], self._epoch[COMBINE : COMBINE + 1], self.rank, self._flag_width, RING,
+            handle.row_of_pair, handle.recv_counts[:, None], self._back_table, self._signals[COMBINE],
         )  # fmt: skip
         return PendingCombine(handle, shared_out)
 

@@ -34,8 +34,6 @@ import torch
 from moekit.dist.padded import COMBINE, DISPATCH, PaddedDispatcher
 from moekit.dist.registry import DISPATCHERS
 from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
-from moekit.kernels.availability import triton_support
-from moekit.registry import Support
 
 BACK_RING = 2  # combine's receive buffers; see the module docstring for why two
 

@@ -151,7 +151,11 @@ class SymmMemDispatcher(Dispatcher):
         weight = meta_rows[:, 1].to(torch.int32).view(torch.float32)
         local_counts = splits.view(E_local, W).sum(1).to(device)
         meta = RecvMeta(
-            local_counts, torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)]), src_rank, meta_rows[:, 0].clone(), weight
+            local_counts,
+            torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)]),
+            src_rank,
+            meta_rows[:, 0].clone(),
+            weight,
         )
         P = pending.token_of_pair.numel()
         rows = torch.arange(R, device=device)

@@ -78,7 +78,6 @@ class LocalHeap:
         """One rank: nothing to wait for."""
 
 
-
 class OnSymmetricHeap:
     """Mixin for a Dispatcher whose Triton kernels store into the peers' symmetric buffers: CUDA only, or any
     device with a heap passed in (a simulated group under TRITON_INTERPRET=1 on the CPU), whose world size

@@ -26,6 +26,8 @@ Kernels (each with its launcher below):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,20 @@ import triton.language as tl
 _MAX_BLOCK_H = 1024
 _ENOUGH_PROGRAMS = 1024  # to keep an H200's 132 SMs busy
 _SCAN_BLOCK = 256  # token blocks one step of the send plan's scan takes
+
+
+@dataclass(frozen=True)
+class Signal:
+    """How a sending kernel of one stage signals: flag_table int64 [W] (the addresses of every rank's flags
+    int32 [ring_slots, W, flag_width] for the stage), done int32 [1] (programs finished; zero between calls),
+    epoch int32 [1] (the stage's, on the device, advanced by one per call), this rank's index."""
+
+    flag_table: torch.Tensor
+    done: torch.Tensor
+    epoch: torch.Tensor
+    my_rank: int
+    flag_width: int
+    ring_slots: int
 
 
 def _block_h(H: int) -> int:
@@ -200,26 +216,21 @@ def send_tokens(
     plan_done: torch.Tensor,
     rows_table: torch.Tensor,
     meta_table: torch.Tensor,
-    flag_table: torch.Tensor,
-    done: torch.Tensor,
-    epoch: torch.Tensor,
-    my_rank: int,
     per_source: int,
-    flag_width: int,
-    ring_slots: int,
+    signal: Signal,
     tokens_per_program: int = 4,
 ) -> torch.Tensor:
     """x [T, H], topk_ids [T, K] (global expert ids: expert g lives on rank g // E_local), topk_weights
     [T, K] -> rows into the ring slot [W * per_source, H] of every rank's rows buffer, metadata int32
-    [W * per_source, 1 + 2K] (token, expert ids, router weights as float32 bits) beside them, flags
-    [W, flag_width >= 1 + C]; each buffer a ring of ring_slots. Returns dest_pos int32 [T, W]: the token's
+    [W * per_source, 1 + 2K] (token, expert ids, router weights as float32 bits) beside them, then the
+    signal (flag_width >= 1 + C); each buffer a ring of signal.ring_slots. Returns dest_pos int32 [T, W]: the token's
     row among this rank's rows for rank q (tokens ascending), -1 if none of its experts is there.
 
     Two kernels: one counts, per token block, the tokens for each rank (its last program turns them into
     each block's first row) and adds the pairs per expert into counts int32 [W, C = 1 + E_local] (zero
     between calls: tokens to q, then pairs per local expert of q: what q's flags carry); the send kernel
-    then places its block's tokens and zeroes counts after signalling. plan_done and done: int32 [1], zero
-    between calls; epoch: int32 [1], this stage's, advanced by one."""
+    then places its block's tokens and zeroes counts after signalling. plan_done: int32 [1], zero between
+    calls."""
     T, H = x.shape
     K = topk_ids.shape[1]
     W, C = counts.shape
@@ -236,10 +247,10 @@ def send_tokens(
     # few tokens (decode): a few programs per token block, each a stride of column blocks
     column_programs = max(1, min(triton.cdiv(max(H, 1), block_h), triton.cdiv(_ENOUGH_PROGRAMS, token_programs)))
     _send_tokens_kernel[(token_programs, column_programs)](
-        x, topk_ids, topk_weights.contiguous(), block_starts, dest_pos, counts, rows_table, meta_table, flag_table,
-        done, epoch, T, H, K, x.stride(0), per_source, my_rank, W, C - 1, flag_width, C,
-        RING=ring_slots, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_W=block_w,
-        BLOCK_C=triton.next_power_of_2(C),
+        x, topk_ids, topk_weights.contiguous(), block_starts, dest_pos, counts, rows_table, meta_table,
+        signal.flag_table, signal.done, signal.epoch, T, H, K, x.stride(0), per_source, signal.my_rank, W, C - 1,
+        signal.flag_width, C, RING=signal.ring_slots, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=block_k,
+        BLOCK_W=block_w, BLOCK_C=triton.next_power_of_2(C),
     )  # fmt: skip
     return dest_pos
 
@@ -440,18 +451,12 @@ def send_tokens_back(
     row_of_pair: torch.Tensor,
     counts: torch.Tensor,
     back_table: torch.Tensor,
-    flag_table: torch.Tensor,
-    done: torch.Tensor,
-    epoch: torch.Tensor,
-    my_rank: int,
-    flag_width: int,
-    ring_slots: int,
+    signal: Signal,
 ) -> None:
     """expert_out [R, H], row_weight float32 [R]; the token in receive slot s = src * per_source + j (of
     S = W * per_source) has its rows at row_of_pair int32 [S, K] (-1: not a row; all -1: no token there):
-    sum_rows weight * expert_out goes to row my_rank * per_source + j of rank src's back ring slot.
-    counts int32 [W, 1]: tokens going back to each rank; the flags have flag_width int32 per rank;
-    done, epoch and ring_slots as in send_tokens."""
+    sum_rows weight * expert_out goes to row my_rank * per_source + j of rank src's back ring slot, then
+    the signal carries counts int32 [W, 1]: tokens going back to each rank."""
     H = expert_out.shape[1]
     S, K = row_of_pair.shape
     W = counts.shape[0]
@@ -460,9 +465,9 @@ def send_tokens_back(
     # atomic, so many thousands of them would queue there instead
     column_programs = max(1, min(triton.cdiv(max(H, 1), block_h), triton.cdiv(_ENOUGH_PROGRAMS, S)))
     _send_tokens_back_kernel[(S, column_programs)](
-        expert_out, row_weight, row_of_pair, counts, back_table, flag_table, done, epoch,
-        H, K, expert_out.stride(0), S // W, my_rank, W, flag_width, counts.shape[1],
-        RING=ring_slots, BLOCK_K=triton.next_power_of_2(K), BLOCK_H=block_h,
+        expert_out, row_weight, row_of_pair, counts, back_table, signal.flag_table, signal.done, signal.epoch,
+        H, K, expert_out.stride(0), S // W, signal.my_rank, W, signal.flag_width, counts.shape[1],
+        RING=signal.ring_slots, BLOCK_K=triton.next_power_of_2(K), BLOCK_H=block_h,
         BLOCK_C=triton.next_power_of_2(counts.shape[1]),
     )  # fmt: skip
 
