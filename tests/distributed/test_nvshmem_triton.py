@@ -181,7 +181,7 @@ def test_send_plan_matches_torch(device, skip_unless_triton_runs, W, E_local, K,
             assert torch.equal(pending.dest_pos.cpu(), want), f"rank {p} dest_pos"
             pairs = torch.bincount(i.reshape(-1).long(), minlength=E).view(W, E_local)
             for q, d in enumerate(dispatchers):
-                flags = d._flags[0][int(d._epoch[0]) % RING, p].cpu()
+                flags = d._flags[0][int(d._signals[0].epoch) % RING, p].cpu()
                 assert torch.equal(flags[1:], torch.cat([plan.send_counts[q : q + 1], pairs[q]]).int()), f"{p} -> {q}"
 
 

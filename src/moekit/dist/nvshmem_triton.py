@@ -43,7 +43,7 @@ from moekit.dist.registry import DISPATCHERS
 from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
 
 RING = 3  # slots per buffer; see the module docstring for why three
-DISPATCH, COMBINE, PLAN = 0, 1, 2  # the stages' done counters (PLAN: dispatch's counting kernel)
+DISPATCH, COMBINE = 0, 1
 
 
 @dataclass(frozen=True)
@@ -113,23 +113,15 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
         self._flag_width = 2 + self.num_local_experts  # epoch, tokens, pairs per local expert
         flags = [self._heap.empty((RING, self.world_size, self._flag_width), torch.int32) for _ in (DISPATCH, COMBINE)]
         self._flags = [buffer.zero_() for buffer, _ in flags]
-        self._flag_tables = [table for _, table in flags]
-        self._done = torch.zeros(3, dtype=torch.int32, device=self.device)  # programs finished, per kernel
-        self._send_counts = torch.zeros(self.world_size, self._flag_width - 1, dtype=torch.int32, device=self.device)
-        self._epoch = torch.zeros(2, dtype=torch.int32, device=self.device)  # per stage, advanced by the kernels
         from moekit.kernels.peer_puts import Signal
 
-        self._signals = [
-            Signal(
-                self._flag_tables[st],
-                self._done[st : st + 1],
-                self._epoch[st : st + 1],
-                self.rank,
-                self._flag_width,
-                RING,
-            )
-            for st in (DISPATCH, COMBINE)
-        ]
+        def counter() -> torch.Tensor:
+            return torch.zeros(1, dtype=torch.int32, device=self.device)
+
+        # per stage: its programs-done counter and its epoch on the device, advanced by the sending kernels
+        self._signals = [Signal(table, counter(), counter(), self.rank, self._flag_width, RING) for _, table in flags]
+        self._plan_done = counter()  # the send plan's counting kernel
+        self._send_counts = torch.zeros(self.world_size, self._flag_width - 1, dtype=torch.int32, device=self.device)
         self._meta: torch.Tensor | None = None
         self._meta_table: torch.Tensor | None = None
         self._top_k: int | None = None
@@ -154,7 +146,7 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
         self._meta_buffers(K)
         dest_pos = send_tokens(
             x if x.stride(1) == 1 else x.contiguous(), topk_ids, topk_weights, self._send_counts,
-            self._done[PLAN : PLAN + 1], self._recv_table, self._meta_table, self._per_source,
+            self._plan_done, self._recv_table, self._meta_table, self._per_source,
             self._signals[DISPATCH], self.tokens_per_program,
         )  # fmt: skip
         return PendingDispatch(dest_pos, K)
@@ -169,7 +161,7 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
         expert (moekit.kernels.peer_puts.expand_received: two kernels, whatever the counts)."""
         from moekit.kernels.peer_puts import expand_received, wait_for_all_arrivals
 
-        epoch = self._epoch[DISPATCH : DISPATCH + 1]
+        epoch = self._signals[DISPATCH].epoch
         wait_for_all_arrivals(self._flags[DISPATCH], epoch)
         R = self._row_count(epoch, pending.top_k)
         recv_x, row_of_pair, src_rank, src_token, weight, counts, offsets, recv_counts = expand_received(
@@ -203,7 +195,7 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
     def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
         from moekit.kernels.peer_puts import reduce_and_copy_to_output, wait_for_all_arrivals
 
-        epoch = self._epoch[COMBINE : COMBINE + 1]
+        epoch = self._signals[COMBINE].epoch
         wait_for_all_arrivals(self._flags[COMBINE], epoch)
         return reduce_and_copy_to_output(self._back, epoch, pending.handle.dest_pos, pending.shared_out)
 

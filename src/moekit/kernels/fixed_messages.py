@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.kernels.peer_puts import last_to_finish
+
 _BLOCK = 4096  # elements one program moves per step: 16 KiB of float32, wide vector loads and stores
 _ENOUGH_PROGRAMS = 512  # about four per SM of an H200 (132 SMs), over all destination ranks
 
@@ -39,13 +41,10 @@ def _put_fixed_messages_kernel(
     q = tl.program_id(0)
     _copy_message(send_a, table_a, elems_a, offset_a, q, BLOCK)
     _copy_message(send_b, table_b, elems_b, offset_b, q, BLOCK)
-    tl.debug_barrier()  # the whole program's stores come before its count
-    finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
-    if finished == tl.num_programs(0) * tl.num_programs(1) - 1:  # the last program: everyone's stores are seen
+    if last_to_finish(done_ptr, tl.num_programs(0) * tl.num_programs(1), "sys"):  # everyone's stores are seen
         for r in range(W):
             flag = tl.load(flag_table + r).to(tl.pointer_type(tl.int32)) + my_rank
             tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
-        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")  # rearmed for the next launch
 
 
 def put_fixed_messages(

@@ -70,17 +70,27 @@ def _current_ring(epoch_ptr, RING: tl.constexpr):
 
 
 @triton.jit
+def last_to_finish(done_ptr, num_programs, SCOPE: tl.constexpr):
+    """Counts this program done on done_ptr (int32, zero before the launch), after all its stores; True in
+    the last program of the launch, which then sees every other program's stores and rearms the counter.
+    SCOPE: "gpu" when only this GPU reads what the programs stored, "sys" when peers do."""
+    tl.debug_barrier()  # the whole program's stores come before its count
+    last = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope=SCOPE) == num_programs - 1
+    if last:
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")  # nobody else counts any more in this launch
+    return last
+
+
+@triton.jit
 def _signal_when_last(
     done_ptr, epoch_ptr, epoch, flag_table, flag_offset, counts_ptr, my_rank, num_programs, W, FLAG_W, C,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Counts this program done; the last one writes counts[q, :C] and then epoch into row my_rank of
     every rank q's flags (flag_offset elements into its flag ring: the slot's start; release: everything
-    the group stored before is visible first), stores epoch as this stage's, and rearms the counter.
-    Returns whether this program was the last."""
-    tl.debug_barrier()  # the whole program's stores come before its count
-    finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
-    last = finished == num_programs - 1
+    the group stored before is visible first) and stores epoch as this stage's. Returns whether this
+    program was the last."""
+    last = last_to_finish(done_ptr, num_programs, "sys")
     if last:
         cols = tl.arange(0, BLOCK_C)
         for q in range(W):
@@ -89,7 +99,6 @@ def _signal_when_last(
             tl.store(flag + 1 + cols, counts, mask=cols < C)
             tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
         tl.store(epoch_ptr, epoch)
-        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
     return last
 
 
@@ -118,10 +127,8 @@ def _count_sends_kernel(
     tl.atomic_add(counts_ptr + dest * C + 1 + ids % E_local, 1, mask=pair_mask, sem="relaxed", scope="gpu")
     qs = tl.arange(0, BLOCK_W)
     tl.store(block_starts_ptr + block * W + qs, tl.sum(goes, axis=0), mask=qs < W)  # scanned below
-    tl.debug_barrier()  # the whole program's stores come before its count
-    finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
     blocks = tl.num_programs(0)
-    if finished == blocks - 1:  # the last program: the block counts -> each block's first row per rank
+    if last_to_finish(done_ptr, blocks, "gpu"):  # the block counts -> each block's first row per rank
         sent = tl.zeros([BLOCK_W], dtype=tl.int32)
         for b0 in range(0, blocks, BLOCK_B):
             bs = b0 + tl.arange(0, BLOCK_B)
@@ -131,7 +138,6 @@ def _count_sends_kernel(
             tl.store(block_starts_ptr + bs[:, None] * W + qs[None, :], starts, mask=mask)
             sent += tl.sum(block_counts, axis=0)
         tl.store(counts_ptr + qs * C, sent, mask=qs < W)
-        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
