@@ -237,6 +237,15 @@ class Dispatcher:
             if not _on_device(shared_out, self.device):
                 raise ValueError(f"shared_out must be on {self.device}, got {shared_out.device}")
 
+    def check_top_k_unchanged(self, top_k: int, set_up_for: int | None) -> None:
+        """A path whose symmetric buffers were sized, collectively, for the top_k of its first call (set_up_for;
+        None before it) refuses another: the peers' buffers cannot be reallocated by one rank."""
+        if set_up_for is not None and top_k != set_up_for:
+            raise ValueError(
+                f"topk_ids has {top_k} columns; this {self.name} dispatcher was set up for top_k={set_up_for} "
+                "on its first call (its buffers are symmetric): make another for another top_k"
+            )
+
     # ---- the shared halves of combine ------------------------------------------------------------
 
     def reduce_rows(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:

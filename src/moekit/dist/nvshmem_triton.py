@@ -129,14 +129,10 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
 
     def _meta_buffers(self, top_k: int) -> None:
         """The metadata ring [RING, W * M, 1 + 2K] int32, allocated (collectively) on the first call."""
+        self.check_top_k_unchanged(top_k, self._top_k)
         if self._top_k is None:
             self._meta, self._meta_table = self._heap.empty((RING, self._slots, 1 + 2 * top_k), torch.int32)
             self._top_k = top_k
-        elif top_k != self._top_k:
-            raise ValueError(
-                f"topk_ids has {top_k} columns; this {self.name} dispatcher was set up for top_k={self._top_k} "
-                "on its first call (its metadata buffers are symmetric): make another for another top_k"
-            )
 
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
         from moekit.kernels.peer_puts import send_tokens

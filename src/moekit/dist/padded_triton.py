@@ -87,16 +87,12 @@ class PaddedTritonDispatcher(OnSymmetricHeap, PaddedDispatcher):
 
     def _meta_buffers(self, top_k: int) -> torch.Tensor:
         """The metadata send buffer; with it, on the first call, the symmetric receive buffer (collective)."""
+        self.check_top_k_unchanged(top_k, self._top_k)
         if self._top_k is None:
             size = self.max_slots * (1 + 2 * top_k)
             self._meta_inbox = self._heap.empty((size,), torch.int64)
             self._send_meta = torch.empty(size, dtype=torch.int64, device=self.device)
             self._top_k = top_k
-        elif top_k != self._top_k:
-            raise ValueError(
-                f"topk_ids has {top_k} columns; this {self.name} dispatcher was set up for top_k={self._top_k} "
-                "on its first call (its metadata buffers are symmetric): make another for another top_k"
-            )
         return self._send_meta
 
     def _exchange(self, stage: int, sends: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:

@@ -95,12 +95,8 @@ class SymmMemDispatcher(Dispatcher):
 
     def _buffers(self, top_k: int) -> None:
         """Every symmetric buffer, allocated (collectively) on the first call."""
+        self.check_top_k_unchanged(top_k, self._top_k)
         if self._top_k is not None:
-            if top_k != self._top_k:
-                raise ValueError(
-                    f"topk_ids has {top_k} columns; this symm_mem dispatcher was set up for top_k={self._top_k} "
-                    "on its first call (its buffers are symmetric): make another for another top_k"
-                )
             return
         W, E_local, H = self.world_size, self.num_local_experts, self.hidden
         sent = max(1, self.max_tokens * top_k)
