@@ -1,7 +1,9 @@
 """Every dispatcher that runs on CUDA, on real ranks (spawned, NCCL, one GPU each), on every world size
 the machine has GPUs for: ep_forward with real experts (fp32, a shared expert, uneven token counts, a
 rank without tokens) equals the float64 oracle over several calls (buffer rings turned, chunked
-pipelining), and combine(dispatch(x)) with identity experts in bf16 is sum_k w_k x + shared_out."""
+pipelining), and combine(dispatch(x)) with identity experts in bf16 is sum_k w_k x + shared_out.
+The same check runs with 2 and 3 ranks sharing one GPU over gloo (NCCL refuses that): separate processes
+storing into each other's buffers and waiting on each other's flags, which one GPU can test."""
 
 from __future__ import annotations
 
@@ -23,8 +25,17 @@ CASES = [
 ]
 
 
-def _on_rank(rank, world_size, path):
-    device = torch.device("cuda", rank)
+SHARED_GPU_CASES = [
+    (ws, impl.name)
+    for ws in (2, 3)
+    for impl in DISPATCHERS
+    if impl.name != "symm_mem" and impl.fn.supports(ws, "cuda")[0]
+]
+
+
+def _on_rank(rank, world_size, path, shared_gpu=False):
+    device = torch.device("cuda", 0 if shared_gpu else rank)
+    torch.cuda.set_device(device)
     tokens = TOKENS[:world_size]
     start, T = sum(tokens[:rank]), tokens[rank]
     config = MoEConfig(64, 96, 4 * world_size, 3, num_shared_experts=1, dtype=torch.float32)
@@ -52,11 +63,43 @@ def _on_rank(rank, world_size, path):
 def test_dispatcher_on_gpus_matches_oracle(world_size, path):
     if GPUS < world_size:
         pytest.skip(f"needs {world_size} CUDA devices; {GPUS} here")
-    for layers, identity in spawn_ranks(_on_rank, world_size, path, backend="nccl", timeout_s=300):
+    _assert_ranks_match(spawn_ranks(_on_rank, world_size, path, backend="nccl", timeout_s=300), path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("world_size", "path"), SHARED_GPU_CASES, ids=[f"{ws}-ranks-one-gpu-{p}" for ws, p in SHARED_GPU_CASES]
+)
+def test_dispatcher_with_ranks_sharing_a_gpu_matches_oracle(world_size, path):
+    if GPUS < 1:
+        pytest.skip("needs a CUDA device")
+    _assert_ranks_match(spawn_ranks(_on_rank, world_size, path, True, backend="gloo", timeout_s=300), path)
+
+
+def _assert_ranks_match(results, path):
+    for layers, identity in results:
         for y, ref in layers:
             assert_close_to_reference(y, ref, torch.float32, f"{path} ep_forward")
         for y, ref in identity:
             assert_close_to_reference(y, ref, torch.bfloat16, f"{path} combine(dispatch(x))")
+
+
+def _symm_mem_on_shared_gpu(rank, world_size):
+    torch.cuda.set_device(0)
+    try:
+        DISPATCHERS.get("symm_mem").fn(None, 4 * world_size, 64, 8, torch.bfloat16, torch.device("cuda", 0))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.gpu
+def test_symm_mem_refuses_ranks_sharing_a_gpu():
+    """NVSHMEM's teams abort the process when ranks share a GPU: symm_mem says so first, on every rank."""
+    if GPUS < 1:
+        pytest.skip("needs a CUDA device")
+    for message in spawn_ranks(_symm_mem_on_shared_gpu, 2, backend="gloo", timeout_s=120):
+        assert message is not None and "share a GPU" in message
 
 
 def test_two_gpu_paths_are_listed():

@@ -9,9 +9,10 @@ ascending), so the send buffer is rank-major and, within a rank, expert-major.
   combine: the receiver weighs its rows and all_to_all_vdev_2d_offset sends them back (its input split
       and offsets are the dispatch's output ones), landing in the source's send order; the source sums
       each token's pairs in float32 (+ shared_out).
-Needs CUDA, NVSHMEM and a group of 2 ranks or more (NVSHMEM's rendezvous refuses one rank, probed on
-torch 2.11); sets torch's symmetric-memory backend to NVSHMEM. Buffers are allocated once (on the first
-call, when K is known) for max_tokens; the buffers peers write into are kept in a ring of 3 like the
+Needs CUDA, NVSHMEM and a group of 2 ranks or more, each on its own GPU (NVSHMEM's rendezvous refuses one
+rank, probed on torch 2.11; its teams abort several processes on one GPU without MPS, refused here first
+with a ValueError); sets torch's symmetric-memory backend to NVSHMEM. Buffers are allocated once (on the
+first call, when K is known) for max_tokens; the buffers peers write into are kept in a ring of 3 like the
 nvshmem_triton path's.
 """
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from moekit.dist.base import Dispatcher
 from moekit.dist.handle import DispatchHandle, RecvMeta
 from moekit.dist.registry import DISPATCHERS
+from moekit.dist.symmetric_heap import ranks_share_a_gpu
 from moekit.registry import Support
 
 RING = 3
@@ -65,10 +67,15 @@ class SymmMemDispatcher(Dispatcher):
         super().__init__(group, num_experts, hidden, max_tokens, dtype, device)
         import torch.distributed._symmetric_memory as symm_mem
 
+        self._group = group if group is not None else dist.group.WORLD
+        if ranks_share_a_gpu(self._group, self.device):
+            raise ValueError(
+                "symm_mem: ranks of this group share a GPU, and NVSHMEM's teams refuse several processes on one GPU; "
+                "use nvshmem_triton, padded_triton or nccl for such a group"
+            )
         if symm_mem.get_backend(self.device) != "NVSHMEM":
             symm_mem.set_backend("NVSHMEM")  # raises if another backend already allocated in this process
         self._symm_mem = symm_mem
-        self._group = group if group is not None else dist.group.WORLD
         self._group_name = self._group.group_name
         self._top_k: int | None = None
         self._dispatches = 0

@@ -7,6 +7,8 @@ Allocation is collective: every rank allocates the same buffers in the same orde
 TorchSymmetricHeap uses torch.distributed._symmetric_memory: on one node its buffers are NVLink-mapped
 into every rank (NVSHMEM's heap when torch's symmetric-memory backend is set to NVSHMEM, CUDA's IPC
 allocations by default), so a plain store to a table address lands in the peer's memory.
+CudaIpcHeap serves ranks that share a GPU, which torch's symmetric memory refuses: plain allocations
+opened in the peers by CUDA IPC handles (what torch.multiprocessing does to share a CUDA tensor).
 moekit.testing.simulated_heap plays every rank of a group in one process, for the CPU tests.
 OnSymmetricHeap is what a dispatcher whose Triton kernels store into such buffers has in common.
 """
@@ -61,6 +63,47 @@ class TorchSymmetricHeap:
         dist.barrier(self.group)
 
 
+class CudaIpcHeap:
+    """Ranks of a group (some or all on the same GPU): each buffer a plain allocation whose CUDA IPC handle
+    every peer opens. Slower to set up than symmetric memory and meant for ranks sharing a device (tests,
+    debugging several ranks on one GPU); the kernels see the same address tables either way."""
+
+    def __init__(self, group, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"CUDA IPC shares CUDA buffers, got device {device}")
+        self.group = group if group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.device = device
+        self._opened: list[torch.UntypedStorage] = []  # the peers' buffers stay mapped while the heap lives
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        buffer = torch.empty(shape, dtype=dtype, device=self.device)
+        handles: list = [None] * self.world_size
+        dist.all_gather_object(handles, buffer.untyped_storage()._share_cuda_(), group=self.group)
+        addresses = []
+        for q, handle in enumerate(handles):
+            if q == self.rank:
+                addresses.append(buffer.data_ptr())
+                continue
+            with torch.cuda.device(handle[0]):
+                peer = torch.UntypedStorage._new_shared_cuda(*handle)
+            self._opened.append(peer)
+            addresses.append(peer.data_ptr())
+        return buffer, torch.tensor(addresses, dtype=torch.int64, device=self.device)
+
+    def barrier(self) -> None:
+        torch.cuda.synchronize(self.device)
+        dist.barrier(self.group)
+
+
+def ranks_share_a_gpu(group, device: torch.device) -> bool:
+    """Whether two ranks of the group compute on the same GPU (collective: every rank must call it)."""
+    uuids: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(uuids, str(torch.cuda.get_device_properties(device).uuid), group=group)
+    return len(set(uuids)) < len(uuids)
+
+
 class LocalHeap:
     """A group of one rank: plain device buffers (no process group or symmetric memory needed)."""
 
@@ -106,7 +149,13 @@ class OnSymmetricHeap:
         return super().group_size_and_rank(group)
 
     def default_heap(self) -> SymmetricHeap:
-        """The heap passed in, else plain device buffers on one rank, torch's symmetric memory on more."""
+        """The heap passed in, else plain device buffers on one rank, torch's symmetric memory on more (CUDA IPC
+        buffers where ranks share a GPU)."""
         if self._heap is None:
-            self._heap = LocalHeap(self.device) if self.world_size == 1 else TorchSymmetricHeap(self.group, self.device)
+            if self.world_size == 1:
+                self._heap = LocalHeap(self.device)
+            elif ranks_share_a_gpu(self.group, self.device):
+                self._heap = CudaIpcHeap(self.group, self.device)
+            else:
+                self._heap = TorchSymmetricHeap(self.group, self.device)
         return self._heap
