@@ -72,13 +72,15 @@ def perf(benchmark, ceilings, request):
     host_bound=...): time both interleaved (CUDA events on GPU; graphs=True: both captured once and timed as
     CUDA-graph replays), then let pytest-benchmark time `fast` for the JSON, and record speedup, TFLOP/s,
     GB/s and their share of the ceilings in extra_info. host_bound=True: on GPU, either path waits on the
-    host, and the case takes the wider host-bound margins."""
+    host, and the case takes the wider host-bound margins. measured=(fast_ms, reference_ms) instead of a
+    reference: the pair was timed elsewhere in this run (on the ranks of a multi-GPU case), and `fast` is
+    what pytest-benchmark times."""
     planted = request.config.getoption("--plant-slowdown")
     gpu = DEVICE.type == "cuda"
 
     def run(
         fast,
-        reference,
+        reference=None,
         *,
         reference_name: str,
         flops=None,
@@ -87,7 +89,10 @@ def perf(benchmark, ceilings, request):
         runs=None,
         graphs: bool = False,
         host_bound: bool = False,
+        measured: tuple[float, float] | None = None,
     ):
+        if (reference is None) == (measured is None):
+            raise ValueError("perf takes a reference to time or the measured (fast_ms, reference_ms), not both")
         if planted and planted in request.node.name:
             original = fast
 
@@ -99,14 +104,16 @@ def perf(benchmark, ceilings, request):
             fast, reference = as_cuda_graph(fast), as_cuda_graph(reference)
 
         runs = runs or (50 if gpu else 25)
-        t_fast, t_ref = measure_interleaved([fast, reference], DEVICE, warmup=3, runs=runs)
+        if measured is None:
+            measured = tuple(t.median_ms for t in measure_interleaved([fast, reference], DEVICE, warmup=3, runs=runs))
+        fast_ms, reference_ms = measured
         benchmark.pedantic(_synchronised(fast), rounds=runs, warmup_rounds=2, iterations=1)
         info = benchmark.extra_info
         info.update(
             reference=reference_name,
-            fast_ms=t_fast.median_ms,
-            reference_ms=t_ref.median_ms,
-            speedup=t_ref.median_ms / t_fast.median_ms,
+            fast_ms=fast_ms,
+            reference_ms=reference_ms,
+            speedup=reference_ms / fast_ms,
             matmul_ceiling_tflops=ceilings.matmul_tflops,
             copy_ceiling_gbps=ceilings.copy_gbps,
         )
@@ -119,10 +126,10 @@ def perf(benchmark, ceilings, request):
             info["ratio_margin"] = ratio_margin
         info["timed_as"] = "cuda_graph" if gpu and graphs else "eager"
         if flops:
-            info["tflops"] = flops / t_fast.median_ms / 1e9
+            info["tflops"] = flops / fast_ms / 1e9
             info["pct_of_matmul"] = 100 * info["tflops"] / ceilings.matmul_tflops
         if bytes_moved:
-            info["gbps"] = bytes_moved / t_fast.median_ms / 1e6
+            info["gbps"] = bytes_moved / fast_ms / 1e6
             info["pct_of_copy"] = 100 * info["gbps"] / ceilings.copy_gbps
         return info
 

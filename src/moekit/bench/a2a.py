@@ -11,6 +11,7 @@ captured decode step runs it; the others are timed as called from Python.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -65,20 +66,35 @@ def _uniform_routing(config: A2AConfig, device, seed: int) -> tuple[torch.Tensor
     return topk_ids, weights / weights.sum(1, keepdim=True)
 
 
-def _timed(fn, device: torch.device) -> float:
+def timed_together(fn, device: torch.device) -> float:
     """µs of one call, after a barrier so every rank starts it together."""
     dist.barrier()
     return time_once(fn, device) * 1e3
 
 
-def _slowest(value: float, device: torch.device) -> float:
+def largest_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
 
-def time_path(config: A2AConfig, path: str, device: torch.device, runs: int, seed: int) -> A2ATiming:
-    """Time one path on this rank's group (called on every rank)."""
+@dataclass
+class PreparedPath:
+    """One path set up on this rank for one config, warmed up: dispatch and combine (CUDA-graph replays for
+    a fixed-shape path on GPU), and what the timings are divided into."""
+
+    dispatch: Callable[[], object]
+    combine: Callable[[], object]
+    offrank_bytes: int  # the rows this rank's dispatch sends to other ranks
+    padding_fraction: float | None
+
+    def round_trip(self) -> None:
+        self.dispatch()
+        self.combine()
+
+
+def prepare_path(config: A2AConfig, path: str, device: torch.device, seed: int) -> PreparedPath:
+    """Build and warm up one path on this rank's group (called on every rank)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = DTYPES[config.dtype]
     dispatcher = DISPATCHERS.get(path).fn(None, config.experts, config.hidden, config.tokens, dtype, device)
@@ -100,20 +116,24 @@ def time_path(config: A2AConfig, path: str, device: torch.device, runs: int, see
         dispatch = as_cuda_graph(dispatch)
         dispatch()  # fills the graph's outputs, which the combine graph reads
         combine = as_cuda_graph(combine)
-    dispatch_us, combine_us = [], []
-    for _ in range(runs):
-        dispatch_us.append(_timed(dispatch, device))
-        combine_us.append(_timed(combine, device))
-    handle = state["out"][2]
     dest = topk_ids.long() // (config.experts // world)
     sent = torch.zeros(config.tokens, world, dtype=torch.bool, device=device).scatter_(1, dest, True)
     offrank_rows = int(sent.sum()) - int(sent[:, rank].sum())
-    d_us = _slowest(statistics.median(dispatch_us), device)
-    gbps = offrank_rows * config.hidden * x.element_size() / (d_us * 1e3)
-    padding = getattr(handle, "padding_fraction", None)
-    return A2ATiming(
-        config.name, path, d_us, _slowest(statistics.median(combine_us), device), _slowest(gbps, device), padding
-    )
+    padding = getattr(state["out"][2], "padding_fraction", None)
+    return PreparedPath(dispatch, combine, offrank_rows * config.hidden * x.element_size(), padding)
+
+
+def time_path(config: A2AConfig, path: str, device: torch.device, runs: int, seed: int) -> A2ATiming:
+    """Time one path on this rank's group (called on every rank)."""
+    prepared = prepare_path(config, path, device, seed)
+    dispatch_us, combine_us = [], []
+    for _ in range(runs):
+        dispatch_us.append(timed_together(prepared.dispatch, device))
+        combine_us.append(timed_together(prepared.combine, device))
+    d_us = largest_over_ranks(statistics.median(dispatch_us), device)
+    c_us = largest_over_ranks(statistics.median(combine_us), device)
+    gbps = largest_over_ranks(prepared.offrank_bytes / (d_us * 1e3), device)
+    return A2ATiming(config.name, path, d_us, c_us, gbps, prepared.padding_fraction)
 
 
 def run_ranks(rank: int, world_size: int, configs: list[A2AConfig], paths: list[str], runs: int, backend: str):

@@ -14,6 +14,7 @@ replays are timed: the decode setting, where Python and launch overheads would o
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,9 +73,22 @@ def eta_overlap(comm_ms: float, compute_ms: float, layer_ms: float) -> float:
     return (comm_ms + compute_ms - layer_ms) / shorter if shorter > 0 else float("nan")
 
 
-def study_rank(rank: int, world_size: int, case: EPCase, runs: int, check: bool, backend: str) -> EPResult:
-    """Entry point of each spawned rank (moekit.testing.spawn): time one EPCase."""
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+@dataclass
+class PreparedStudy:
+    """One EPCase set up on this rank: every phase as a callable (CUDA-graph replays with a fixed-shape
+    dispatcher on GPUs), and the state the phases pass along (routing, received rows, the layer's y)."""
+
+    phases: dict[str, Callable[[], object]]
+    state: dict
+
+
+def rank_device(backend: str) -> torch.device:
+    """The device a spawned rank computes on: its GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def prepare_study(rank: int, world_size: int, case: EPCase, device: torch.device) -> PreparedStudy:
+    """Build the layer of an EPCase on this rank (called on every rank) and its phases."""
     config, T = case.config, case.tokens_per_rank
     problem = make_problem(
         config, T * world_size, seed=case.seed, device=device, skew_experts=case.skew_experts,
@@ -125,20 +139,28 @@ def study_rank(rank: int, world_size: int, case: EPCase, runs: int, check: bool,
         for name in PHASES:
             phases[name] = as_cuda_graph(phases[name])
             phases[name]()  # fills the outputs the next phase's capture reads
-    times: dict[str, list[float]] = {name: [] for name in PHASES}
-    for i in range(runs + 2):  # two warm-up rounds
-        for name in PHASES:
+    return PreparedStudy(phases, state)
+
+
+def time_phases(study: PreparedStudy, device: torch.device, runs: int, names=PHASES) -> dict[str, float]:
+    """Median ms of each named phase on this rank, each call after a barrier, two warm-up rounds first."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(runs + 2):
+        for name in names:
             dist.barrier()
-            ms = time_once(phases[name], device)
+            ms = time_once(study.phases[name], device)
             if i >= 2:
                 times[name].append(ms)
-    counts = tokens_per_expert(state["routing"].topk_ids, config.num_experts)
-    return EPResult(
-        rank,
-        {name: statistics.median(values) for name, values in times.items()},
-        counts.cpu().tolist(),
-        state["y"].cpu() if check else None,
-    )
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def study_rank(rank: int, world_size: int, case: EPCase, runs: int, check: bool, backend: str) -> EPResult:
+    """Entry point of each spawned rank (moekit.testing.spawn): time one EPCase."""
+    device = rank_device(backend)
+    study = prepare_study(rank, world_size, case, device)
+    ms = time_phases(study, device, runs)
+    counts = tokens_per_expert(study.state["routing"].topk_ids, case.config.num_experts)
+    return EPResult(rank, ms, counts.cpu().tolist(), study.state["y"].cpu() if check else None)
 
 
 def slowest(results: list[EPResult]) -> dict[str, float]:
@@ -152,4 +174,7 @@ def as_dict(result: EPResult) -> dict:
     return out
 
 
-__all__ = ["PHASES", "EPCase", "EPResult", "as_dict", "eta_overlap", "slowest", "study_rank"]
+__all__ = [
+    "PHASES", "EPCase", "EPResult", "PreparedStudy", "as_dict", "eta_overlap", "prepare_study", "rank_device",
+    "slowest", "study_rank", "time_phases",
+]  # fmt: skip
