@@ -74,4 +74,9 @@ def as_cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return graph.replay
+
+    def replay() -> None:
+        graph.replay()
+
+    replay.captured = fn  # the graph reads the tensors fn closes over: they live as long as the replay does
+    return replay

@@ -51,7 +51,10 @@ def _init_rank(rank, world_size, port, backend, timeout_s) -> None:
         torch.cuda.set_device(rank)
     else:  # gloo ranks compute on the CPU, side by side
         share_cpu_threads(world_size)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    device_id = torch.device("cuda", rank) if backend == "nccl" else None  # NCCL need not guess the mapping
+    dist.init_process_group(
+        backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s), device_id=device_id
+    )
 
 
 def _as_bytes(result) -> bytes:
