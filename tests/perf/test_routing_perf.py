@@ -41,6 +41,25 @@ def test_router(router, perf, perf_device):
     )
 
 
+@pytest.mark.benchmark(group="routers")
+def test_grouped_topk_kernel(perf, perf_device):
+    """DeepSeek-V3's router on CUDA (one Triton kernel) against its torch ops, which define it."""
+    from moekit.routing.grouped_topk import grouped_topk_torch
+
+    if perf_device.type != "cuda":
+        pytest.skip("grouped_topk runs its torch ops off CUDA: nothing to compare")
+    logits = _logits(perf_device)
+    config = replace(CONFIG, router="grouped_topk")
+    bias = torch.randn(ROUTER_EXPERTS, device=perf_device) * 0.1
+    perf(
+        lambda: route(logits, config, bias, check_values=False),
+        lambda: grouped_topk_torch(logits, config, bias),
+        reference_name="grouped_topk torch ops",
+        bytes_moved=logits.nbytes + ROUTER_TOKENS * ROUTER_TOPK * 8,
+        graphs=True,
+    )
+
+
 def per_expert_loop_layout(topk_ids, num_experts):
     """The obvious layout: for each expert, the (token, slot) pairs that chose it."""
     flat = topk_ids.flatten()

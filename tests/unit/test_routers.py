@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moekit import MoEConfig
-from moekit.reference import ReferenceRouting, reference_route
+from moekit.reference import reference_route
 from moekit.routing import ROUTERS, apply_skew, load_stats, route
+from moekit.testing.near_ties import ambiguous_tokens
 from moekit.testing.strategies import MoECase, moe_cases
 
 ROUTER_NAMES = ROUTERS.names()
@@ -26,33 +27,6 @@ def supported_router(router, device, logits_dtype):
     return router
 
 
-def _ambiguous_tokens(ref: ReferenceRouting, config: MoEConfig, eps: float) -> torch.Tensor:
-    """[T] bool: tokens whose K-th and (K+1)-th best candidate (or whose kept and dropped groups, for
-    grouped_topk) score within eps of each other, so a rounding difference may change the choice."""
-    scores = ref.selection_scores
-    T, E = scores.shape
-    ambiguous = torch.zeros(T, dtype=torch.bool)
-    if config.router == "grouped_topk":
-        per_group = scores.view(T, config.n_group, config.experts_per_group)
-        group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(-1)
-        ranked = group_scores.sort(dim=1, descending=True).values
-        if config.topk_group < config.n_group:
-            ambiguous |= (ranked[:, config.topk_group - 1] - ranked[:, config.topk_group]).abs() <= eps
-    if config.top_k < E:
-        chosen = scores.gather(1, ref.topk_ids)
-        masked = scores.scatter(1, ref.topk_ids, float("-inf"))
-        if config.router == "grouped_topk":  # only experts of kept groups compete
-            kept = torch.zeros(T, E, dtype=torch.bool)
-            for t in range(T):
-                kept_groups = set((ref.topk_ids[t] // config.experts_per_group).tolist())
-                for g in kept_groups:
-                    kept[t, g * config.experts_per_group : (g + 1) * config.experts_per_group] = True
-            masked = masked.masked_fill(~kept, float("-inf"))
-        runner_up = masked.max(dim=1).values
-        ambiguous |= (chosen.min(dim=1).values - runner_up).abs() <= eps
-    return ambiguous
-
-
 def _check_against_reference(case: MoECase, logits_dtype: torch.dtype, device, eps: float, weight_tol: float):
     problem = case.problem()
     config = problem.config
@@ -63,7 +37,7 @@ def _check_against_reference(case: MoECase, logits_dtype: torch.dtype, device, e
     assert out.topk_ids.dtype == torch.int32
     assert out.topk_weights.dtype == torch.promote_types(logits_dtype, torch.float32)
     ids, weights = out.topk_ids.cpu().long(), out.topk_weights.cpu().double()
-    clear = ~_ambiguous_tokens(ref, config, eps)
+    clear = ~ambiguous_tokens(ref, config, eps)
     assert torch.equal(ids[clear], ref.topk_ids[clear]), "expert choice differs from the oracle"
     torch.testing.assert_close(weights[clear], ref.topk_weights[clear], rtol=weight_tol, atol=weight_tol)
 

@@ -1,12 +1,26 @@
-"""grouped_topk: DeepSeek-V3's router (sigmoid scores, correction bias, group-limited top-k, scaling)."""
+"""grouped_topk: DeepSeek-V3's router (sigmoid scores, correction bias, group-limited top-k, scaling).
+
+On CUDA (float16/bfloat16/float32 logits, Triton installed) it is one Triton kernel
+(moekit.kernels.grouped_topk); elsewhere, and for float64 logits, the torch ops below, which define it.
+"""
 
 import torch
 
+from moekit.kernels.availability import triton_support
 from moekit.routing.registry import ROUTERS, Routing, score_dtype, stable_topk
 
 
 @ROUTERS.register("grouped_topk")
 def grouped_topk(logits: torch.Tensor, config, correction_bias=None) -> Routing:
+    """logits [T, E], correction_bias [E] or None -> Routing (see grouped_topk_torch)."""
+    if logits.is_cuda and triton_support(logits.device, logits.dtype)[0]:
+        from moekit.kernels.grouped_topk import grouped_topk_triton  # imports triton: only when it runs
+
+        return Routing(*grouped_topk_triton(logits, config, correction_bias))
+    return grouped_topk_torch(logits, config, correction_bias)
+
+
+def grouped_topk_torch(logits: torch.Tensor, config, correction_bias=None) -> Routing:
     """logits [T, E], correction_bias [E] or None -> Routing.
 
     scores = sigmoid(logits); the bias shifts which experts are chosen, not their weights.
