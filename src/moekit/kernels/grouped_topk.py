@@ -19,11 +19,11 @@ import triton.language as tl
 @triton.jit
 def _best_untaken(values, taken, valid, index, BLOCK: tl.constexpr):
     """Per row: the index of the largest value not yet taken (ties to the lower index; -inf values are still
-    chosen, lowest index first, once nothing larger is left), and that value."""
+    chosen, lowest index first, once nothing larger is left)."""
     cur = tl.where(taken, float("-inf"), values)
     best = tl.max(cur, axis=1)
     candidate = (cur == best[:, None]) & (taken == 0) & valid[None, :]
-    return tl.min(tl.where(candidate, index[None, :], BLOCK), axis=1), best
+    return tl.min(tl.where(candidate, index[None, :], BLOCK), axis=1)
 
 
 @triton.jit
@@ -62,17 +62,18 @@ def _grouped_topk_kernel(
 
     kept_group = tl.zeros((BLOCK_T, BLOCK_G), dtype=tl.int1)
     kept_expert = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
-    for _ in range(topk_group):
-        g, _best = _best_untaken(group_scores, kept_group, groups < num_groups, groups, BLOCK_G)
-        kept_group = kept_group | (groups[None, :] == g[:, None])
-        kept_expert = kept_expert | (group_of[None, :] == g[:, None])
+    # (the names differ from the loop above's g: Triton would carry g's type into this loop)
+    for _round in range(topk_group):
+        best_group = _best_untaken(group_scores, kept_group, groups < num_groups, groups, BLOCK_G)
+        kept_group = kept_group | (groups[None, :] == best_group[:, None])
+        kept_expert = kept_expert | (group_of[None, :] == best_group[:, None])
 
     selectable = tl.where(kept_expert, rank, float("-inf"))
     taken = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
     ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for k in range(K):
-        idx, _best = _best_untaken(selectable, taken, col_ok, cols, BLOCK_E)
+        idx = _best_untaken(selectable, taken, col_ok, cols, BLOCK_E)
         pick = cols[None, :] == idx[:, None]
         taken = taken | pick
         here = slots[None, :] == k
