@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything issues #8 and #10 measure on a multi-GPU machine, in two device calls of under 10 minutes (a layer step takes 1-2 minutes: weights, autotuning):
+# Everything issues #8 and #10 measure on a multi-GPU machine, in two device calls of under 10 minutes
+# (a layer step takes 1-2 minutes on a fresh machine: weights, autotuning):
 #   tools/device-run.sh bash tools/ep-gpu-session.sh tests   (step 1)
 #   tools/device-run.sh bash tools/ep-gpu-session.sh bench   (steps 2 and 3)
 # Logs, JSON and PNGs go under $OUT (or ./ep-session).
