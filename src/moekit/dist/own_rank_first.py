@@ -53,15 +53,20 @@ def expert_out_with_own_rows(
 ) -> torch.Tensor:
     """recv_x [R, H] as dispatched -> expert outputs [R, H] (what local_expert_forward returns): rows from
     this rank copied from `own`, rows from other ranks computed now."""
-    E_local = dispatcher.num_local_experts
-    row_expert = torch.repeat_interleave(torch.arange(E_local, device=recv_x.device), meta.local_expert_counts)
-    from_self = meta.src_rank == dispatcher.rank
-    position = torch.full((own.num_tokens * E_local,), -1, dtype=torch.int64, device=recv_x.device)
-    position[own.keys] = torch.arange(own.keys.numel(), device=recv_x.device)
+    E_local, device = dispatcher.num_local_experts, recv_x.device
+    row_expert = torch.repeat_interleave(torch.arange(E_local, device=device), meta.local_expert_counts)
+    # row indices, not boolean masks: a mask index waits for the device each time it is used
+    own_rows = (meta.src_rank == dispatcher.rank).nonzero().squeeze(1)
+    remote_rows = (meta.src_rank != dispatcher.rank).nonzero().squeeze(1)
+    position = torch.full((own.num_tokens * E_local,), -1, dtype=torch.int64, device=device)
+    position[own.keys] = torch.arange(own.keys.numel(), device=device)
+    own_keys = meta.src_token.index_select(0, own_rows) * E_local + row_expert.index_select(0, own_rows)
     expert_out = recv_x.new_empty(recv_x.shape)
-    expert_out[from_self] = own.out[position[meta.src_token[from_self] * E_local + row_expert[from_self]]]
-    remote = ~from_self
-    expert_out[remote] = run_local_experts(recv_x[remote], row_expert[remote], weights, dispatcher, backend_name)
+    expert_out.index_copy_(0, own_rows, own.out.index_select(0, position.index_select(0, own_keys)))
+    if remote_rows.numel():
+        remote_x, remote_expert = recv_x.index_select(0, remote_rows), row_expert.index_select(0, remote_rows)
+        remote_out = run_local_experts(remote_x, remote_expert, weights, dispatcher, backend_name)
+        expert_out.index_copy_(0, remote_rows, remote_out)
     return expert_out
 
 
