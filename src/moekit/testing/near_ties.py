@@ -10,7 +10,9 @@ from moekit.reference import ReferenceRouting
 
 def ambiguous_tokens(ref: ReferenceRouting, config: MoEConfig, eps: float) -> torch.Tensor:
     """[T] bool: tokens whose K-th and (K+1)-th best candidate (or whose kept and dropped groups, for
-    grouped_topk) score within eps of each other, so a rounding difference may change the choice."""
+    grouped_topk) score within eps of each other, so a rounding difference may change the choice; with
+    eps > 0 also tokens two of whose chosen experts do, whose order in topk_ids rounding may swap (float32
+    probabilities that underflow to equal zeros go to the lower index, their float64 values need not)."""
     scores = ref.selection_scores
     T, E = scores.shape
     ambiguous = torch.zeros(T, dtype=torch.bool)
@@ -20,8 +22,10 @@ def ambiguous_tokens(ref: ReferenceRouting, config: MoEConfig, eps: float) -> to
         ranked = group_scores.sort(dim=1, descending=True).values
         if config.topk_group < config.n_group:
             ambiguous |= (ranked[:, config.topk_group - 1] - ranked[:, config.topk_group]).abs() <= eps
+    chosen = scores.gather(1, ref.topk_ids)
+    if eps > 0 and config.top_k > 1:
+        ambiguous |= ((chosen[:, :-1] - chosen[:, 1:]).abs() <= eps).any(dim=1)
     if config.top_k < E:
-        chosen = scores.gather(1, ref.topk_ids)
         masked = scores.scatter(1, ref.topk_ids, float("-inf"))
         if config.router == "grouped_topk":  # only experts of kept groups compete
             kept = torch.zeros(T, E, dtype=torch.bool)
