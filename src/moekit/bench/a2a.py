@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from moekit.bench.timing import as_cuda_graph, time_once
 from moekit.dist import DISPATCHERS
+from moekit.testing.spawn import rank_device
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -138,7 +139,7 @@ def time_path(config: A2AConfig, path: str, device: torch.device, runs: int, see
 
 def run_ranks(rank: int, world_size: int, configs: list[A2AConfig], paths: list[str], runs: int, backend: str):
     """Entry point of each spawned rank: every config x path, results from every rank agree."""
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    device = rank_device(rank, backend)
     return [time_path(c, p, device, runs, seed=17) for c in configs for p in paths]
 
 

@@ -29,6 +29,7 @@ from moekit.layer import MoELayer
 from moekit.problem import make_problem
 from moekit.routing import route
 from moekit.routing.load_stats import tokens_per_expert
+from moekit.testing.spawn import rank_device
 from moekit.weights import router_logits
 
 PHASES = ("route", "dispatch", "experts", "combine", "shared", "layer_sync", "layer_overlapped")
@@ -80,11 +81,6 @@ class PreparedStudy:
 
     phases: dict[str, Callable[[], object]]
     state: dict
-
-
-def rank_device(backend: str) -> torch.device:
-    """The device a spawned rank computes on: its GPU under NCCL, the CPU under gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def prepare_study(rank: int, world_size: int, case: EPCase, device: torch.device) -> PreparedStudy:
@@ -142,11 +138,11 @@ def prepare_study(rank: int, world_size: int, case: EPCase, device: torch.device
     return PreparedStudy(phases, state)
 
 
-def time_phases(study: PreparedStudy, device: torch.device, runs: int, names=PHASES) -> dict[str, float]:
-    """Median ms of each named phase on this rank, each call after a barrier, two warm-up rounds first."""
-    times: dict[str, list[float]] = {name: [] for name in names}
+def time_phases(study: PreparedStudy, device: torch.device, runs: int) -> dict[str, float]:
+    """Median ms of each phase on this rank, each call after a barrier, two warm-up rounds first."""
+    times: dict[str, list[float]] = {name: [] for name in PHASES}
     for i in range(runs + 2):
-        for name in names:
+        for name in PHASES:
             dist.barrier()
             ms = time_once(study.phases[name], device)
             if i >= 2:
@@ -156,7 +152,7 @@ def time_phases(study: PreparedStudy, device: torch.device, runs: int, names=PHA
 
 def study_rank(rank: int, world_size: int, case: EPCase, runs: int, check: bool, backend: str) -> EPResult:
     """Entry point of each spawned rank (moekit.testing.spawn): time one EPCase."""
-    device = rank_device(backend)
+    device = rank_device(rank, backend)
     study = prepare_study(rank, world_size, case, device)
     ms = time_phases(study, device, runs)
     counts = tokens_per_expert(study.state["routing"].topk_ids, case.config.num_experts)
@@ -175,6 +171,6 @@ def as_dict(result: EPResult) -> dict:
 
 
 __all__ = [
-    "PHASES", "EPCase", "EPResult", "PreparedStudy", "as_dict", "eta_overlap", "prepare_study", "rank_device",
-    "slowest", "study_rank", "time_phases",
+    "PHASES", "EPCase", "EPResult", "PreparedStudy", "as_dict", "eta_overlap", "prepare_study", "slowest",
+    "study_rank", "time_phases",
 ]  # fmt: skip

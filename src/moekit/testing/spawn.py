@@ -45,6 +45,11 @@ def share_cpu_threads(processes: int) -> int:
     return threads
 
 
+def rank_device(rank: int, backend: str) -> torch.device:
+    """The device a spawned rank computes on: its own GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+
+
 def _init_rank(rank, world_size, port, backend, timeout_s) -> None:
     os.environ.update(SAFE_GPU_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if backend == "nccl":
@@ -77,8 +82,7 @@ def _rank_main(rank, fn, world_size, port, backend, timeout_s, args, results) ->
     _init_rank(rank, world_size, port, backend, timeout_s)
     try:
         profile_dir = os.environ.get(PROFILE_DIR_ENV) if rank == 0 else None
-        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-        with profiled(profile_dir and Path(profile_dir), device, label=f"rank{rank}"):
+        with profiled(profile_dir and Path(profile_dir), rank_device(rank, backend), label=f"rank{rank}"):
             result = fn(rank, world_size, *args)
         results.put((rank, _as_bytes(result)))
     finally:
