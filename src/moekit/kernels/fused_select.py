@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.kernels.topk_rounds import best_untaken
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -51,11 +53,7 @@ def _fused_select_kernel(
     # model has one K, so one compile) because the interpreter's runtime loop bounds go through a NumPy
     # array-to-int conversion that NumPy deprecates
     for k in range(K):
-        cur = tl.where(taken, float("-inf"), rank)
-        best = tl.max(cur, axis=1)
-        # an untaken real expert always scores `best` or less, so a candidate exists even when best = -inf
-        candidate = (cur == best[:, None]) & (taken == 0) & col_ok[None, :]
-        idx = tl.min(tl.where(candidate, cols[None, :], BLOCK_E), axis=1)
+        idx, best = best_untaken(rank, taken, col_ok, cols, BLOCK_E)
         taken = taken | (cols[None, :] == idx[:, None])
         here = slots[None, :] == k
         ids = tl.where(here, idx[:, None], ids)

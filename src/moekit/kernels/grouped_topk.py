@@ -15,15 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _best_untaken(values, taken, valid, index, BLOCK: tl.constexpr):
-    """Per row: the index of the largest value not yet taken (ties to the lower index; -inf values are still
-    chosen, lowest index first, once nothing larger is left)."""
-    cur = tl.where(taken, float("-inf"), values)
-    best = tl.max(cur, axis=1)
-    candidate = (cur == best[:, None]) & (taken == 0) & valid[None, :]
-    return tl.min(tl.where(candidate, index[None, :], BLOCK), axis=1)
+from moekit.kernels.topk_rounds import best_untaken
 
 
 @triton.jit
@@ -64,7 +56,7 @@ def _grouped_topk_kernel(
     kept_expert = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
     # (the names differ from the loop above's g: Triton would carry g's type into this loop)
     for _round in range(topk_group):
-        best_group = _best_untaken(group_scores, kept_group, groups < num_groups, groups, BLOCK_G)
+        best_group, _group_score = best_untaken(group_scores, kept_group, groups < num_groups, groups, BLOCK_G)
         kept_group = kept_group | (groups[None, :] == best_group[:, None])
         kept_expert = kept_expert | (group_of[None, :] == best_group[:, None])
 
@@ -73,7 +65,7 @@ def _grouped_topk_kernel(
     ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for k in range(K):
-        idx = _best_untaken(selectable, taken, col_ok, cols, BLOCK_E)
+        idx, _score = best_untaken(selectable, taken, col_ok, cols, BLOCK_E)
         pick = cols[None, :] == idx[:, None]
         taken = taken | pick
         here = slots[None, :] == k
