@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moekit import EXPERT_BACKENDS, ROUTERS, MoEConfig, route
+from moekit.experts.registry import SORTED_ROWS
 from moekit.reference import reference_experts
 from moekit.testing import assert_close_to_reference
 from moekit.testing.strategies import MoECase, moe_cases
@@ -79,3 +80,26 @@ def test_backend_rejects_out_of_range_ids(impl, dtype, device):
 def test_unknown_backend_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown expert backend 'nope'; expected one of"):
         EXPERT_BACKENDS.get("nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", sorted(SORTED_ROWS))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_sorted_rows_form_matches_oracle(impl, dtype, device, data):
+    """The form expert-parallel ranks run on received rows: rows grouped by expert (empty experts, every
+    row on one expert), each through its expert once, unweighted."""
+    low_precision = dtype in (torch.float16, torch.bfloat16)
+    sizes = dict(min_hidden=16 if low_precision else 8, size_multiple=impl.size_multiple(dtype))
+    case = data.draw(moe_cases(dtypes=(dtype,), max_experts=8, max_hidden=64, **sizes))
+    problem = MoECase(case.config, max(case.num_tokens, 1), case.seed).problem(device)
+    rows, num_experts = problem.x, case.config.num_experts
+    ids = sorted(data.draw(st.lists(st.integers(0, num_experts - 1), min_size=rows.shape[0], max_size=rows.shape[0])))
+    ids = torch.tensor(ids, device=device)
+    counts = torch.bincount(ids, minlength=num_experts)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    out = SORTED_ROWS[impl.name](rows, offsets, problem.weights)
+    assert out.dtype == dtype and out.shape == rows.shape
+    ones = torch.ones(rows.shape[0], 1, device=device)
+    expected = reference_experts(rows, ids[:, None], ones, problem.weights)
+    assert_close_to_reference(out, expected, dtype, f"{impl.name}'s sorted-rows form on {device}")

@@ -9,6 +9,7 @@ import torch
 from moekit.dist.base import Dispatcher
 from moekit.dist.handle import RecvMeta
 from moekit.experts import EXPERT_BACKENDS
+from moekit.experts.registry import SORTED_ROWS
 from moekit.validation import trusted_values
 from moekit.weights import MoEWeights
 
@@ -62,12 +63,12 @@ def local_expert_forward(
     recv_x: torch.Tensor, meta: RecvMeta, weights: MoEWeights, dispatcher: Dispatcher, backend_name: str
 ) -> torch.Tensor:
     """recv_x [R, H] grouped by local expert -> unweighted expert outputs [R, H] (a fixed-shape dispatcher's
-    padding rows, past meta.local_expert_offsets[-1], stay unspecified)."""
-    if dispatcher.fixed_shapes:
-        check_backend_fits(dispatcher, backend_name)
-        from moekit.experts.triton_grouped import sorted_rows_mlp
-
-        return sorted_rows_mlp(recv_x, meta.local_expert_offsets, local_weights(weights, dispatcher))
+    padding rows, past meta.local_expert_offsets[-1], stay unspecified). A backend with a sorted-rows form
+    (moekit.experts.registry) runs the rows as they are; any other is given one routing column per row."""
+    check_backend_fits(dispatcher, backend_name)
+    sorted_rows = SORTED_ROWS.get(backend_name)
+    if sorted_rows is not None and (recv_x.shape[0] or dispatcher.fixed_shapes):
+        return sorted_rows(recv_x, meta.local_expert_offsets, local_weights(weights, dispatcher))
     local_ids = torch.repeat_interleave(
         torch.arange(dispatcher.num_local_experts, device=recv_x.device), meta.local_expert_counts
     )

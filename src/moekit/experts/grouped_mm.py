@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moekit.experts.registry import EXPERT_BACKENDS
+from moekit.experts.registry import EXPERT_BACKENDS, sorted_rows_form
 from moekit.permute import expert_layout, permute_tokens, unpermute_reduce
 from moekit.validation import check_routing
 from moekit.weights import MoEWeights
@@ -48,6 +48,21 @@ def torch_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def grouped_mlp(rows: torch.Tensor, expert_offsets: torch.Tensor, weights: MoEWeights, swiglu: Callable):
+    """rows [M, H] grouped by expert, expert_offsets [E + 1] -> [M, H]: the two torch._grouped_mm launches
+    with swiglu(gate_up [M, 2F]) -> [M, F] between them."""
+    ends = expert_offsets[1:].to(torch.int32)
+    gate_up = torch._grouped_mm(rows, weights.w_gate_up.transpose(1, 2), offs=ends)
+    return torch._grouped_mm(swiglu(gate_up), weights.w_down.transpose(1, 2), offs=ends)
+
+
+@sorted_rows_form("grouped_mm")
+def grouped_mm_sorted_rows(rows: torch.Tensor, expert_offsets: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
+    """rows [M, H] grouped by expert -> [M, H], SiLU * up in torch ops."""
+    check_alignment(rows, weights)
+    return grouped_mlp(rows, expert_offsets, weights, torch_swiglu)
+
+
 def grouped_mm_pipeline(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -65,9 +80,7 @@ def grouped_mm_pipeline(
     check_routing(topk_ids, topk_weights, num_experts)
     check_alignment(x, weights)
     layout = expert_layout(topk_ids, num_experts)
-    ends = layout.expert_offsets[1:].to(torch.int32)
-    gate_up = torch._grouped_mm(permute(x, layout), weights.w_gate_up.transpose(1, 2), offs=ends)
-    out = torch._grouped_mm(swiglu(gate_up), weights.w_down.transpose(1, 2), offs=ends)
+    out = grouped_mlp(permute(x, layout), layout.expert_offsets, weights, swiglu)
     return unpermute(out, layout, topk_weights)
 
 

@@ -6,8 +6,14 @@ each row once and sums a token's K rows (times its router weights) in float32 re
 
 import torch
 
-from moekit.experts.grouped_mm import grouped_mm_pipeline, grouped_mm_support, sixteen_byte_rows
-from moekit.experts.registry import EXPERT_BACKENDS
+from moekit.experts.grouped_mm import (
+    check_alignment,
+    grouped_mlp,
+    grouped_mm_pipeline,
+    grouped_mm_support,
+    sixteen_byte_rows,
+)
+from moekit.experts.registry import EXPERT_BACKENDS, sorted_rows_form
 from moekit.kernels.availability import triton_support
 from moekit.weights import MoEWeights
 
@@ -32,3 +38,12 @@ def grouped_mm_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         swiglu=swiglu,
         unpermute=unpermute_reduce_triton,
     )
+
+
+@sorted_rows_form("grouped_mm_fused")
+def grouped_mm_fused_sorted_rows(rows: torch.Tensor, expert_offsets: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
+    """rows [M, H] grouped by expert -> [M, H]: grouped gate+up, Triton SwiGLU, grouped down."""
+    from moekit.kernels.swiglu import swiglu
+
+    check_alignment(rows, weights)
+    return grouped_mlp(rows, expert_offsets, weights, swiglu)

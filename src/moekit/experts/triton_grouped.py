@@ -5,7 +5,7 @@ sorted_rows_mlp, the two GEMMs alone, also runs the expert-parallel paths' padde
 
 import torch
 
-from moekit.experts.registry import EXPERT_BACKENDS
+from moekit.experts.registry import EXPERT_BACKENDS, sorted_rows_form
 from moekit.kernels.availability import triton_support
 from moekit.permute import expert_layout
 from moekit.validation import check_routing
@@ -33,6 +33,7 @@ def triton_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     return unpermute_reduce_triton(out, layout, None)
 
 
+@sorted_rows_form("triton_grouped")
 def sorted_rows_mlp(
     rows: torch.Tensor, expert_offsets: torch.Tensor, weights: MoEWeights, row_scale: torch.Tensor | None = None
 ) -> torch.Tensor:
