@@ -113,7 +113,12 @@ def run_layout(dispatcher, scenario, rank: int, use_async: bool) -> dict:
     shared_out = shared if with_shared else None
     if use_async:
         recv_x, meta, handle = dispatcher.dispatch_wait(dispatcher.dispatch_async(x, ids, w))
-        y = dispatcher.combine_wait(dispatcher.combine_async(recv_x, handle, shared_out))
+        # shared_out is read by combine_wait: filled only after combine_async, as ep_forward's overlap does
+        late_shared = None if shared_out is None else torch.full_like(shared_out, float("nan"))
+        pending = dispatcher.combine_async(recv_x, handle, late_shared)
+        if late_shared is not None:
+            late_shared.copy_(shared_out)
+        y = dispatcher.combine_wait(pending)
     else:
         recv_x, meta, handle = dispatcher.dispatch(x, ids, w)
         y = dispatcher.combine(recv_x, handle, shared_out)

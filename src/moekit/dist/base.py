@@ -285,6 +285,8 @@ class Dispatcher:
         raise NotImplementedError
 
     def combine_async(self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None):
+        """Start sending the rows back. shared_out is first read by combine_wait (in stream order on GPUs),
+        so the caller may still be filling it in between: its compute then runs while the rows travel."""
         raise NotImplementedError
 
     def combine_wait(self, pending: PendingCombine) -> torch.Tensor:

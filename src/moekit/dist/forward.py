@@ -9,18 +9,33 @@ from moekit.dist.base import Dispatcher, group_size_and_rank
 from moekit.dist.local_experts import check_backend_fits, local_expert_forward
 from moekit.dist.own_rank_first import expert_out_with_own_rows, own_rank_rows
 from moekit.experts.mlp import swiglu_mlp
+from moekit.kernels.availability import triton_support
 from moekit.routing import route
+from moekit.validation import trusted_values
 from moekit.weights import MoEWeights, router_logits
 
 
-def shared_experts(x: torch.Tensor, weights: MoEWeights) -> torch.Tensor | None:
-    """x [T, H] -> sum of the shared experts' outputs [T, H] in x.dtype, or None without any."""
+def shared_expert(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, out: torch.Tensor | None = None):
+    """swiglu_mlp(x [N, H]) -> [N, H] (into out when given), the activation as one Triton pass on CUDA."""
+    if x.is_cuda and triton_support(x.device, x.dtype)[0]:
+        from moekit.kernels.swiglu import swiglu
+
+        return torch.matmul(swiglu(x @ w_gate_up.T), w_down.T, out=out)
+    y = swiglu_mlp(x, w_gate_up, w_down)
+    return y if out is None else out.copy_(y)
+
+
+def shared_experts(x: torch.Tensor, weights: MoEWeights, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [T, H] -> sum of the shared experts' outputs [T, H] in x.dtype (into out when given; several are
+    summed in float32), or None without any."""
     if weights.shared_gate_up is None:
         return None
-    out = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32))
+    if len(weights.shared_gate_up) == 1:
+        return shared_expert(x, weights.shared_gate_up[0], weights.shared_down[0], out)
+    total = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32))
     for w_gate_up, w_down in zip(weights.shared_gate_up, weights.shared_down):
-        out += swiglu_mlp(x, w_gate_up, w_down)
-    return out.to(x.dtype)
+        total += shared_expert(x, w_gate_up, w_down)
+    return total.to(x.dtype) if out is None else out.copy_(total)
 
 
 def check_group_matches(dispatcher: Dispatcher, config: MoEConfig, weights: MoEWeights, group) -> None:
@@ -65,8 +80,11 @@ def ep_forward(
     weights: the whole layer (every rank holds the router and the shared experts; only the local slice of
     the routed experts is read). Overlap, each switchable so it can be measured against the synchronous
     layer (both off) in the same run:
-      shared_overlap: the shared experts run while the routed tokens are in flight (between
-          dispatch_async and dispatch_wait; the collectives progress on the backend's stream or thread);
+      shared_overlap: the shared experts run while the routed tokens are in flight, in two pieces: beside
+          the first dispatch (between dispatch_async and dispatch_wait) and beside the last combine (between
+          combine_async and combine_wait, which reads shared_out only then): that piece is the second half of
+          the last chunk's tokens, so every earlier chunk's combine finds its rows done. The exchanges
+          progress on the backend's stream or thread;
       chunks = n > 1: the tokens are cut into n chunks, pipelined: chunk i's experts run while chunk i+1
           is dispatched and chunk i-1 combined. Every rank must pass the same n (empty chunks are fine);
       own_first: the local experts compute this rank's own tokens while the dispatch is in flight, and
@@ -84,15 +102,18 @@ def ep_forward(
     def start_dispatch(i: int):
         start, stop = bounds[i]
         ids = routing.topk_ids[start:stop]
-        pending = dispatcher.dispatch_async(x[start:stop], ids, routing.topk_weights[start:stop])
+        with trusted_values():  # the router's ids are in range: no host sync for the dispatch's range check
+            pending = dispatcher.dispatch_async(x[start:stop], ids, routing.topk_weights[start:stop])
         if own_first:  # while chunk i is on the wire
             own[i] = own_rank_rows(x[start:stop], ids, weights, dispatcher, backend_name)
         return pending
 
     shared = None if shared_overlap else shared_experts(x, weights)
     pending_dispatch = start_dispatch(0)
-    if shared_overlap:
-        shared = shared_experts(x, weights)  # while chunk 0 is on the wire
+    late = (bounds[-1][0] + bounds[-1][1]) // 2  # shared rows from here on run beside the last combine
+    if shared_overlap and weights.shared_gate_up is not None:
+        shared = torch.empty_like(x)
+        shared_experts(x[:late], weights, out=shared[:late])  # while chunk 0 is on the wire
     pieces: list[torch.Tensor] = []
     pending_combine = None
     for i, (start, stop) in enumerate(bounds):
@@ -106,8 +127,10 @@ def ep_forward(
         if pending_combine is not None:
             pieces.append(dispatcher.combine_wait(pending_combine))
         pending_combine = dispatcher.combine_async(expert_out, handle, None if shared is None else shared[start:stop])
+    if shared_overlap and shared is not None:
+        shared_experts(x[late:], weights, out=shared[late:])  # while the last chunk travels back
     pieces.append(dispatcher.combine_wait(pending_combine))
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
-__all__ = ["check_group_matches", "chunk_bounds", "ep_forward", "shared_experts"]
+__all__ = ["check_group_matches", "chunk_bounds", "ep_forward", "shared_expert", "shared_experts"]
