@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.dist.handle import DispatchHandle, RecvMeta
+from moekit.kernels.availability import triton_support
 from moekit.registry import Support
 from moekit.validation import INDEX_DTYPES, capturing_cuda_graph, check_ids_in_range, check_tensor
 
@@ -182,6 +183,8 @@ class Dispatcher:
         self.dtype = dtype
         self.device = torch.device(device)
         self.accumulate_dtype = torch.promote_types(dtype, torch.float32)
+        # the combine's sums as Triton kernels on CUDA (float32 accumulation); torch ops elsewhere
+        self._sums_in_triton = self.device.type == "cuda" and triton_support(self.device, dtype)[0]
 
     @classmethod
     def supports(cls, world_size: int, device_type: str) -> Support:
@@ -249,14 +252,29 @@ class Dispatcher:
     # ---- the shared halves of combine ------------------------------------------------------------
 
     def reduce_rows(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """expert_out [R, H] -> [num_recv_slots, H] in accumulate_dtype: the weighted rows of each received
-        token summed into its slot (slots without rows stay zero)."""
+        """expert_out [R, H] -> [num_recv_slots, H] in the dispatcher's dtype: the weighted rows of each
+        received token summed (in accumulate_dtype) into its slot; slots without rows are zero. On CUDA one
+        Triton pass (moekit.kernels.slot_sums)."""
+        if self._sums_in_triton:
+            from moekit.kernels.slot_sums import sum_into_slots
+
+            return sum_into_slots(
+                expert_out, handle.recv_slot_of_row, handle.num_recv_slots, self.dtype,
+                weight_of_entry=handle.row_weight,
+            )  # fmt: skip
         acc = torch.zeros(handle.num_recv_slots, self.hidden, dtype=self.accumulate_dtype, device=expert_out.device)
         weighted = expert_out.to(self.accumulate_dtype) * handle.row_weight.to(self.accumulate_dtype)[:, None]
-        return acc.index_add_(0, handle.recv_slot_of_row, weighted)
+        return acc.index_add_(0, handle.recv_slot_of_row, weighted).to(self.dtype)
 
     def gather_back(self, back: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None) -> torch.Tensor:
         """back [num_send_slots, H] (what came back) -> y [T, H] in the dispatcher's dtype."""
+        if self._sums_in_triton:
+            from moekit.kernels.slot_sums import sum_into_slots
+
+            return sum_into_slots(
+                back, handle.send_token_idx, handle.num_tokens, self.dtype, row_of_entry=handle.send_slots,
+                add=shared_out,
+            )  # fmt: skip
         y = torch.zeros(handle.num_tokens, self.hidden, dtype=self.accumulate_dtype, device=back.device)
         y.index_add_(0, handle.send_token_idx, back.index_select(0, handle.send_slots).to(self.accumulate_dtype))
         if shared_out is not None:

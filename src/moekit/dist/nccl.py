@@ -98,7 +98,7 @@ class NcclDispatcher(Dispatcher):
         self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None
     ) -> PendingCombine:
         self.check_combine_inputs(expert_out, handle, shared_out)
-        send = self.reduce_rows(expert_out, handle).to(self.dtype)
+        send = self.reduce_rows(expert_out, handle)
         if self.world_size == 1:
             return PendingCombine([], send, handle, shared_out)
         back = send.new_empty(handle.num_send_slots, self.hidden)
