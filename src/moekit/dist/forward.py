@@ -8,6 +8,7 @@ from moekit.config import MoEConfig
 from moekit.dist.base import Dispatcher, group_size_and_rank
 from moekit.dist.local_experts import check_backend_fits, local_expert_forward
 from moekit.dist.own_rank_first import expert_out_with_own_rows, own_rank_rows
+from moekit.dist.streams import join, on_stream, reused_side_stream
 from moekit.experts.mlp import swiglu_mlp
 from moekit.kernels.availability import triton_support
 from moekit.routing import route
@@ -81,10 +82,10 @@ def ep_forward(
     the routed experts is read). Overlap, each switchable so it can be measured against the synchronous
     layer (both off) in the same run:
       shared_overlap: the shared experts run while the routed tokens are in flight, in two pieces: beside
-          the first dispatch (between dispatch_async and dispatch_wait) and beside the last combine (between
-          combine_async and combine_wait, which reads shared_out only then): that piece is the second half of
-          the last chunk's tokens, so every earlier chunk's combine finds its rows done. The exchanges
-          progress on the backend's stream or thread;
+          the first dispatch (on CUDA on a side stream, issued first, so the host's waits inside the
+          dispatch do not hold it back) and beside the last combine (between combine_async and combine_wait, which reads
+          shared_out only then): that piece is the second half of the last chunk's tokens, so every
+          earlier chunk's combine finds its rows done. The exchanges progress on the backend's stream or thread;
       chunks = n > 1: the tokens are cut into n chunks, pipelined: chunk i's experts run while chunk i+1
           is dispatched and chunk i-1 combined. Every rank must pass the same n (empty chunks are fine);
       own_first: the local experts compute this rank's own tokens while the dispatch is in flight, and
@@ -109,11 +110,21 @@ def ep_forward(
         return pending
 
     shared = None if shared_overlap else shared_experts(x, weights)
-    pending_dispatch = start_dispatch(0)
     late = (bounds[-1][0] + bounds[-1][1]) // 2  # shared rows from here on run beside the last combine
+    side = None
     if shared_overlap and weights.shared_gate_up is not None:
-        shared = torch.empty_like(x)
-        shared_experts(x[:late], weights, out=shared[:late])  # while chunk 0 is on the wire
+        shared, side = torch.empty_like(x), reused_side_stream(x.device)
+        if side is not None:  # issued before chunk 0's dispatch: its host waits cannot hold the piece back
+            with on_stream(side):
+                shared_experts(x[:late], weights, out=shared[:late])
+    pending_dispatch = start_dispatch(0)
+    if shared_overlap and shared is not None and side is None:  # off CUDA: while chunk 0 is on the wire
+        shared_experts(x[:late], weights, out=shared[:late])
+
+    def combine_wait(pending):
+        join(side)  # combine_wait reads the shared rows
+        return dispatcher.combine_wait(pending)
+
     pieces: list[torch.Tensor] = []
     pending_combine = None
     for i, (start, stop) in enumerate(bounds):
@@ -125,11 +136,11 @@ def ep_forward(
         else:
             expert_out = local_expert_forward(recv_x, meta, weights, dispatcher, backend_name)
         if pending_combine is not None:
-            pieces.append(dispatcher.combine_wait(pending_combine))
+            pieces.append(combine_wait(pending_combine))
         pending_combine = dispatcher.combine_async(expert_out, handle, None if shared is None else shared[start:stop])
     if shared_overlap and shared is not None:
         shared_experts(x[late:], weights, out=shared[late:])  # while the last chunk travels back
-    pieces.append(dispatcher.combine_wait(pending_combine))
+    pieces.append(combine_wait(pending_combine))
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 

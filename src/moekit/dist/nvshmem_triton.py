@@ -8,8 +8,9 @@ before the rows. The receiver waits for every source's signal and expands the ar
 per (token, local expert), grouped by local expert. Combine sums each received token's weighted expert
 rows and stores the sum at slot q * M + j of the source's back buffer, signals, and the source sums its
 rows from every rank (+ the shared expert) in float32 into y: no rows are staged in send buffers.
-On CUDA the sending kernels run on a stream of the dispatcher's own, so compute issued between *_async
-and *_wait (ep_forward's shared experts) runs while the rows travel.
+On CUDA the sending kernels run on a stream of the dispatcher's own (they hold what they read until the
+wait, which joins it), so compute issued between *_async and *_wait (ep_forward's shared experts) runs
+while the rows travel.
 
 Two shapes of the received rows:
   nvshmem_triton        exactly R rows (what every expert backend takes); the host reads the counts once
@@ -35,7 +36,6 @@ to mapped peer addresses, not nvshmem_putmem calls: the per-token put kernel mea
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,7 @@ import torch
 from moekit.dist.base import Dispatcher, _require_int
 from moekit.dist.handle import RecvMeta
 from moekit.dist.registry import DISPATCHERS
+from moekit.dist.streams import join, on_stream, side_stream
 from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
 
 RING = 3  # slots per buffer; see the module docstring for why three
@@ -130,25 +131,8 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
         self._meta: torch.Tensor | None = None
         self._meta_table: torch.Tensor | None = None
         self._top_k: int | None = None
-        self._comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._comm_stream = side_stream(self.device)  # the sending kernels' (module docstring)
         self._heap.barrier()  # every rank's flags are zero before anyone signals
-
-    @contextmanager
-    def _sending(self):
-        """The sending kernels run on a stream of their own, after everything queued so far on the current
-        stream, so what the caller computes between *_async and *_wait runs beside them (the SMs are
-        shared); the waits join the streams first. Off CUDA, the caller's order."""
-        if self._comm_stream is None:
-            yield
-            return
-        self._comm_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._comm_stream):
-            yield
-
-    def _sent(self) -> None:
-        """The current stream waits for the sending kernels (the start of every wait)."""
-        if self._comm_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._comm_stream)
 
     def _meta_buffers(self, top_k: int) -> None:
         """The metadata ring [RING, W * M, 1 + 2K] int32, allocated (collectively) on the first call."""
@@ -164,7 +148,7 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
         K = topk_ids.shape[1]
         self._meta_buffers(K)
         x = x if x.stride(1) == 1 else x.contiguous()
-        with self._sending():
+        with on_stream(self._comm_stream):
             dest_pos = send_tokens(
                 x, topk_ids, topk_weights, self._send_counts, self._plan_done, self._recv_table, self._meta_table,
                 self._per_source, self._signals[DISPATCH], self.tokens_per_program,
@@ -181,7 +165,7 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
         expert (moekit.kernels.peer_puts.expand_received: two kernels, whatever the counts)."""
         from moekit.kernels.peer_puts import expand_received, wait_for_all_arrivals
 
-        self._sent()
+        join(self._comm_stream)  # the sending kernels are done before this rank waits for its peers
         epoch = self._signals[DISPATCH].epoch
         wait_for_all_arrivals(self._flags[DISPATCH], epoch)
         R = self._row_count(epoch, pending.top_k)
@@ -208,7 +192,7 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
             raise ValueError("handle comes from another dispatcher; pass the one this dispatcher's dispatch returned")
         expert_out = expert_out.to(self.dtype)
         expert_out = expert_out if expert_out.stride(1) == 1 else expert_out.contiguous()
-        with self._sending():
+        with on_stream(self._comm_stream):
             send_tokens_back(
                 expert_out, handle.row_weight, handle.row_of_pair, handle.recv_counts[:, None], self._back_table,
                 self._signals[COMBINE],
@@ -218,7 +202,7 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
     def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
         from moekit.kernels.peer_puts import reduce_and_copy_to_output, wait_for_all_arrivals
 
-        self._sent()
+        join(self._comm_stream)  # the sending kernels are done before this rank waits for its peers
         epoch = self._signals[COMBINE].epoch
         wait_for_all_arrivals(self._flags[COMBINE], epoch)
         return reduce_and_copy_to_output(self._back, epoch, pending.handle.dest_pos, pending.shared_out)
