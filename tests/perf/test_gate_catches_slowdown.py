@@ -1,4 +1,4 @@
-"""The gate end to end on this machine: a planted 2x slowdown of a CPU path fails it, a clean rerun passes."""
+"""The gate end to end on this machine: a planted 4x slowdown of a CPU path fails it, a clean rerun passes."""
 
 import subprocess
 import sys
