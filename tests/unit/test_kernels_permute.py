@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moekit.kernels.availability import triton_support
 from moekit.permute import expert_layout, permute_tokens, unpermute_reduce
 from moekit.testing import assert_close_to_reference
 
@@ -15,10 +14,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture
-def kernels(device, dtype):
-    ok, reason = triton_support(device, dtype)
-    if not ok:
-        pytest.skip(reason)
+def kernels(skip_unless_triton_runs, dtype):
+    skip_unless_triton_runs(dtype)
     from moekit.kernels import permute, swiglu
 
     return permute, swiglu

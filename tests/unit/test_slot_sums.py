@@ -7,17 +7,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moekit.kernels.availability import triton_support
 from moekit.testing import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture
-def sum_into_slots(device, dtype):
-    ok, reason = triton_support(device, dtype)
-    if not ok:
-        pytest.skip(reason)
+def sum_into_slots(skip_unless_triton_runs, dtype):
+    skip_unless_triton_runs(dtype)
     from moekit.kernels.slot_sums import sum_into_slots
 
     return sum_into_slots
