@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.dist.handle import DispatchHandle, RecvMeta
-from moekit.kernels.availability import triton_support
+from moekit.kernels.availability import triton_on_cuda
 from moekit.registry import Support
 from moekit.validation import INDEX_DTYPES, capturing_cuda_graph, check_ids_in_range, check_tensor
 
@@ -184,7 +184,7 @@ class Dispatcher:
         self.device = torch.device(device)
         self.accumulate_dtype = torch.promote_types(dtype, torch.float32)
         # the combine's sums as Triton kernels on CUDA (float32 accumulation); torch ops elsewhere
-        self._sums_in_triton = self.device.type == "cuda" and triton_support(self.device, dtype)[0]
+        self._sums_in_triton = triton_on_cuda(self.device, dtype)
 
     @classmethod
     def supports(cls, world_size: int, device_type: str) -> Support:

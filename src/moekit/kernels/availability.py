@@ -30,3 +30,9 @@ def triton_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]
     if dtype not in INTERPRETER_DTYPES:
         return False, f"the Triton interpreter computes {dtype} wrongly; checked on GPU"
     return True, ""
+
+
+def triton_on_cuda(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a path with a torch-ops twin takes its Triton kernel: on CUDA only (on the CPU the torch ops
+    run, and define the result)."""
+    return device.type == "cuda" and triton_support(device, dtype)[0]

@@ -6,14 +6,14 @@ On CUDA (float16/bfloat16/float32 logits, Triton installed) it is one Triton ker
 
 import torch
 
-from moekit.kernels.availability import triton_support
+from moekit.kernels.availability import triton_on_cuda
 from moekit.routing.registry import ROUTERS, Routing, score_dtype, stable_topk
 
 
 @ROUTERS.register("grouped_topk")
 def grouped_topk(logits: torch.Tensor, config, correction_bias=None) -> Routing:
     """logits [T, E], correction_bias [E] or None -> Routing (see grouped_topk_torch)."""
-    if logits.is_cuda and triton_support(logits.device, logits.dtype)[0]:
+    if triton_on_cuda(logits.device, logits.dtype):
         from moekit.kernels.grouped_topk import grouped_topk_triton  # imports triton: only when it runs
 
         return Routing(*grouped_topk_triton(logits, config, correction_bias))
