@@ -10,7 +10,7 @@ from moekit.dist.local_experts import check_backend_fits, local_expert_forward
 from moekit.dist.own_rank_first import expert_out_with_own_rows, own_rank_rows
 from moekit.dist.streams import join, on_stream, reused_side_stream
 from moekit.experts.mlp import swiglu_mlp
-from moekit.kernels.availability import triton_support
+from moekit.kernels.availability import triton_on_cuda
 from moekit.routing import route
 from moekit.validation import trusted_values
 from moekit.weights import MoEWeights, router_logits
@@ -18,7 +18,7 @@ from moekit.weights import MoEWeights, router_logits
 
 def shared_expert(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, out: torch.Tensor | None = None):
     """swiglu_mlp(x [N, H]) -> [N, H] (into out when given), the activation as one Triton pass on CUDA."""
-    if x.is_cuda and triton_support(x.device, x.dtype)[0]:
+    if triton_on_cuda(x.device, x.dtype):
         from moekit.kernels.swiglu import swiglu
 
         return torch.matmul(swiglu(x @ w_gate_up.T), w_down.T, out=out)
@@ -109,16 +109,15 @@ def ep_forward(
             own[i] = own_rank_rows(x[start:stop], ids, weights, dispatcher, backend_name)
         return pending
 
-    shared = None if shared_overlap else shared_experts(x, weights)
+    overlap_shared = shared_overlap and weights.shared_gate_up is not None
+    shared = torch.empty_like(x) if overlap_shared else shared_experts(x, weights)
     late = (bounds[-1][0] + bounds[-1][1]) // 2  # shared rows from here on run beside the last combine
-    side = None
-    if shared_overlap and weights.shared_gate_up is not None:
-        shared, side = torch.empty_like(x), reused_side_stream(x.device)
-        if side is not None:  # issued before chunk 0's dispatch: its host waits cannot hold the piece back
-            with on_stream(side):
-                shared_experts(x[:late], weights, out=shared[:late])
+    side = reused_side_stream(x.device) if overlap_shared else None
+    if side is not None:  # issued before chunk 0's dispatch: its host waits cannot hold the piece back
+        with on_stream(side):
+            shared_experts(x[:late], weights, out=shared[:late])
     pending_dispatch = start_dispatch(0)
-    if shared_overlap and shared is not None and side is None:  # off CUDA: while chunk 0 is on the wire
+    if overlap_shared and side is None:  # off CUDA: while chunk 0 is on the wire
         shared_experts(x[:late], weights, out=shared[:late])
 
     def combine_wait(pending):
@@ -138,7 +137,7 @@ def ep_forward(
         if pending_combine is not None:
             pieces.append(combine_wait(pending_combine))
         pending_combine = dispatcher.combine_async(expert_out, handle, None if shared is None else shared[start:stop])
-    if shared_overlap and shared is not None:
+    if overlap_shared:
         shared_experts(x[late:], weights, out=shared[late:])  # while the last chunk travels back
     pieces.append(combine_wait(pending_combine))
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
