@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 
@@ -32,6 +33,18 @@ def test_layer_command_checks_against_the_oracle_and_reports_every_phase(tmp_pat
     assert payload["summary"]["comm"] > 0 and payload["summary"]["compute"] > 0
 
 
+def test_layer_command_drops_over_a_capacity_and_reports_it(capsys):
+    """capacity 0.5 x the mean pairs per (rank, expert): pairs are dropped, counted, and the check fails."""
+    args = ["layer", *SMALL, "--dispatcher", "symmetric", "--capacity-factor", "0.5", "--check"]
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    dropped = re.search(r"pairs dropped over capacity 4 \(all ranks, last call\)\s*│\s*(\d+)", printed)
+    assert dropped and int(dropped.group(1)) > 0 and "FAIL" in printed, printed
+    assert main(["layer", *SMALL, "--dispatcher", "symmetric", "--capacity-factor", "4", "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"pairs dropped over capacity 32 \(all ranks, last call\)\s*│\s*0 ", printed), printed
+
+
 def test_bench_ep_balances_a_skewed_load_with_sinkhorn(tmp_path, capsys):
     out = tmp_path / "ep.json"
     args = ["bench", "ep", *SMALL, "--router", "softmax_topk", "--router", "sinkhorn"]
@@ -54,3 +67,7 @@ def test_bad_sizes_are_refused_before_any_rank_starts():
         main(["layer", "--ranks", "4", "--experts", "6"])
     with pytest.raises(SystemExit, match="must be >= 1 token per rank"):
         main(["layer", "--batch", "0"])
+    with pytest.raises(SystemExit, match="capacity factor applies to the symmetric dispatchers"):
+        main(["layer", "--dispatcher", "nccl", "--capacity-factor", "1"])
+    with pytest.raises(SystemExit, match="capacity_factor must be > 0"):
+        main(["layer", "--dispatcher", "symmetric", "--capacity-factor", "0"])

@@ -13,6 +13,7 @@ replays are timed: the decode setting, where Python and launch overheads would o
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from moekit.config import MoEConfig
 from moekit.dist import DISPATCHERS
 from moekit.dist.forward import shared_experts
 from moekit.dist.local_experts import local_expert_forward
+from moekit.dist.symmetric import SymmetricLayout
 from moekit.layer import MoELayer
 from moekit.problem import make_problem
 from moekit.routing import route
@@ -45,9 +47,33 @@ class EPCase:
     dispatcher: str
     chunks: int = 2
     own_first: bool = False
+    capacity_factor: float | None = None  # symmetric dispatchers: see capacity
     skew_experts: int = 0
     skew_bias: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.capacity_factor is None:
+            return
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        if not issubclass(DISPATCHERS.get(self.dispatcher).fn, SymmetricLayout):
+            raise ValueError(
+                f"a capacity factor applies to the symmetric dispatchers (symmetric, symmetric_triton), not "
+                f"{self.dispatcher!r}"
+            )
+
+    @property
+    def capacity(self) -> int | None:
+        """Pairs per (source rank, expert) the symmetric dispatchers keep, from capacity_factor (None: theirs)."""
+        if self.capacity_factor is None:
+            return None
+        config = self.config
+        return math.ceil(self.capacity_factor * self.tokens_per_rank * config.top_k / config.num_experts)
+
+    @property
+    def dispatcher_options(self) -> dict | None:
+        return None if self.capacity is None else {"capacity": self.capacity, "overflow": "drop"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,7 @@ class EPResult:
     ms: dict[str, float]
     tokens_per_expert: list[int]  # of this rank's tokens, over all E experts
     y: torch.Tensor | None
+    dropped: int = 0  # pairs this rank's dispatcher dropped over its capacity in the last layer call
 
     @property
     def comm_ms(self) -> float:
@@ -95,9 +122,10 @@ def prepare_study(rank: int, world_size: int, case: EPCase, device: torch.device
     layer = MoELayer(
         config, backend=case.backend, dispatcher=case.dispatcher, weights=problem.weights, max_tokens=T,
         device=device, chunks=case.chunks, own_first=case.own_first, check_values=not graphs,
+        dispatcher_options=case.dispatcher_options,
     )  # fmt: skip
     weights, dispatcher = layer.weights, layer.dispatcher
-    state = {}
+    state = {"dispatcher": dispatcher}
 
     def route_phase():
         logits = router_logits(x, weights)
@@ -156,7 +184,8 @@ def study_rank(rank: int, world_size: int, case: EPCase, runs: int, check: bool,
     study = prepare_study(rank, world_size, case, device)
     ms = time_phases(study, device, runs)
     counts = tokens_per_expert(study.state["routing"].topk_ids, case.config.num_experts)
-    return EPResult(rank, ms, counts.cpu().tolist(), study.state["y"].cpu() if check else None)
+    y = study.state["y"].cpu() if check else None
+    return EPResult(rank, ms, counts.cpu().tolist(), y, getattr(study.state["dispatcher"], "last_dropped", 0))
 
 
 def slowest(results: list[EPResult]) -> dict[str, float]:

@@ -49,6 +49,12 @@ def _layer_options(p) -> None:
         action="store_true",
         help="the overlapped layer computes its own rank's tokens while the dispatch is in flight",
     )
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        help="symmetric dispatchers: capacity per (source rank, expert) = ceil(F * T * K / E) pairs, those above "
+        "it dropped and counted (default: T, nothing dropped)",
+    )
     p.add_argument("--n-group", type=int, default=1, help="grouped_topk: expert groups")
     p.add_argument("--topk-group", type=int, default=1, help="grouped_topk: groups kept per token")
     p.add_argument("--seed", type=int, default=0)
@@ -91,6 +97,7 @@ def _case(args, router: str, dtype: torch.dtype) -> EPCase:
         args.dispatcher,
         chunks=args.chunks,
         own_first=args.own_first,
+        capacity_factor=args.capacity_factor,
         skew_experts=getattr(args, "skew_experts", 0),
         skew_bias=getattr(args, "skew_bias", 0.0),
         seed=args.seed,
@@ -209,6 +216,10 @@ def run_layer_command(args, device: torch.device, dtype: torch.dtype) -> int:
     rows += [["T_comm (dispatch + combine)", s["comm"]], ["T_compute (route + experts + shared)", s["compute"]]]
     own = ", own rank first" if args.own_first else ""
     rows += [[f"eta_overlap (chunks={args.chunks}, shared overlapped{own})", s["eta_overlap"]]]
+    if case.capacity_factor is not None:
+        rows += [
+            [f"pairs dropped over capacity {case.capacity} (all ranks, last call)", sum(r.dropped for r in results)]
+        ]
     rates = _layer_rates(case, results, s, backend)
     s.update(rates)
     rows += [[name, value] for name, value in rates.items()]

@@ -10,10 +10,12 @@ Paths, registered by name in DISPATCHERS (registration order is table order):
   symm_mem  torch symmetric memory's NVSHMEM all_to_all_vdev_2d / _2d_offset (CUDA, 2 ranks or more)
   symmetric the FlashMoE layout: one row per (token, expert) at a slot every rank computes, capacity per
             (source rank, expert), overflow raised or dropped and counted
+  symmetric_triton  the symmetric layout, its rows stored by a Triton kernel into the peers' symmetric
+            buffers (CUDA; on the CPU only with every rank simulated in one process)
 """
 
 # registration order is the order of the tables (I001 would sort it)
-from moekit.dist import nccl, nvshmem_triton, padded, padded_triton, skip_a2a, symm_mem, symmetric  # noqa: F401
+from moekit.dist import nccl, nvshmem_triton, padded, padded_triton, skip_a2a, symm_mem, symmetric, symmetric_triton  # noqa: F401
 from moekit.dist.base import Dispatcher
 from moekit.dist.forward import ep_forward
 from moekit.dist.handle import DispatchHandle, RecvMeta

@@ -42,7 +42,8 @@ class DispatchHandle:
     recv_counts [W] int64 (CPU): tokens this rank received from each rank
     send_token_idx [S] int64: source token of each row this rank sent, in send order (destination rank,
         then token index)
-    send_slots [S] int64: wire slot of each sent row in the send buffer (nccl: 0..S-1; padded: q*M + i)
+    send_slots [S] int64: wire slot of each sent row in the send buffer (nccl: 0..S-1; padded: q*M + i;
+        symmetric_triton: every pair's, -1 where the capacity dropped it)
     recv_slot_of_row [R] int64: wire slot (in the receive buffer) of the token each expanded row came from
     row_weight [R] float32: the router weight of each expanded row (RecvMeta.weight)
     num_send_slots: rows of the dispatch send buffer = rows combine gets back

@@ -205,7 +205,9 @@ class NvshmemTritonDispatcher(OnSymmetricHeap, Dispatcher):
         join(self._comm_stream)  # the sending kernels are done before this rank waits for its peers
         epoch = self._signals[COMBINE].epoch
         wait_for_all_arrivals(self._flags[COMBINE], epoch)
-        return reduce_and_copy_to_output(self._back, epoch, pending.handle.dest_pos, pending.shared_out)
+        return reduce_and_copy_to_output(
+            self._back, epoch, pending.handle.dest_pos, pending.shared_out, self._per_source
+        )
 
 
 @DISPATCHERS.register("nvshmem_triton_graph")

@@ -8,8 +8,9 @@ routing, so nothing about addresses or offsets is exchanged before rows are sent
 sender the same position is row g * C + s of its send buffer, which makes the destination-major send
 buffer [W, E_local, C, H] one equal-split all_to_all_single away from the receiver's buffer.
 
-Here the puts are that all_to_all_single (any backend: gloo, NCCL); with symmetric memory a rank would
-write into its peers' buffers directly, at the same positions. Alongside the rows travel, per slot,
+Here the puts are that all_to_all_single (any backend: gloo, NCCL); symmetric_triton
+(moekit.dist.symmetric_triton) stores the rows into the peers' symmetric buffers directly, at the same
+positions. SymmetricLayout is what both share. Alongside the rows travel, per slot,
 (source token, router weight bits), and each rank's per-expert pair counts [E] (an all_gather, sent
 concurrently with the rows, never waited on before sending): the receiver reads the first
 min(count, C) slots of each (source rank, expert), and every rank sees every overflow.
@@ -38,22 +39,51 @@ OVERFLOW_POLICIES = ("raise", "drop")
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-@dataclass
-class PendingDispatch:
-    works: list
-    recv_rows: torch.Tensor  # [E*C, H]: slot (src * E_local + e) * C + s
-    recv_meta: torch.Tensor  # [E*C, 2] int64: (source token, weight bits)
-    counts: torch.Tensor  # [W, E] int64: pairs every rank routed to every expert, before capacity
-    send_token_idx: torch.Tensor  # [S]
-    send_slots: torch.Tensor  # [S]: g * C + s
-    num_tokens: int
+@dataclass(frozen=True)
+class PairSlots:
+    """Where this rank's (token, expert) pairs go; pair p = t * K + k, P = T * K.
+
+    expert [P] int64: its global expert g; slot [P] int64: its rank among this rank's pairs of g (tokens
+    ascending), so it goes to position g * C + slot of the sender's view when slot < C; counts [E] int64:
+    this rank's pairs per expert, before the capacity.
+    """
+
+    expert: torch.Tensor
+    slot: torch.Tensor
+    counts: torch.Tensor
 
 
-@DISPATCHERS.register("symmetric")
-class SymmetricDispatcher(Dispatcher):
-    """Per-(token, expert) rows at positions every rank computes; capacity C per (source rank, expert)."""
+def pair_slots(topk_ids: torch.Tensor, num_experts: int) -> PairSlots:
+    """topk_ids [T, K] -> PairSlots, computed on topk_ids' device without waiting for it."""
+    expert = topk_ids.reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert.device)
+    counts.scatter_add_(0, expert, torch.ones_like(expert))
+    order = torch.sort(expert, stable=True)[1]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(expert)
+    slot[order] = torch.arange(expert.numel(), device=expert.device) - starts[expert[order]]
+    return PairSlots(expert, slot, counts)
 
-    name = "symmetric"
+
+@dataclass(frozen=True)
+class Arrivals:
+    """A step's pairs as every rank of the symmetric layout can tell them, on the host (lists over the
+    source ranks p): dropped[p] pairs above the capacity, p's fullest expert worst_expert[p] with
+    worst_count[p] pairs, kept[p] pairs p sent in all; pairs_to_me int64 [W, E_local]: the pairs each rank
+    sent to this rank's experts (at most C each); pairs_i_sent int64 [W]: this rank's pairs kept per rank."""
+
+    dropped: list[int]
+    worst_expert: list[int]
+    worst_count: list[int]
+    kept: list[int]
+    pairs_to_me: torch.Tensor
+    pairs_i_sent: torch.Tensor
+
+
+class SymmetricLayout(Dispatcher):
+    """What the paths of the symmetric layout share: capacity C per (source rank, expert), the overflow
+    policy and its accounting, and the receiving side's rows. Subclasses move the rows."""
+
     rows_on_the_wire = "pair"
 
     def __init__(
@@ -76,6 +106,75 @@ class SymmetricDispatcher(Dispatcher):
         self.capacity = capacity
         self.overflow = overflow
         self.num_slots = num_experts * capacity  # per stage and rank: W * E_local * C
+        self.last_dropped = 0
+        self.last_dropped_total = 0
+        self.last_padding_fraction: float | None = None
+
+    def _account_overflow(self, arrivals: Arrivals) -> None:
+        """Raise on every rank (overflow="raise"; every rank sees the same arrivals) or record the drops."""
+        if self.overflow == "raise" and sum(arrivals.dropped):
+            src = max(range(self.world_size), key=lambda p: arrivals.dropped[p] > 0 and arrivals.worst_count[p])
+            raise ValueError(
+                f"rank {src} routed {arrivals.worst_count[src]} tokens to expert {arrivals.worst_expert[src]}, "
+                f"above the capacity {self.capacity} per (rank, expert) of the {self.name} dispatcher; the "
+                "step's results are discarded. Pass a larger capacity, or overflow='drop' to drop and count them"
+            )
+        self.last_dropped = arrivals.dropped[self.rank]
+        self.last_dropped_total = sum(arrivals.dropped)
+
+    def _receive(self, arrivals: Arrivals, send_token_idx: torch.Tensor, send_slots: torch.Tensor, num_tokens: int):
+        """-> (recv_slot_of_row [R] int64: each received row's position in the receive buffer [E * C], grouped
+        by local expert, then source rank, then slot; RecvMeta without src_token and weight; DispatchHandle
+        without row_weight) as a function of (src_token, weight), read from where the path put them."""
+        self._account_overflow(arrivals)
+        W, E_local, C, device = self.world_size, self.num_local_experts, self.capacity, self.device
+        filled = torch.arange(C)[None, None, :] < arrivals.pairs_to_me.T[:, :, None]  # [E_local, W, C]
+        expert, src, slot = (t.to(device) for t in torch.nonzero(filled, as_tuple=True))
+        recv_slot_of_row = (src * E_local + expert) * C + slot
+        local_counts = arrivals.pairs_to_me.sum(0).to(device)
+        offsets = torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)])
+        total_slots = W * self.num_slots
+        self.last_padding_fraction = (total_slots - sum(arrivals.kept)) / total_slots if total_slots else 0.0
+
+        def finish(src_token: torch.Tensor, weight: torch.Tensor) -> tuple[RecvMeta, DispatchHandle]:
+            handle = DispatchHandle(
+                send_counts=arrivals.pairs_i_sent,
+                recv_counts=arrivals.pairs_to_me.sum(1),
+                send_token_idx=send_token_idx,
+                send_slots=send_slots,
+                recv_slot_of_row=recv_slot_of_row,
+                row_weight=weight,
+                num_send_slots=self.num_slots,
+                num_recv_slots=self.num_slots,
+                num_tokens=num_tokens,
+                hidden=self.hidden,
+                slots_per_peer=E_local * C,
+                padding_fraction=self.last_padding_fraction,
+            )
+            return RecvMeta(local_counts, offsets, src, src_token, weight), handle
+
+        return recv_slot_of_row, finish
+
+
+@dataclass
+class PendingDispatch:
+    works: list
+    recv_rows: torch.Tensor  # [E*C, H]: slot (src * E_local + e) * C + s
+    recv_meta: torch.Tensor  # [E*C, 2] int64: (source token, weight bits)
+    counts: torch.Tensor  # [W, E] int64: pairs every rank routed to every expert, before capacity
+    send_token_idx: torch.Tensor  # [S]
+    send_slots: torch.Tensor  # [S]
+    num_tokens: int
+
+
+@DISPATCHERS.register("symmetric")
+class SymmetricDispatcher(SymmetricLayout):
+    """Per-(token, expert) rows at positions every rank computes; capacity C per (source rank, expert)."""
+
+    name = "symmetric"
+
+    def __init__(self, group, num_experts, hidden, max_tokens, dtype, device, **layout):
+        super().__init__(group, num_experts, hidden, max_tokens, dtype, device, **layout)
 
         def buffer(width: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.empty(self.num_slots, width, dtype=dtype, device=self.device)
@@ -83,22 +182,14 @@ class SymmetricDispatcher(Dispatcher):
         self._send_rows, self._recv_rows = buffer(hidden, dtype), buffer(hidden, dtype)
         self._back_send, self._back_recv = buffer(hidden, dtype), buffer(hidden, dtype)
         self._send_meta, self._recv_meta = buffer(2, torch.int64), buffer(2, torch.int64)
-        self.last_dropped = 0
-        self.last_dropped_total = 0
-        self.last_padding_fraction: float | None = None
 
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
         self.check_dispatch_inputs(x, topk_ids, topk_weights)
         C, K = self.capacity, topk_ids.shape[1]
-        expert = topk_ids.reshape(-1).long()  # pair p = t * K + k
-        counts = torch.bincount(expert, minlength=self.num_experts)
-        order = torch.sort(expert, stable=True)[1]
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.empty_like(expert)
-        slot[order] = torch.arange(expert.numel(), device=expert.device) - starts[expert[order]]
-        kept = torch.nonzero(slot < C).squeeze(1)
+        pairs = pair_slots(topk_ids, self.num_experts)
+        kept = torch.nonzero(pairs.slot < C).squeeze(1)
         send_token_idx = kept // K
-        send_slots = expert[kept] * C + slot[kept]
+        send_slots = pairs.expert[kept] * C + pairs.slot[kept]
 
         self._send_rows.index_copy_(0, send_slots, x.index_select(0, send_token_idx))
         weight_bits = topk_weights.reshape(-1)[kept].to(torch.float32).view(torch.int32).long()
@@ -106,11 +197,11 @@ class SymmetricDispatcher(Dispatcher):
 
         if self.world_size == 1:
             return PendingDispatch(
-                [], self._send_rows, self._send_meta, counts[None], send_token_idx, send_slots, x.shape[0]
+                [], self._send_rows, self._send_meta, pairs.counts[None], send_token_idx, send_slots, x.shape[0]
             )
-        all_counts = counts.new_empty(self.world_size * self.num_experts)
+        all_counts = pairs.counts.new_empty(self.world_size * self.num_experts)
         works = [
-            _all_gather_single(all_counts, counts, group=self.group, async_op=True),
+            _all_gather_single(all_counts, pairs.counts, group=self.group, async_op=True),
             dist.all_to_all_single(self._recv_rows, self._send_rows, group=self.group, async_op=True),
             dist.all_to_all_single(self._recv_meta, self._send_meta, group=self.group, async_op=True),
         ]
@@ -124,54 +215,26 @@ class SymmetricDispatcher(Dispatcher):
             x.shape[0],
         )
 
-    def _account_overflow(self, counts: torch.Tensor) -> None:
-        """counts [W, E] on the host: raise on every rank (overflow="raise") or record the drops."""
-        over = (counts - self.capacity).clamp(min=0)
-        if self.overflow == "raise" and int(over.sum()):
-            src, expert = divmod(int(over.argmax()), self.num_experts)
-            raise ValueError(
-                f"rank {src} routed {int(counts[src, expert])} tokens to expert {expert}, above the capacity "
-                f"{self.capacity} per (rank, expert) of the symmetric dispatcher; the step's results are "
-                "discarded. Pass a larger capacity, or overflow='drop' to drop and count them"
-            )
-        self.last_dropped = int(over[self.rank].sum())
-        self.last_dropped_total = int(over.sum())
-
     def dispatch_wait(self, pending: PendingDispatch) -> tuple[torch.Tensor, RecvMeta, DispatchHandle]:
         for work in pending.works:
             work.wait()
-        counts = pending.counts.cpu()
-        self._account_overflow(counts)
-        W, E_local, C, device = self.world_size, self.num_local_experts, self.capacity, pending.recv_rows.device
-        kept = counts.clamp(max=C)
-        recv_pairs = kept[:, self.expert_start : self.expert_start + E_local]  # [W, E_local]
-        # rows grouped by local expert, then source rank, then slot (= source token order)
-        filled = torch.arange(C)[None, None, :] < recv_pairs.T[:, :, None]  # [E_local, W, C]
-        expert, src, slot = (t.to(device) for t in torch.nonzero(filled, as_tuple=True))
-        recv_slot_of_row = (src * E_local + expert) * C + slot
+        counts = pending.counts.cpu()  # [W, E]
+        kept = counts.clamp(max=self.capacity)
+        W, E_local = self.world_size, self.num_local_experts
+        arrivals = Arrivals(
+            dropped=(counts - kept).sum(1).tolist(),
+            worst_expert=counts.argmax(1).tolist(),
+            worst_count=counts.max(1).values.tolist(),
+            kept=kept.sum(1).tolist(),
+            pairs_to_me=kept[:, self.expert_start : self.expert_start + E_local],
+            pairs_i_sent=kept[self.rank].view(W, E_local).sum(1),
+        )
+        recv_slot_of_row, finish = self._receive(
+            arrivals, pending.send_token_idx, pending.send_slots, pending.num_tokens
+        )
         recv_x = pending.recv_rows.index_select(0, recv_slot_of_row)  # a copy: the buffer is reused
         meta_rows = pending.recv_meta.index_select(0, recv_slot_of_row)
-        weight = meta_rows[:, 1].to(torch.int32).view(torch.float32)
-        local_counts = recv_pairs.sum(0).to(device)
-        meta = RecvMeta(
-            local_counts, torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)]), src, meta_rows[:, 0], weight
-        )
-        total_slots = W * self.num_slots
-        self.last_padding_fraction = (total_slots - int(kept.sum())) / total_slots if total_slots else 0.0
-        handle = DispatchHandle(
-            send_counts=kept[self.rank].view(W, E_local).sum(1),
-            recv_counts=recv_pairs.sum(1),
-            send_token_idx=pending.send_token_idx,
-            send_slots=pending.send_slots,
-            recv_slot_of_row=recv_slot_of_row,
-            row_weight=weight,
-            num_send_slots=self.num_slots,
-            num_recv_slots=self.num_slots,
-            num_tokens=pending.num_tokens,
-            hidden=self.hidden,
-            slots_per_peer=E_local * C,
-            padding_fraction=self.last_padding_fraction,
-        )
+        meta, handle = finish(meta_rows[:, 0], meta_rows[:, 1].to(torch.int32).view(torch.float32))
         return recv_x, meta, handle
 
     def combine_async(

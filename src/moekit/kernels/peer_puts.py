@@ -22,6 +22,7 @@ Kernels (each with its launcher below):
   send_tokens_back          combine: the weighted sum of a received token's expert rows, stored into its
                             source rank's back buffer, then flags
   reduce_and_copy_to_output each token's rows from every rank summed (+ the shared expert) -> y
+                            (also the symmetric layout's, moekit.dist.symmetric_triton)
 """
 
 from __future__ import annotations
@@ -51,20 +52,20 @@ class Signal:
     ring_slots: int
 
 
-def _block_h(H: int) -> int:
+def columns_per_step(H: int) -> int:
     """Columns of a row one program moves per step."""
     return min(_MAX_BLOCK_H, triton.next_power_of_2(max(H, 1)))
 
 
 @triton.jit
-def _next_epoch(epoch_ptr, RING: tl.constexpr):
+def next_epoch(epoch_ptr, RING: tl.constexpr):
     """(epoch this call signals, its ring slot)."""
     epoch = tl.load(epoch_ptr) + 1
     return epoch, epoch % RING
 
 
 @triton.jit
-def _current_ring(epoch_ptr, RING: tl.constexpr):
+def current_ring(epoch_ptr, RING: tl.constexpr):
     """The ring slot of the stage's last signalled epoch (int64), where the waits and reads look."""
     return (tl.load(epoch_ptr) % RING).to(tl.int64)
 
@@ -82,7 +83,7 @@ def last_to_finish(done_ptr, num_programs, SCOPE: tl.constexpr):
 
 
 @triton.jit
-def _signal_when_last(
+def signal_when_last(
     done_ptr, epoch_ptr, epoch, flag_table, flag_offset, counts_ptr, my_rank, num_programs, W, FLAG_W, C,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -170,7 +171,7 @@ def _send_tokens_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    epoch, ring = _next_epoch(epoch_ptr, RING)
+    epoch, ring = next_epoch(epoch_ptr, RING)
     ring_rows = ring.to(tl.int64) * W * per_source  # first row of the ring slot
     block = tl.program_id(0)
     tokens, in_range, ids, pair_mask, goes = _token_block(ids_ptr, block, T, K, E_local, BLOCK_T, BLOCK_K, BLOCK_W)
@@ -203,7 +204,7 @@ def _send_tokens_kernel(
             tl.store(meta[:, None] + 1 + ks[None, :], ids, mask=pair_goes)
             tl.store(meta[:, None] + 1 + K + ks[None, :], weights.to(tl.int32, bitcast=True), mask=pair_goes)
     programs = tl.num_programs(0) * tl.num_programs(1)
-    last = _signal_when_last(
+    last = signal_when_last(
         done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, programs, W, FLAG_W, C,
         BLOCK_C,
     )  # fmt: skip
@@ -240,7 +241,7 @@ def send_tokens(
     T, H = x.shape
     K = topk_ids.shape[1]
     W, C = counts.shape
-    block_t, block_h = triton.next_power_of_2(max(1, tokens_per_program)), _block_h(H)
+    block_t, block_h = triton.next_power_of_2(max(1, tokens_per_program)), columns_per_step(H)
     block_k, block_w = triton.next_power_of_2(K), triton.next_power_of_2(W)
     token_programs = max(1, triton.cdiv(T, block_t))  # one program at least: it signals
     topk_ids = topk_ids.contiguous()
@@ -299,7 +300,7 @@ def _expand_received_kernel(
     RING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    ring = _current_ring(epoch_ptr, RING)
+    ring = current_ring(epoch_ptr, RING)
     flags = flags_ptr + ring * W * FLAG_W
     meta = meta_ptr + ring * S * META_W
     # rows per local expert, summed over the sources: flags[q] = (epoch, tokens, pairs per local expert)
@@ -355,7 +356,7 @@ def _gather_rows_kernel(recv_ptr, epoch_ptr, slot_of_row_ptr, offsets_ptr, out_p
                         RING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     is_row = rows < tl.load(offsets_ptr + E_local)  # the padding rows after them stay as they are
-    ring = _current_ring(epoch_ptr, RING)
+    ring = current_ring(epoch_ptr, RING)
     slot = tl.load(slot_of_row_ptr + rows, mask=is_row, other=0) + ring * S
     for h0 in range(0, H, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
@@ -398,7 +399,7 @@ def expand_received(
     if num_rows:
         _gather_rows_kernel[(triton.cdiv(num_rows, block_r),)](
             recv, epoch, slot_of_row, offsets, recv_x, S, H, num_local_experts,
-            RING=ring_slots, BLOCK_R=block_r, BLOCK_H=_block_h(H),
+            RING=ring_slots, BLOCK_R=block_r, BLOCK_H=columns_per_step(H),
         )  # fmt: skip
     return recv_x, row_of_pair, src_rank, src_token, weight, counts, offsets, recv_counts
 
@@ -426,7 +427,7 @@ def _send_tokens_back_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    epoch, ring = _next_epoch(epoch_ptr, RING)
+    epoch, ring = next_epoch(epoch_ptr, RING)
     slot = tl.program_id(0).to(tl.int64)  # src * per_source + j
     ks = tl.arange(0, BLOCK_K)
     rows = tl.load(row_of_pair_ptr + slot * K + ks, mask=ks < K, other=-1)
@@ -445,7 +446,7 @@ def _send_tokens_back_kernel(
                     acc += weight * tl.load(out_ptr + row * stride_out + cols, mask=mask).to(tl.float32)
             tl.store(dst + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
     programs = tl.num_programs(0) * tl.num_programs(1)
-    _signal_when_last(
+    signal_when_last(
         done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, programs, W, FLAG_W, C,
         BLOCK_C,
     )  # fmt: skip
@@ -466,7 +467,7 @@ def send_tokens_back(
     H = expert_out.shape[1]
     S, K = row_of_pair.shape
     W = counts.shape[0]
-    block_h = _block_h(H)
+    block_h = columns_per_step(H)
     # a few programs per slot when the slots are few (decode): each program counts itself done on one
     # atomic, so many thousands of them would queue there instead
     column_programs = max(1, min(triton.cdiv(max(H, 1), block_h), triton.cdiv(_ENOUGH_PROGRAMS, S)))
@@ -480,18 +481,18 @@ def send_tokens_back(
 
 @triton.jit
 def _reduce_to_output_kernel(
-    back_ptr, epoch_ptr, dest_pos_ptr, shared_ptr, y_ptr, H, stride_shared, per_source, W,
+    back_ptr, epoch_ptr, positions_ptr, shared_ptr, y_ptr, H, stride_shared, ring_rows, column_rows, N,
     RING: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    ring_rows = _current_ring(epoch_ptr, RING) * W * per_source
+    first_row = current_ring(epoch_ptr, RING) * ring_rows
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for q in range(W):
-        pos = tl.load(dest_pos_ptr + token * W + q)
+    for c in range(N):
+        pos = tl.load(positions_ptr + token * N + c)
         if pos >= 0:
-            row = ring_rows + q * per_source + pos.to(tl.int64)
+            row = first_row + c * column_rows + pos.to(tl.int64)
             acc += tl.load(back_ptr + row * H + cols, mask=mask).to(tl.float32)
     if HAS_SHARED:
         acc += tl.load(shared_ptr + token * stride_shared + cols, mask=mask).to(tl.float32)
@@ -499,20 +500,26 @@ def _reduce_to_output_kernel(
 
 
 def reduce_and_copy_to_output(
-    back: torch.Tensor, epoch: torch.Tensor, dest_pos: torch.Tensor, shared_out: torch.Tensor | None
+    back: torch.Tensor,
+    epoch: torch.Tensor,
+    positions: torch.Tensor,
+    shared_out: torch.Tensor | None,
+    column_rows: int,
 ) -> torch.Tensor:
-    """back [RING, W * per_source, H] (this rank's back buffer; in the slot of epoch int32 [1], rank q's
-    result for token t sits at row q * per_source + dest_pos[t, q]), dest_pos int32 [T, W], shared_out
-    [T, H] or None -> y [T, H] in back's dtype, summed in float32."""
-    T, W = dest_pos.shape
+    """back [RING, S, H] (this rank's back buffer; the slot of epoch int32 [1] is read), positions int [T, N]
+    (token t's results sit at rows c * column_rows + positions[t, c] of that slot; -1: none in column c),
+    shared_out [T, H] or None -> y [T, H] in back's dtype, the rows summed in float32 (+ shared_out).
+    nvshmem_triton: column q = rank q, column_rows = per_source; the symmetric layout: column k = the token's
+    k-th pair, column_rows = 0 (positions are rows)."""
+    T, N = positions.shape
     H = back.shape[2]
     y = back.new_empty(T, H)
     if T == 0 or H == 0:
         return y
-    block_h = _block_h(H)
+    block_h = columns_per_step(H)
     shared = shared_out if shared_out is not None else y
     _reduce_to_output_kernel[(T, triton.cdiv(H, block_h))](
-        back, epoch, dest_pos, shared, y, H, shared.stride(0), back.shape[1] // W, W,
+        back, epoch, positions.contiguous(), shared, y, H, shared.stride(0), back.shape[1], column_rows, N,
         RING=back.shape[0], HAS_SHARED=shared_out is not None, BLOCK_H=block_h,
     )  # fmt: skip
     return y

@@ -1,0 +1,165 @@
+"""symmetric_triton: the symmetric (FlashMoE) layout, its rows stored straight into the peers' symmetric buffers.
+
+Layout, capacity C and overflow policy are moekit.dist.symmetric's: pair (t, k) of rank p with global expert g
+and slot s < C lands at row (p * E_local + g mod E_local) * C + s of rank g // E_local's receive buffer, a
+position p computes alone. Here one Triton kernel (moekit.kernels.slot_puts.put_rows) stores every kept pair's
+row and its (source token, router weight bits) there, then signals every rank q with what p sent it and what
+every rank must know of p: (pairs p dropped, p's fullest expert and its pairs, pairs p kept, p's kept pairs
+per local expert of q). No collective and no count exchange come before the rows. The receiver waits for every
+source's signal, reads its flags on the host once (the rows to return; the overflow check, raised on every
+rank alike) and gathers its rows grouped by local expert. Combine stores each row times its router weight
+back at the position it came from in its source's back buffer; the source sums each token's K positions
+(+ the shared experts) in float32 (moekit.kernels.peer_puts.reduce_and_copy_to_output).
+
+Buffers (allocated once, collectively, on the heap of moekit.dist.symmetric_heap): rows [RING, E * C, H] and
+metadata [RING, E * C, 2] int32 for dispatch, rows [RING, E * C, H] for combine, in a ring of RING = 3 slots
+indexed by a device epoch, for the reasons and under the call order moekit.dist.nvshmem_triton states.
+That is 2 * RING * E * C * H elements of rows: pick C near the expected pairs per (rank, expert) with a margin;
+the default C = max_tokens never overflows and is the largest. On CUDA the sending kernels run on a stream of
+the dispatcher's own, joined by the waits (compute issued in between runs while the rows travel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.dist.handle import DispatchHandle, RecvMeta
+from moekit.dist.registry import DISPATCHERS
+from moekit.dist.streams import join, on_stream, side_stream
+from moekit.dist.symmetric import Arrivals, SymmetricLayout, pair_slots
+from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
+
+RING = 3
+DISPATCH, COMBINE = 0, 1
+# what a dispatch flag carries after the epoch, before the pairs per local expert
+DROPPED, WORST_EXPERT, WORST_COUNT, KEPT, PAIRS = range(5)
+
+
+@dataclass
+class PendingDispatch:
+    position: torch.Tensor  # int64 [T * K]: pair t * K + k's position g * C + s, -1 when dropped
+    token: torch.Tensor  # int32 [T * K]: pair t * K + k's token t
+    signalled: torch.Tensor  # int32 [W, PAIRS + E_local]: what this rank signalled to each rank
+    num_tokens: int
+    sent: tuple[torch.Tensor, ...]  # what the send kernel reads, kept alive until the wait
+
+
+@dataclass
+class PendingCombine:
+    handle: DispatchHandle
+    shared_out: torch.Tensor | None
+    sent: tuple[torch.Tensor, ...]
+
+
+@DISPATCHERS.register("symmetric_triton")
+class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
+    """The symmetric layout with device-initiated stores into the peers' buffers (module docstring)."""
+
+    name = "symmetric_triton"
+
+    def __init__(
+        self, group, num_experts, hidden, max_tokens, dtype, device, *, heap: SymmetricHeap | None = None, **layout
+    ):
+        self._heap = heap
+        super().__init__(group, num_experts, hidden, max_tokens, dtype, device, **layout)
+        if self.capacity < 1:
+            raise ValueError(f"capacity must be >= 1 for the {self.name} dispatcher, got {self.capacity}")
+        self.default_heap()
+        self._per_peer = self.num_local_experts * self.capacity
+        self._recv, self._recv_table = self._heap.empty((RING, self.num_slots, hidden), dtype)
+        self._recv_meta, self._recv_meta_table = self._heap.empty((RING, self.num_slots, 2), torch.int32)
+        self._back, self._back_table = self._heap.empty((RING, self.num_slots, hidden), dtype)
+        widths = (1 + PAIRS + self.num_local_experts, 2)  # epoch, then the counts (combine: one unused)
+        flags = [self._heap.empty((RING, self.world_size, width), torch.int32) for width in widths]
+        self._flags = [buffer.zero_() for buffer, _ in flags]
+        from moekit.kernels.peer_puts import Signal
+
+        def counter() -> torch.Tensor:
+            return torch.zeros(1, dtype=torch.int32, device=self.device)
+
+        self._signals = [
+            Signal(table, counter(), counter(), self.rank, width, RING) for (_, table), width in zip(flags, widths)
+        ]
+        self._nothing_to_count = torch.zeros(self.world_size, 1, dtype=torch.int32, device=self.device)
+        self._comm_stream = side_stream(self.device)
+        self._heap.barrier()  # every rank's flags are zero before anyone signals
+
+    def _signalled_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """counts int64 [E] (this rank's pairs per expert) -> int32 [W, PAIRS + E_local]: row q as the
+        module docstring lists it."""
+        kept = counts.clamp(max=self.capacity)
+        about_me = torch.stack([(counts - kept).sum(), counts.argmax(), counts.max(), kept.sum()])
+        per_rank = kept.view(self.world_size, self.num_local_experts)
+        return torch.cat([about_me.expand(self.world_size, PAIRS), per_rank], dim=1).to(torch.int32)
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
+        from moekit.kernels.slot_puts import put_rows
+
+        self.check_dispatch_inputs(x, topk_ids, topk_weights)
+        T, K = topk_ids.shape
+        pairs = pair_slots(topk_ids, self.num_experts)
+        position = torch.where(pairs.slot < self.capacity, pairs.expert * self.capacity + pairs.slot, -1)
+        token = torch.arange(T * K, device=x.device, dtype=torch.int32) // K
+        meta = torch.stack([token, topk_weights.reshape(-1).to(torch.float32).view(torch.int32)], dim=1)
+        signalled = self._signalled_counts(pairs.counts)
+        x = x if x.stride(1) == 1 else x.contiguous()
+        with on_stream(self._comm_stream):
+            put_rows(
+                x, position, self._per_peer, self._recv_table, self._signals[DISPATCH], signalled, entries_per_row=K,
+                meta=meta, meta_table=self._recv_meta_table,
+            )  # fmt: skip
+        return PendingDispatch(position, token, signalled, T, (x, position, meta, signalled))
+
+    def dispatch_wait(self, pending: PendingDispatch) -> tuple[torch.Tensor, RecvMeta, DispatchHandle]:
+        from moekit.kernels.peer_puts import wait_for_all_arrivals
+
+        join(self._comm_stream)
+        epoch = self._signals[DISPATCH].epoch
+        wait_for_all_arrivals(self._flags[DISPATCH], epoch)
+        ring = (epoch % RING).long()
+        flags = self._flags[DISPATCH].index_select(0, ring)[0]  # [W, 1 + PAIRS + E_local]
+        host = torch.cat([ring, flags[:, 1:].flatten(), pending.signalled.flatten()]).cpu()  # one read
+        slot = int(host[0])
+        about, mine = host[1:].view(2, self.world_size, -1)  # what every rank signalled me; what I signalled
+        arrivals = Arrivals(
+            dropped=about[:, DROPPED].tolist(),
+            worst_expert=about[:, WORST_EXPERT].tolist(),
+            worst_count=about[:, WORST_COUNT].tolist(),
+            kept=about[:, KEPT].tolist(),
+            pairs_to_me=about[:, PAIRS:].long(),
+            pairs_i_sent=mine[:, PAIRS:].long().sum(1),
+        )
+        recv_slot_of_row, finish = self._receive(arrivals, pending.token.long(), pending.position, pending.num_tokens)
+        recv_x = self._recv[slot].index_select(0, recv_slot_of_row)  # a copy: the ring slot is reused
+        meta_rows = self._recv_meta[slot].index_select(0, recv_slot_of_row)
+        meta, handle = finish(meta_rows[:, 0].long(), meta_rows[:, 1].contiguous().view(torch.float32))
+        return recv_x, meta, handle
+
+    def combine_async(
+        self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None
+    ) -> PendingCombine:
+        from moekit.kernels.slot_puts import put_rows
+
+        self.check_combine_inputs(expert_out, handle, shared_out)
+        if handle.num_recv_slots != self.num_slots or handle.slots_per_peer != self._per_peer:
+            raise ValueError("handle comes from another dispatcher; pass the one this dispatcher's dispatch returned")
+        expert_out = expert_out.to(self.dtype)
+        expert_out = expert_out if expert_out.stride(1) == 1 else expert_out.contiguous()
+        with on_stream(self._comm_stream):
+            put_rows(
+                expert_out, handle.recv_slot_of_row, self._per_peer, self._back_table, self._signals[COMBINE],
+                self._nothing_to_count, scale=handle.row_weight,
+            )  # fmt: skip
+        return PendingCombine(handle, shared_out, (expert_out, handle.recv_slot_of_row, handle.row_weight))
+
+    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
+        from moekit.kernels.peer_puts import reduce_and_copy_to_output, wait_for_all_arrivals
+
+        join(self._comm_stream)
+        epoch = self._signals[COMBINE].epoch
+        wait_for_all_arrivals(self._flags[COMBINE], epoch)
+        T, positions = pending.handle.num_tokens, pending.handle.send_slots
+        positions = positions.view(T, positions.numel() // T if T else 0)  # [T, K]: -1 where dropped
+        return reduce_and_copy_to_output(self._back, epoch, positions, pending.shared_out, 0)

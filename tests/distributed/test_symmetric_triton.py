@@ -1,0 +1,173 @@
+"""The symmetric_triton dispatcher: the symmetric layout's rows stored by Triton kernels into every rank's buffers.
+
+Simulated groups (moekit.testing.simulated_heap: one process plays W ranks over one heap, every rank's
+dispatch_async before any rank's dispatch_wait): on the CPU under TRITON_INTERPRET=1, on one GPU compiled.
+Each step checks, on every rank, against what the routing says with capacity C per (source rank, expert):
+  - the received rows (the first C pairs of each (source rank, expert), tokens ascending), their grouping
+    (local expert, then source rank, then token), src_rank, src_token and weight;
+  - combine of expert_out = (1 + local expert) * recv_x: sum over the kept pairs of w_k (1 + e_k mod E_local) x
+    (+ shared_out); the drops counted on every rank (overflow="drop") or raised on every rank ("raise");
+over more steps than the buffer ring has slots, with other sizes (stale rows must not leak).
+Real ranks on a GPU: tests/distributed/test_gpu_dispatchers.py and test_layer_gpu.py walk every dispatcher.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moekit.dist.symmetric_triton import RING, SymmetricTritonDispatcher
+from moekit.testing.numerics import assert_close_to_reference
+from moekit.testing.simulated_heap import SimulatedGroup
+
+H = 20
+MAX_TOKENS = 10
+
+
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=str)
+def dtype(request, skip_unless_triton_runs):
+    skip_unless_triton_runs(request.param)
+    return request.param
+
+
+def make_group(W, E, capacity, overflow, dtype, device):
+    group = SimulatedGroup(W, device)
+    return [
+        SymmetricTritonDispatcher(
+            None, E, H, MAX_TOKENS, dtype, device, heap=group.rank(p), capacity=capacity, overflow=overflow
+        )
+        for p in range(W)
+    ]
+
+
+def draw_step(W, E, K, tokens, skew_to, g, device, dtype):
+    """Every rank's (x, topk_ids, topk_weights, shared_out) for one step."""
+    step = []
+    for T in tokens:
+        scores = torch.rand(T, E, generator=g)
+        if skew_to is not None:
+            scores[:, skew_to] += 2.0  # every token picks this expert
+        ids = scores.argsort(dim=1, descending=True)[:, :K].to(torch.int32)
+        weights = torch.rand(T, K, generator=g) + 0.1
+        x, shared = (torch.randn(T, H, generator=g) for _ in range(2))
+        step.append(tuple(t.to(device) for t in (x.to(dtype), ids, weights, shared.to(dtype))))
+    return step
+
+
+def kept_pairs(step, capacity):
+    """kept[p]: bool [T, K], pair (t, k) of rank p among the first `capacity` of its expert (tokens ascending)."""
+    kept = []
+    for _, ids, _, _ in step:
+        seen: dict[int, int] = {}
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for t, row in enumerate(ids.tolist()):
+            for k, g in enumerate(row):
+                mask[t, k] = seen.get(g, 0) < capacity
+                seen[g] = seen.get(g, 0) + 1
+        kept.append(mask)
+    return kept
+
+
+def check_received(dispatchers, step, kept, received):
+    W, E_local = len(dispatchers), dispatchers[0].num_local_experts
+    for q, (recv_x, meta, handle) in enumerate(received):
+        want = sorted(
+            (g % E_local, p, t, k)
+            for p, (_, ids, _, _) in enumerate(step)
+            for t, row in enumerate(ids.tolist())
+            for k, g in enumerate(row)
+            if g // E_local == q and kept[p][t, k]
+        )
+        assert recv_x.shape[0] == meta.num_rows == handle.num_rows == len(want), f"rank {q}: rows"
+        got_expert = torch.repeat_interleave(torch.arange(E_local), meta.local_expert_counts.cpu())
+        got = list(zip(got_expert.tolist(), meta.src_rank.tolist(), meta.src_token.tolist()))
+        assert got == [r[:3] for r in want], f"rank {q}: rows or their order"
+        assert meta.local_expert_offsets.tolist() == [0, *meta.local_expert_counts.cumsum(0).tolist()]
+        for i, (_, p, t, k) in enumerate(want):
+            assert torch.equal(recv_x[i].cpu(), step[p][0][t].cpu()), f"rank {q} row {i}"
+            assert meta.weight[i].item() == step[p][2][t, k].item()
+        assert handle.recv_counts.tolist() == [sum(1 for r in want if r[1] == p) for p in range(W)]
+
+
+def combine(dispatchers, step, received):
+    """Every rank's combine_async of expert_out = (1 + local expert) * recv_x, then every rank's combine_wait."""
+    pendings = []
+    for d, (_, _, _, shared), (recv_x, meta, handle) in zip(dispatchers, step, received):
+        expert = torch.repeat_interleave(torch.arange(d.num_local_experts), meta.local_expert_counts.cpu())
+        out = recv_x * (1 + expert.to(recv_x.device, recv_x.dtype))[:, None]
+        pendings.append(d.combine_async(out, handle, shared))
+    return [d.combine_wait(p) for d, p in zip(dispatchers, pendings)]
+
+
+def check_combined(dispatchers, step, kept, ys):
+    E_local = dispatchers[0].num_local_experts
+    for p, ((x, ids, weights, shared), y) in enumerate(zip(step, ys)):
+        factor = (weights.cpu() * (1 + ids.long().cpu() % E_local) * kept[p]).sum(1, dtype=torch.float64)
+        ref = factor[:, None] * x.cpu().double() + shared.cpu().double()
+        assert y.dtype == x.dtype and y.shape == x.shape
+        assert_close_to_reference(y.cpu(), ref, x.dtype, f"rank {p} combine")
+
+
+@st.composite
+def scenarios(draw):
+    W = draw(st.integers(1, 4))
+    E = W * draw(st.integers(1, 3))
+    K = draw(st.integers(1, E))
+    steps = [
+        ([draw(st.sampled_from([0, 1, MAX_TOKENS]) | st.integers(0, MAX_TOKENS)) for _ in range(W)],
+         draw(st.none() | st.integers(0, E - 1)))
+        for _ in range(RING + 1)
+    ]  # fmt: skip
+    return W, E, K, draw(st.integers(1, MAX_TOKENS)), steps, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=10, deadline=None)
+@given(case=scenarios())
+def test_simulated_group_dispatch_combine_drops_and_counts(device, dtype, case):
+    """overflow="drop": rows, combine, the drops on every rank and the padding fraction, step after step."""
+    W, E, K, capacity, steps, seed = case
+    g = torch.Generator().manual_seed(seed)
+    dispatchers = make_group(W, E, capacity, "drop", dtype, device)
+    for tokens, skew_to in steps:  # more steps than the ring has slots
+        step = draw_step(W, E, K, tokens, skew_to, g, device, dtype)
+        kept = kept_pairs(step, capacity)
+        pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, step)]
+        received = [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+        check_received(dispatchers, step, kept, received)
+        dropped = [int((~k).sum()) for k in kept]
+        slots = W * E * capacity
+        for p, d in enumerate(dispatchers):
+            assert (d.last_dropped, d.last_dropped_total) == (dropped[p], sum(dropped)), f"rank {p} drops"
+            assert d.last_padding_fraction == (slots - sum(int(k.sum()) for k in kept)) / slots
+        check_combined(dispatchers, step, kept, combine(dispatchers, step, received))
+
+
+def test_overflow_raises_on_every_rank_and_the_next_step_runs(device, dtype):
+    W, E, K, capacity = 2, 4, 2, 3
+    g = torch.Generator().manual_seed(0)
+    dispatchers = make_group(W, E, capacity, "raise", dtype, device)
+    over = draw_step(W, E, K, [MAX_TOKENS, 2], 1, g, device, dtype)  # rank 0: 10 pairs for expert 1
+    pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, over)]
+    for d, pending in zip(dispatchers, pendings):  # every rank raises, after every rank's rows arrived
+        with pytest.raises(ValueError, match=rf"rank 0 routed {MAX_TOKENS} tokens to expert 1, above the capacity 3"):
+            d.dispatch_wait(pending)
+    fits = draw_step(W, E, K, [capacity, 1], 1, g, device, dtype)
+    pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, fits)]
+    received = [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+    kept = kept_pairs(fits, capacity)
+    assert all(k.all() for k in kept)
+    check_received(dispatchers, fits, kept, received)
+    check_combined(dispatchers, fits, kept, combine(dispatchers, fits, received))
+
+
+def test_bad_settings_raise_before_anything_is_allocated(device, skip_unless_triton_runs):
+    skip_unless_triton_runs(torch.float32)
+    heap = SimulatedGroup(2, device).rank(0)
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        SymmetricTritonDispatcher(None, 4, H, MAX_TOKENS, torch.float32, device, heap=heap, capacity=0)
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        SymmetricTritonDispatcher(None, 4, H, MAX_TOKENS, torch.float32, device, heap=heap, overflow="ignore")
+    with pytest.raises(ValueError, match="divisible by the world size"):
+        SymmetricTritonDispatcher(None, 3, H, MAX_TOKENS, torch.float32, device, heap=heap)
