@@ -17,7 +17,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.dist import DISPATCHERS, ep_forward
 from moekit.dist.base import group_size_and_rank
-from moekit.dist.forward import chunk_bounds, shared_experts
+from moekit.dist.forward import check_fused_combine, chunk_bounds, shared_experts
 from moekit.dist.local_experts import check_backend_fits
 from moekit.experts import EXPERT_BACKENDS
 from moekit.routing import ROUTERS, route
@@ -46,8 +46,9 @@ class MoELayer(nn.Module):
     backend: a name in EXPERT_BACKENDS. dispatcher: None (one device, nothing leaves it) or a name in
     DISPATCHERS, set up on `group` for at most max_tokens tokens per call, with dispatcher_options (e.g.
     {"capacity": 64, "overflow": "drop"} for "symmetric"). With a dispatcher, shared_overlap, chunks and
-    own_first choose the overlap (moekit.dist.ep_forward); every rank must build the layer with the same
-    arguments, which the constructor checks (a collective over the group). check_values=False drops the
+    own_first choose the overlap, fused_combine the fused down projection (moekit.dist.ep_forward); every
+    rank must build the layer with the same arguments, which the constructor checks (a collective over the
+    group). check_values=False drops the
     NaN check of the router logits, the one host synchronisation of a one-device forward, so the layer can
     be captured in a CUDA graph (the router's ids reach the experts unchecked either way: they are in range);
     with the fixed-shape dispatcher nvshmem_triton_graph and backend triton_grouped, so can the
@@ -69,6 +70,7 @@ class MoELayer(nn.Module):
         shared_overlap: bool = False,
         chunks: int = 1,
         own_first: bool = False,
+        fused_combine: bool = False,
         check_values: bool = True,
     ) -> None:
         super().__init__()
@@ -81,11 +83,16 @@ class MoELayer(nn.Module):
             self.register_parameter(f.name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
         chunk_bounds(0, chunks)  # validates chunks
         self.shared_overlap, self.chunks, self.own_first = shared_overlap, chunks, own_first
+        self.fused_combine = fused_combine
         self.check_values = check_values
         self.dispatcher = None
+        if fused_combine and dispatcher is None:
+            raise ValueError("fused_combine fuses the combine of a dispatcher: pass dispatcher='symmetric_triton'")
         if dispatcher is not None:
             cls = DISPATCHERS.get(dispatcher).fn
             check_backend_fits(cls, backend, own_first)  # here, not at the first forward
+            if fused_combine:
+                check_fused_combine(cls, backend, own_first)
             agree_across_ranks(
                 group,
                 config=config,
@@ -96,6 +103,7 @@ class MoELayer(nn.Module):
                 shared_overlap=shared_overlap,
                 chunks=chunks,
                 own_first=own_first,
+                fused_combine=fused_combine,
             )
             self.dispatcher = cls(
                 group,
@@ -126,6 +134,7 @@ class MoELayer(nn.Module):
                 shared_overlap=self.shared_overlap,
                 chunks=self.chunks,
                 own_first=self.own_first,
+                fused_combine=self.fused_combine,
                 check_values=self.check_values,
             )
         routing = route(

@@ -18,8 +18,10 @@ from moekit.testing.spawn import spawn_ranks
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 TOKENS = [37, 5]  # per rank; each call takes the first `fraction` of them
 FRACTIONS = (1.0, 0.5, 1.0)
-# (shared_overlap, chunks, own_first); own_first needs host-side counts (not the fixed-shape dispatchers)
-OVERLAPS = [(False, 1, False), (True, 1, False), (False, 3, False), (True, 3, True)]
+# (shared_overlap, chunks, own_first, fused_combine); own_first needs host-side counts (not the fixed-shape
+# dispatchers); fused_combine a dispatcher that fuses the down projection (symmetric_triton)
+OVERLAPS = [(False, 1, False, False), (True, 1, False, False), (False, 3, False, False), (True, 3, True, False)]
+OVERLAPS += [(False, 1, False, True), (True, 3, False, True)]
 
 
 def config_of(world_size: int) -> MoEConfig:
@@ -33,7 +35,7 @@ def cases(world_size: int, shared_gpu: bool) -> list[tuple[str, tuple]]:
         for impl in DISPATCHERS
         if impl.fn.supports(world_size, "cuda")[0] and not (shared_gpu and impl.name == "symm_mem")
         for overlap in OVERLAPS
-        if not (overlap[2] and impl.fn.fixed_shapes)
+        if not (overlap[2] and impl.fn.fixed_shapes) and not (overlap[3] and not impl.fn.fuses_down_projection)
     ]
 
 
@@ -49,10 +51,11 @@ def layer_rank(rank: int, world_size: int, shared_gpu: bool) -> dict:
     problem = make_problem(config, sum(TOKENS), seed=3, device=device)
     inputs = [rank_tokens(problem.x, rank, f) for f in FRACTIONS]
     outputs = {"oracle": [reference_moe(x, problem.weights, config).y.cpu() for x in inputs]}
-    for dispatcher, (shared_overlap, chunks, own_first) in cases(world_size, shared_gpu):
+    for dispatcher, (shared_overlap, chunks, own_first, fused_combine) in cases(world_size, shared_gpu):
+        grouped_gemm = DISPATCHERS.get(dispatcher).fn.fixed_shapes or fused_combine
         layer = MoELayer(
             config,
-            backend=FIXED_SHAPE_BACKEND if DISPATCHERS.get(dispatcher).fn.fixed_shapes else "grouped_mm",
+            backend=FIXED_SHAPE_BACKEND if grouped_gemm else "grouped_mm",
             dispatcher=dispatcher,
             weights=problem.weights,
             max_tokens=max(TOKENS),
@@ -60,8 +63,9 @@ def layer_rank(rank: int, world_size: int, shared_gpu: bool) -> dict:
             shared_overlap=shared_overlap,
             chunks=chunks,
             own_first=own_first,
+            fused_combine=fused_combine,
         )
-        key = (dispatcher, (shared_overlap, chunks, own_first))
+        key = (dispatcher, (shared_overlap, chunks, own_first, fused_combine))
         outputs[key] = [layer(x).cpu() for x in inputs]
     return outputs
 
@@ -80,6 +84,7 @@ def test_layer_with_two_ranks_sharing_a_gpu_matches_the_oracle():
     if GPUS < 1:
         pytest.skip("needs a CUDA device")
     assert {c[0] for c in cases(2, True)} >= {"nccl", "padded_triton", "nvshmem_triton", "nvshmem_triton_graph"}
+    assert ("symmetric_triton", (True, 3, False, True)) in cases(2, True)
     check_against_oracle(spawn_ranks(layer_rank, 2, True, backend="gloo", timeout_s=300), 2, True)
 
 

@@ -162,6 +162,66 @@ def test_overflow_raises_on_every_rank_and_the_next_step_runs(device, dtype):
     check_combined(dispatchers, fits, kept, combine(dispatchers, fits, received))
 
 
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=6, deadline=None)
+@given(case=scenarios(), F=st.integers(1, 24))
+def test_fused_combine_stores_the_down_projection_where_combine_sends_it(device, dtype, case, F):
+    """combine_down_async: the grouped GEMM's epilogue stores hidden @ w_down[e].T times the router weight into
+    the source's back buffer; y = the float64 MLP summed over the kept pairs (+ shared_out), step after step."""
+    from moekit.kernels.grouped_gemm import grouped_gemm
+
+    W, E, K, capacity, steps, seed = case
+    g = torch.Generator().manual_seed(seed)
+    w_gate_up, w_down = torch.randn(E, 2 * F, H, generator=g) / H**0.5, torch.randn(E, H, F, generator=g) / F**0.5
+    dispatchers = make_group(W, E, capacity, "drop", dtype, device)
+    E_local = E // W
+    for tokens, skew_to in steps:
+        step = draw_step(W, E, K, tokens, skew_to, g, device, dtype)
+        pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, step)]
+        received = [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+        combines = []
+        for q, (d, (recv_x, meta, handle), (_, _, _, shared)) in enumerate(zip(dispatchers, received, step)):
+            mine = slice(q * E_local, (q + 1) * E_local)
+            gate_up, down = (w[mine].to(device, dtype) for w in (w_gate_up, w_down))
+            hidden = grouped_gemm(recv_x, gate_up, meta.local_expert_offsets, swiglu=True)
+            combines.append(d.combine_down_async(hidden, down, meta, handle, shared))
+        ys = [d.combine_wait(p) for d, p in zip(dispatchers, combines)]
+        for p, ((x, ids, weights, shared), kept, y) in enumerate(zip(step, kept_pairs(step, capacity), ys)):
+            ref = shared.cpu().double().clone()
+            x64 = x.cpu().double()
+            for t, k in kept.nonzero().tolist():
+                e = int(ids[t, k])
+                h = torch.nn.functional.silu(x64[t] @ w_gate_up[e, :F].double().T) * (
+                    x64[t] @ w_gate_up[e, F:].double().T
+                )
+                ref[t] += float(weights[t, k]) * (h @ w_down[e].double().T)
+            assert_close_to_reference(y.cpu(), ref, dtype, f"rank {p} fused combine")
+
+
+def test_fused_combine_refuses_what_it_cannot_fuse(device, skip_unless_triton_runs):
+    from moekit import MoEConfig, make_problem
+    from moekit.dist import ep_forward
+    from moekit.layer import MoELayer
+
+    skip_unless_triton_runs(torch.float32)
+    d = make_group(1, 4, MAX_TOKENS, "raise", torch.float32, device)[0]
+    x = torch.randn(3, H, device=device)
+    recv_x, meta, handle = d.dispatch(x, torch.tensor([[0], [1], [3]], device=device), torch.ones(3, 1, device=device))
+    with pytest.raises(ValueError, match=r"w_down must be \[4, 20, 8\]"):
+        d.combine_down_async(recv_x.new_ones(3, 8), recv_x.new_ones(4, 8, H), meta, handle)
+    with pytest.raises(ValueError, match=r"hidden must be \[3, F\]"):
+        d.combine_down_async(recv_x.new_ones(2, 8), recv_x.new_ones(4, H, 8), meta, handle)
+    config = MoEConfig(H, 8, 4, 1, dtype=torch.float32)
+    problem = make_problem(config, 3, device=device)
+    with pytest.raises(ValueError, match="pass backend 'triton_grouped'"):
+        ep_forward(problem.x, problem.weights, config, d, "grouped_mm", fused_combine=True)
+    with pytest.raises(ValueError, match="fused_combine and own_first"):
+        ep_forward(problem.x, problem.weights, config, d, "triton_grouped", fused_combine=True, own_first=True)
+    with pytest.raises(ValueError, match="fuses the down projection"):
+        MoELayer(config, backend="triton_grouped", dispatcher="skip_a2a", fused_combine=True, device=device)
+    with pytest.raises(ValueError, match="pass dispatcher='symmetric_triton'"):
+        MoELayer(config, backend="triton_grouped", fused_combine=True, device=device)
+
+
 def test_bad_settings_raise_before_anything_is_allocated(device, skip_unless_triton_runs):
     skip_unless_triton_runs(torch.float32)
     heap = SimulatedGroup(2, device).rank(0)

@@ -187,6 +187,9 @@ def _args(**changes):
         ({"out": torch.empty(4, 6), "swiglu": True}, ValueError, r"out must have shape \(M, F\) = \(4, 3\)"),
         ({"out": torch.empty(4, 5)}, ValueError, r"out must have shape \(M, N\) = \(4, 6\)"),
         ({"out": torch.empty(4, 6, device="meta")}, ValueError, "out is on meta, a is on cpu"),
+        ({"row_addresses": torch.zeros(3, dtype=torch.int64)}, ValueError, r"row_addresses must be int64 of shape"),
+        ({"row_addresses": torch.zeros(4, dtype=torch.int32)}, ValueError, r"row_addresses must be int64 of shape"),
+        ({"row_addresses": torch.zeros(4, dtype=torch.int64), "out": torch.empty(4, 6)}, ValueError, "not both"),
     ],
 )
 def test_grouped_gemm_rejects_bad_arguments(changes, error, match):

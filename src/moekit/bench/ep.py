@@ -48,6 +48,7 @@ class EPCase:
     chunks: int = 2
     own_first: bool = False
     capacity_factor: float | None = None  # symmetric dispatchers: see capacity
+    fused_combine: bool = False  # both layers (moekit.dist.ep_forward)
     skew_experts: int = 0
     skew_bias: float = 0.0
     seed: int = 0
@@ -122,7 +123,7 @@ def prepare_study(rank: int, world_size: int, case: EPCase, device: torch.device
     layer = MoELayer(
         config, backend=case.backend, dispatcher=case.dispatcher, weights=problem.weights, max_tokens=T,
         device=device, chunks=case.chunks, own_first=case.own_first, check_values=not graphs,
-        dispatcher_options=case.dispatcher_options,
+        dispatcher_options=case.dispatcher_options, fused_combine=case.fused_combine,
     )  # fmt: skip
     weights, dispatcher = layer.weights, layer.dispatcher
     state = {"dispatcher": dispatcher}

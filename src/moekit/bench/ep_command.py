@@ -50,6 +50,11 @@ def _layer_options(p) -> None:
         help="the overlapped layer computes its own rank's tokens while the dispatch is in flight",
     )
     p.add_argument(
+        "--fused-combine",
+        action="store_true",
+        help="symmetric_triton + triton_grouped: the down projection's epilogue stores into the combine slots",
+    )
+    p.add_argument(
         "--capacity-factor",
         type=float,
         help="symmetric dispatchers: capacity per (source rank, expert) = ceil(F * T * K / E) pairs, those above "
@@ -98,6 +103,7 @@ def _case(args, router: str, dtype: torch.dtype) -> EPCase:
         chunks=args.chunks,
         own_first=args.own_first,
         capacity_factor=args.capacity_factor,
+        fused_combine=args.fused_combine,
         skew_experts=getattr(args, "skew_experts", 0),
         skew_bias=getattr(args, "skew_bias", 0.0),
         seed=args.seed,
@@ -215,6 +221,7 @@ def run_layer_command(args, device: torch.device, dtype: torch.dtype) -> int:
     rows = [[name, s[name]] for name in PHASES]
     rows += [["T_comm (dispatch + combine)", s["comm"]], ["T_compute (route + experts + shared)", s["compute"]]]
     own = ", own rank first" if args.own_first else ""
+    own += ", fused combine" if args.fused_combine else ""
     rows += [[f"eta_overlap (chunks={args.chunks}, shared overlapped{own})", s["eta_overlap"]]]
     if case.capacity_factor is not None:
         rows += [

@@ -146,6 +146,9 @@ class Dispatcher:
     # and nothing waits for the host, so a layer on it can be captured in a CUDA graph
     fixed_shapes = False
     handle_type = DispatchHandle  # what dispatch returns and combine takes
+    # True: combine_down_async(hidden, w_down, meta, handle, shared_out) runs the experts' down projection and
+    # stores its rows straight where combine sends them (ep_forward's fused_combine)
+    fuses_down_projection = False
 
     def __init__(
         self,
@@ -229,16 +232,21 @@ class Dispatcher:
         if not capturing_cuda_graph(topk_ids):  # the range check waits for the device; a capture cannot
             check_ids_in_range("topk_ids", topk_ids, self.num_experts)
 
-    def check_combine_inputs(self, expert_out: torch.Tensor, handle, shared_out: torch.Tensor | None) -> None:
+    def check_combine_inputs(self, expert_out: torch.Tensor | None, handle, shared_out: torch.Tensor | None) -> None:
+        """expert_out None: a fused combine that computes it (its caller checks its own inputs)."""
         if not isinstance(handle, self.handle_type):
             raise TypeError(f"handle must be a {self.handle_type.__name__}, got {type(handle).__name__}")
-        check_tensor("expert_out", expert_out, shape=(handle.num_rows, self.hidden), floating=True)
-        if not _on_device(expert_out, self.device):
-            raise ValueError(f"expert_out must be on the dispatcher's device {self.device}, got {expert_out.device}")
+        if expert_out is not None:
+            self._check_expert_out(expert_out, handle)
         if shared_out is not None:
             check_tensor("shared_out", shared_out, shape=(handle.num_tokens, self.hidden), floating=True)
             if not _on_device(shared_out, self.device):
                 raise ValueError(f"shared_out must be on {self.device}, got {shared_out.device}")
+
+    def _check_expert_out(self, expert_out: torch.Tensor, handle) -> None:
+        check_tensor("expert_out", expert_out, shape=(handle.num_rows, self.hidden), floating=True)
+        if not _on_device(expert_out, self.device):
+            raise ValueError(f"expert_out must be on the dispatcher's device {self.device}, got {expert_out.device}")
 
     def check_top_k_unchanged(self, top_k: int, set_up_for: int | None) -> None:
         """A path whose symmetric buffers were sized, collectively, for the top_k of its first call (set_up_for;

@@ -54,6 +54,27 @@ def check_group_matches(dispatcher: Dispatcher, config: MoEConfig, weights: MoEW
         )
 
 
+def check_fused_combine(dispatcher: Dispatcher | type[Dispatcher], backend_name: str, own_first: bool) -> None:
+    """fused_combine needs a dispatcher that fuses the down projection and moekit's grouped GEMM (the backend
+    whose epilogue it extends); own_first's rows are computed apart from it."""
+    if not dispatcher.fuses_down_projection:
+        raise ValueError(f"fused_combine needs a dispatcher that fuses the down projection (symmetric_triton), "
+                         f"got {dispatcher.name!r}")  # fmt: skip
+    if backend_name != "triton_grouped":
+        raise ValueError(f"fused_combine runs the experts in moekit's grouped GEMM: pass backend 'triton_grouped', "
+                         f"got {backend_name!r}")  # fmt: skip
+    if own_first:
+        raise ValueError("fused_combine and own_first do not combine: pass one of them")
+
+
+def local_hidden(recv_x: torch.Tensor, meta, weights: MoEWeights, dispatcher: Dispatcher) -> torch.Tensor:
+    """recv_x [R, H] grouped by local expert -> silu(gate) * up [R, F], the local experts' first half."""
+    from moekit.kernels.grouped_gemm import grouped_gemm
+
+    experts = slice(dispatcher.expert_start, dispatcher.expert_start + dispatcher.num_local_experts)
+    return grouped_gemm(recv_x, weights.w_gate_up[experts], meta.local_expert_offsets, swiglu=True)
+
+
 def chunk_bounds(num_tokens: int, chunks: int) -> list[tuple[int, int]]:
     """[start, stop) of `chunks` nearly equal pieces of range(num_tokens); some may be empty."""
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
@@ -73,6 +94,7 @@ def ep_forward(
     shared_overlap: bool = False,
     chunks: int = 1,
     own_first: bool = False,
+    fused_combine: bool = False,
     check_values: bool = True,
 ) -> torch.Tensor:
     """x [T, H] (this rank's tokens) -> y [T, H] in x.dtype: route, dispatch, local experts, combine
@@ -90,11 +112,15 @@ def ep_forward(
           is dispatched and chunk i-1 combined. Every rank must pass the same n (empty chunks are fine);
       own_first: the local experts compute this rank's own tokens while the dispatch is in flight, and
           only the other ranks' rows once it lands (moekit.dist.own_rank_first).
+    fused_combine: the down projection's epilogue stores each row where combine sends it (a dispatcher with
+      fuses_down_projection, symmetric_triton, and backend triton_grouped: moekit's grouped GEMM).
     check_values=False skips the router's NaN check (a host sync): with a fixed-shape dispatcher
     (nvshmem_triton_graph) nothing else waits for the host, and the forward can be captured in a CUDA graph.
     """
     check_group_matches(dispatcher, config, weights, group)
     check_backend_fits(dispatcher, backend_name, own_first)  # before any communication
+    if fused_combine:
+        check_fused_combine(dispatcher, backend_name, own_first)
     bounds = chunk_bounds(x.shape[0], chunks)
     routing = route(router_logits(x, weights), config, weights.score_correction_bias, check_values=check_values)
 
@@ -130,17 +156,31 @@ def ep_forward(
         recv_x, meta, handle = dispatcher.dispatch_wait(pending_dispatch)
         if i + 1 < len(bounds):
             pending_dispatch = start_dispatch(i + 1)
-        if own_first:
+        if fused_combine:
+            hidden = local_hidden(recv_x, meta, weights, dispatcher)
+        elif own_first:
             expert_out = expert_out_with_own_rows(recv_x, meta, own[i], weights, dispatcher, backend_name)
         else:
             expert_out = local_expert_forward(recv_x, meta, weights, dispatcher, backend_name)
         if pending_combine is not None:
             pieces.append(combine_wait(pending_combine))
-        pending_combine = dispatcher.combine_async(expert_out, handle, None if shared is None else shared[start:stop])
+        shared_rows = None if shared is None else shared[start:stop]
+        if fused_combine:
+            w_down = weights.w_down[dispatcher.expert_start : dispatcher.expert_start + dispatcher.num_local_experts]
+            pending_combine = dispatcher.combine_down_async(hidden, w_down, meta, handle, shared_rows)
+        else:
+            pending_combine = dispatcher.combine_async(expert_out, handle, shared_rows)
     if overlap_shared:
         shared_experts(x[late:], weights, out=shared[late:])  # while the last chunk travels back
     pieces.append(combine_wait(pending_combine))
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
-__all__ = ["check_group_matches", "chunk_bounds", "ep_forward", "shared_expert", "shared_experts"]
+__all__ = [
+    "check_fused_combine",
+    "check_group_matches",
+    "chunk_bounds",
+    "ep_forward",
+    "shared_expert",
+    "shared_experts",
+]

@@ -11,6 +11,11 @@ rank alike) and gathers its rows grouped by local expert. Combine stores each ro
 back at the position it came from in its source's back buffer; the source sums each token's K positions
 (+ the shared experts) in float32 (moekit.kernels.peer_puts.reduce_and_copy_to_output).
 
+The fused combine (combine_down_async, ep_forward's fused_combine): the local experts' down projection runs
+in moekit's grouped GEMM, whose epilogue stores each row times its router weight straight at that position
+of its source's back buffer (a mapped peer address per row), then one small kernel signals: no expert_out
+[R, H] is written and no separate send pass reads it.
+
 Buffers (allocated once, collectively, on the heap of moekit.dist.symmetric_heap): rows [RING, E * C, H] and
 metadata [RING, E * C, 2] int32 for dispatch, rows [RING, E * C, H] for combine, in a ring of RING = 3 slots
 indexed by a device epoch, for the reasons and under the call order moekit.dist.nvshmem_triton states.
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.dist.base import _on_device
 from moekit.dist.handle import DispatchHandle, RecvMeta
 from moekit.dist.registry import DISPATCHERS
 from moekit.dist.streams import join, on_stream, side_stream
@@ -58,6 +64,7 @@ class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
     """The symmetric layout with device-initiated stores into the peers' buffers (module docstring)."""
 
     name = "symmetric_triton"
+    fuses_down_projection = True  # combine_down_async
 
     def __init__(
         self, group, num_experts, hidden, max_tokens, dtype, device, *, heap: SymmetricHeap | None = None, **layout
@@ -153,6 +160,45 @@ class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
                 self._nothing_to_count, scale=handle.row_weight,
             )  # fmt: skip
         return PendingCombine(handle, shared_out, (expert_out, handle.recv_slot_of_row, handle.row_weight))
+
+    def combine_down_async(
+        self,
+        hidden: torch.Tensor,
+        w_down: torch.Tensor,
+        meta: RecvMeta,
+        handle: DispatchHandle,
+        shared_out: torch.Tensor | None = None,
+    ) -> PendingCombine:
+        """The fused combine: hidden [R, F] (silu(gate) * up of the rows dispatch returned), w_down [E_local, H,
+        F] -> each row's hidden @ w_down[e].T times its router weight, stored by the grouped GEMM's epilogue
+        into its source's back buffer; combine_wait as after combine_async."""
+        from moekit.kernels.grouped_gemm import grouped_gemm
+        from moekit.kernels.slot_puts import row_addresses, signal_after
+
+        self.check_combine_inputs(None, handle, shared_out)
+        if handle.num_recv_slots != self.num_slots or handle.slots_per_peer != self._per_peer:
+            raise ValueError("handle comes from another dispatcher; pass the one this dispatcher's dispatch returned")
+        F = hidden.shape[1] if hidden.dim() == 2 else -1
+        if hidden.shape != (handle.num_rows, F) or hidden.dtype != self.dtype or not _on_device(hidden, self.device):
+            raise ValueError(
+                f"hidden must be [{handle.num_rows}, F] {self.dtype}, got {hidden.dtype} {tuple(hidden.shape)}"
+            )
+        if (
+            w_down.shape != (self.num_local_experts, self.hidden, F)
+            or w_down.dtype != self.dtype
+            or w_down.device != hidden.device
+        ):
+            raise ValueError(
+                f"w_down must be [{self.num_local_experts}, {self.hidden}, {F}] {self.dtype} on {hidden.device} (this "
+                f"rank's experts), got {w_down.dtype} {tuple(w_down.shape)} on {w_down.device}"
+            )
+        signal = self._signals[COMBINE]
+        addresses = row_addresses(
+            handle.recv_slot_of_row, self._per_peer, self._back_table, signal, self.hidden, self._back.element_size()
+        )
+        grouped_gemm(hidden, w_down, meta.local_expert_offsets, row_scale=handle.row_weight, row_addresses=addresses)
+        signal_after(signal, self._nothing_to_count)
+        return PendingCombine(handle, shared_out, (hidden, addresses))
 
     def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
         from moekit.kernels.peer_puts import reduce_and_copy_to_output, wait_for_all_arrivals

@@ -116,6 +116,7 @@ def _grouped_gemm_kernel(
     offsets_ptr,
     scale_ptr,
     out_ptr,
+    row_address_ptr,
     E,
     N,
     K,
@@ -130,6 +131,7 @@ def _grouped_gemm_kernel(
     ROWS_PER_EXPERT,  # only in the autotune key: decode and prefill want different tiles
     SWIGLU: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    ROW_ADDRESSES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -195,7 +197,12 @@ def _grouped_gemm_kernel(
         if HAS_SCALE:
             scale = tl.load(scale_ptr + rows64, mask=row_ok, other=0.0)
             acc = acc * scale[:, None]
-        out_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
+        if ROW_ADDRESSES:  # each row to its own place, a peer's buffer maybe; address 0: not stored
+            address = tl.load(row_address_ptr + rows64, mask=row_ok, other=0)
+            row_ok = row_ok & (address != 0)
+            out_ptrs = address.to(tl.pointer_type(out_ptr.dtype.element_ty))[:, None] + cols64[None, :]
+        else:
+            out_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
         tile += tl.num_programs(0)
 
@@ -210,7 +217,7 @@ def _check_tensor(name: str, value) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def _check_args(a, b, expert_offsets, swiglu, row_scale, out) -> int:
+def _check_args(a, b, expert_offsets, swiglu, row_scale, out, row_addresses) -> int:
     """Raise on a bad argument; return the output width (N, or F = N / 2 with swiglu)."""
     _check_tensor("a", a)
     _check_tensor("b", b)
@@ -244,6 +251,14 @@ def _check_args(a, b, expert_offsets, swiglu, row_scale, out) -> int:
         if row_scale.dtype != torch.float32:
             raise TypeError(f"row_scale must be float32, got {row_scale.dtype}")
         named.append(("row_scale", row_scale))
+    if row_addresses is not None:
+        _check_tensor("row_addresses", row_addresses)
+        if tuple(row_addresses.shape) != (M,) or row_addresses.dtype != torch.int64:
+            raise ValueError(f"row_addresses must be int64 of shape (M,) = ({M},), got {row_addresses.dtype} "
+                             f"{tuple(row_addresses.shape)}")  # fmt: skip
+        if out is not None:
+            raise ValueError("pass out or row_addresses, not both")
+        named.append(("row_addresses", row_addresses))
     if out is not None:
         _check_tensor("out", out)
         if tuple(out.shape) != (M, n_out):
@@ -269,7 +284,8 @@ def grouped_gemm(
     swiglu: bool = False,
     row_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    row_addresses: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """out[r] = a[r] @ b[e].T for every row r of expert e, all experts in one launch, without a host sync.
 
     Args:
@@ -284,6 +300,9 @@ def grouped_gemm(
         row_scale: [M] float32, or None: each output row is multiplied by it (the router weight), in float32,
             after the activation.
         out: [M, N] (or [M, F] with swiglu), a's dtype, or None to allocate one. Any strides.
+        row_addresses: [M] int64, or None: row r is stored at this device address instead (N_OUT contiguous
+            elements of a's dtype; 0: not stored), e.g. its slot in a peer's symmetric buffer, mapped here
+            (the fused combine of moekit.dist.symmetric_triton). Not checked; nothing is returned then.
 
     Returns:
         out: [M, N] (or [M, F] with swiglu), a's dtype, accumulated in float32 (tf32 is not used for
@@ -294,13 +313,14 @@ def grouped_gemm(
     The first call for each (N, K, swiglu, dtypes) benchmarks the autotuning configs on the GPU, which
     synchronises: make that call before capturing a CUDA graph. Later calls launch one kernel and nothing else.
     """
-    n_out = _check_args(a, b, expert_offsets, swiglu, row_scale, out)
+    n_out = _check_args(a, b, expert_offsets, swiglu, row_scale, out, row_addresses)
     M, K = a.shape
     E, N, _ = b.shape
-    if out is None:
+    if out is None and row_addresses is None:
         out = torch.empty((M, n_out), dtype=a.dtype, device=a.device)
     if M == 0 or E == 0 or n_out == 0:
         return out
+    stores_to = out if out is not None else a  # with row_addresses: only its dtype is read
 
     if _INTERPRET:
         programs = _INTERPRETER_PROGRAMS
@@ -317,8 +337,9 @@ def grouped_gemm(
         a,
         b,
         expert_offsets,
-        row_scale if row_scale is not None else out,  # never read without HAS_SCALE
-        out,
+        row_scale if row_scale is not None else stores_to,  # never read without HAS_SCALE
+        stores_to,
+        row_addresses if row_addresses is not None else stores_to,  # never read without ROW_ADDRESSES
         E,
         N,
         K,
@@ -328,11 +349,12 @@ def grouped_gemm(
         b.stride(0),
         b.stride(1),
         b.stride(2),
-        out.stride(0),
-        out.stride(1),
+        stores_to.stride(0),
+        stores_to.stride(1),
         min(triton.next_power_of_2(triton.cdiv(M, E)), 4096),  # a power-of-two bucket: few autotune runs
         SWIGLU=swiglu,
         HAS_SCALE=row_scale is not None,
+        ROW_ADDRESSES=row_addresses is not None,
         # float32 inputs are held to float32 accuracy; tf32 would lose 13 bits of every operand
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_E=triton.next_power_of_2(E),

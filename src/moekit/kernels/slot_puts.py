@@ -9,7 +9,9 @@ this rank at the same offset. No address or offset travels before the rows.
 
 put_rows stores every entry's row (times its scale, if any) and its metadata row, then its last program
 signals every rank with this stage's counts (moekit.kernels.peer_puts.signal_when_last: flags, epochs and
-ring slots as there).
+ring slots as there). signal_after signals alone, after rows another kernel queued before it stored (the
+fused combine's grouped GEMM, whose epilogue stores into the peers); row_addresses gives that kernel the
+device address of every position.
 """
 
 from __future__ import annotations
@@ -98,4 +100,35 @@ def put_rows(
     )  # fmt: skip
 
 
-__all__ = ["put_rows"]
+@triton.jit
+def _signal_kernel(flag_table, done_ptr, epoch_ptr, counts_ptr, my_rank, W, FLAG_W, C, RING: tl.constexpr,
+                   BLOCK_C: tl.constexpr):  # fmt: skip
+    epoch, ring = next_epoch(epoch_ptr, RING)
+    signal_when_last(done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, 1, W, FLAG_W, C,
+                     BLOCK_C)  # fmt: skip
+
+
+def signal_after(signal: Signal, counts: torch.Tensor) -> None:
+    """Signal every rank q with counts int32 [W, C] row q for the ring slot this call advances to, after
+    everything queued before on the stream (a kernel's completion makes its stores visible first)."""
+    W, C = counts.shape
+    _signal_kernel[(1,)](
+        signal.flag_table, signal.done, signal.epoch, counts, signal.my_rank, W, signal.flag_width, C,
+        RING=signal.ring_slots, BLOCK_C=triton.next_power_of_2(C),
+    )  # fmt: skip
+
+
+def row_addresses(position: torch.Tensor, per_peer: int, rows_table: torch.Tensor, signal: Signal, H: int,
+                  element_size: int) -> torch.Tensor:  # fmt: skip
+    """int64 [N]: the device address where put_rows would store the row of position int [N] (-1: 0, not
+    stored) in the ring slot the stage's next call advances to, in the buffer of rows_table, H elements of
+    element_size bytes per row. Computed on the device (the epoch stays there)."""
+    position = position.long()
+    W = rows_table.numel()
+    ring = (signal.epoch.long() + 1) % signal.ring_slots
+    row = ring * W * per_peer + signal.my_rank * per_peer + position % per_peer
+    base = rows_table.index_select(0, (position // per_peer).clamp(0, W - 1))
+    return torch.where(position >= 0, base + row * H * element_size, 0)
+
+
+__all__ = ["put_rows", "row_addresses", "signal_after"]
