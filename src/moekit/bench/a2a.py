@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from moekit.bench.timing import as_cuda_graph, time_once
 from moekit.dist import DISPATCHERS
+from moekit.dist.symmetric import SymmetricLayout
 from moekit.testing.spawn import rank_device
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,9 +99,15 @@ def prepare_path(config: A2AConfig, path: str, device: torch.device, seed: int) 
     """Build and warm up one path on this rank's group (called on every rank)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = DTYPES[config.dtype]
-    dispatcher = DISPATCHERS.get(path).fn(None, config.experts, config.hidden, config.tokens, dtype, device)
-    x = torch.randn(config.tokens, config.hidden, device=device).to(dtype)
     topk_ids, weights = _uniform_routing(config, device, seed + rank)
+    cls = DISPATCHERS.get(path).fn
+    options = {}
+    if issubclass(cls, SymmetricLayout):  # buffers E * C rows: C = the group's fullest (rank, expert), no drops
+        fullest = torch.bincount(topk_ids.reshape(-1).long(), minlength=config.experts).max().reshape(1)
+        dist.all_reduce(fullest, op=dist.ReduceOp.MAX)
+        options["capacity"] = max(1, int(fullest))
+    dispatcher = cls(None, config.experts, config.hidden, config.tokens, dtype, device, **options)
+    x = torch.randn(config.tokens, config.hidden, device=device).to(dtype)
     state = {}
 
     def dispatch():
