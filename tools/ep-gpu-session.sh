@@ -11,7 +11,8 @@
 # 3. moekit layer, DeepSeek-V3 at 4096 tokens per rank on nccl and nvshmem_triton, overlapped two ways
 #    without token chunks (each chunk would read every local expert's weights again: +2.7 ms per chunk at
 #    11.3 GB per rank, about T_comm itself): the shared experts beside both exchanges, and that plus the
-#    own rank's tokens first; the 128-token layer as CUDA-graph replays runs in part 2.
+#    own rank's tokens first; then symmetric_triton with and without the fused combine; the 128-token layer
+#    as CUDA-graph replays runs in part 2.
 # Each step has its own time limit, so one slow step cannot take the others' figures with it.
 set -uo pipefail
 out=${OUT:-ep-session}
@@ -41,6 +42,12 @@ if [ "$mode" = layers ]; then
       step "$name" 140 python -m moekit layer --gpus "$gpus" --check --batch 1 --seq 4096 $ds "$@" \
         --dispatcher "$dispatcher" --experts-backend grouped_mm_fused --runs 5 --json "$out/$name.json"
     done
+  done
+  for fused in "" "--fused-combine"; do  # the FlashMoE layout, its down projection fused into the combine or not
+    name=layer-4096-symmetric_triton${fused:+-fused}
+    step "$name" 140 python -m moekit layer --gpus "$gpus" --check --batch 1 --seq 4096 $ds --chunks 1 \
+      --dispatcher symmetric_triton --capacity-factor 16 --experts-backend triton_grouped $fused --runs 5 \
+      --json "$out/$name.json"
   done
   exit 0
 fi
