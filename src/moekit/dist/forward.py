@@ -6,7 +6,7 @@ import torch
 
 from moekit.config import MoEConfig
 from moekit.dist.base import Dispatcher, group_size_and_rank
-from moekit.dist.local_experts import check_backend_fits, local_expert_forward
+from moekit.dist.local_experts import check_backend_fits, local_expert_forward, local_weights
 from moekit.dist.own_rank_first import expert_out_with_own_rows, own_rank_rows
 from moekit.dist.streams import join, on_stream, reused_side_stream
 from moekit.experts.mlp import swiglu_mlp
@@ -71,8 +71,7 @@ def local_hidden(recv_x: torch.Tensor, meta, weights: MoEWeights, dispatcher: Di
     """recv_x [R, H] grouped by local expert -> silu(gate) * up [R, F], the local experts' first half."""
     from moekit.kernels.grouped_gemm import grouped_gemm
 
-    experts = slice(dispatcher.expert_start, dispatcher.expert_start + dispatcher.num_local_experts)
-    return grouped_gemm(recv_x, weights.w_gate_up[experts], meta.local_expert_offsets, swiglu=True)
+    return grouped_gemm(recv_x, local_weights(weights, dispatcher).w_gate_up, meta.local_expert_offsets, swiglu=True)
 
 
 def chunk_bounds(num_tokens: int, chunks: int) -> list[tuple[int, int]]:
@@ -166,7 +165,7 @@ def ep_forward(
             pieces.append(combine_wait(pending_combine))
         shared_rows = None if shared is None else shared[start:stop]
         if fused_combine:
-            w_down = weights.w_down[dispatcher.expert_start : dispatcher.expert_start + dispatcher.num_local_experts]
+            w_down = local_weights(weights, dispatcher).w_down
             pending_combine = dispatcher.combine_down_async(hidden, w_down, meta, handle, shared_rows)
         else:
             pending_combine = dispatcher.combine_async(expert_out, handle, shared_rows)

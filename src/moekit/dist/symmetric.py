@@ -65,6 +65,13 @@ def pair_slots(topk_ids: torch.Tensor, num_experts: int) -> PairSlots:
     return PairSlots(expert, slot, counts)
 
 
+def pair_summary(counts: torch.Tensor, capacity: int) -> torch.Tensor:
+    """counts int64 [..., E] (pairs per expert of one rank) -> int64 [..., 4]: (pairs above the capacity, the
+    fullest expert, its pairs, pairs kept): what every rank must know of every rank to account the overflow."""
+    kept = counts.clamp(max=capacity)
+    return torch.stack([(counts - kept).sum(-1), counts.argmax(-1), counts.amax(-1), kept.sum(-1)], dim=-1)
+
+
 @dataclass(frozen=True)
 class Arrivals:
     """A step's pairs as every rank of the symmetric layout can tell them, on the host (lists over the
@@ -78,6 +85,12 @@ class Arrivals:
     kept: list[int]
     pairs_to_me: torch.Tensor
     pairs_i_sent: torch.Tensor
+
+    @classmethod
+    def of(cls, summary: torch.Tensor, pairs_to_me: torch.Tensor, pairs_i_sent: torch.Tensor) -> Arrivals:
+        """summary [W, 4] on the host: pair_summary of every rank's counts."""
+        dropped, worst_expert, worst_count, kept = summary.T.tolist()
+        return cls(dropped, worst_expert, worst_count, kept, pairs_to_me, pairs_i_sent)
 
 
 class SymmetricLayout(Dispatcher):
@@ -121,6 +134,11 @@ class SymmetricLayout(Dispatcher):
             )
         self.last_dropped = arrivals.dropped[self.rank]
         self.last_dropped_total = sum(arrivals.dropped)
+
+    def check_handle_is_mine(self, handle: DispatchHandle) -> None:
+        """combine's handle must come from this layout's dispatch (its slots are positions in these buffers)."""
+        if handle.num_recv_slots != self.num_slots or handle.slots_per_peer != self.num_local_experts * self.capacity:
+            raise ValueError("handle comes from another dispatcher; pass the one this symmetric dispatcher returned")
 
     def _receive(self, arrivals: Arrivals, send_token_idx: torch.Tensor, send_slots: torch.Tensor, num_tokens: int):
         """-> (recv_slot_of_row [R] int64: each received row's position in the receive buffer [E * C], grouped
@@ -221,11 +239,8 @@ class SymmetricDispatcher(SymmetricLayout):
         counts = pending.counts.cpu()  # [W, E]
         kept = counts.clamp(max=self.capacity)
         W, E_local = self.world_size, self.num_local_experts
-        arrivals = Arrivals(
-            dropped=(counts - kept).sum(1).tolist(),
-            worst_expert=counts.argmax(1).tolist(),
-            worst_count=counts.max(1).values.tolist(),
-            kept=kept.sum(1).tolist(),
+        arrivals = Arrivals.of(
+            pair_summary(counts, self.capacity),
             pairs_to_me=kept[:, self.expert_start : self.expert_start + E_local],
             pairs_i_sent=kept[self.rank].view(W, E_local).sum(1),
         )
@@ -241,8 +256,7 @@ class SymmetricDispatcher(SymmetricLayout):
         self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None
     ) -> PendingCombine:
         self.check_combine_inputs(expert_out, handle, shared_out)
-        if handle.num_recv_slots != self.num_slots or handle.slots_per_peer != self.num_local_experts * self.capacity:
-            raise ValueError("handle comes from another dispatcher; pass the one this symmetric dispatcher returned")
+        self.check_handle_is_mine(handle)
         weighted = expert_out.to(self.accumulate_dtype) * handle.row_weight.to(self.accumulate_dtype)[:, None]
         self._back_send.index_copy_(0, handle.recv_slot_of_row, weighted.to(self.dtype))
         if self.world_size == 1:

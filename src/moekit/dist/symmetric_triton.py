@@ -34,13 +34,13 @@ from moekit.dist.base import _on_device
 from moekit.dist.handle import DispatchHandle, RecvMeta
 from moekit.dist.registry import DISPATCHERS
 from moekit.dist.streams import join, on_stream, side_stream
-from moekit.dist.symmetric import Arrivals, SymmetricLayout, pair_slots
+from moekit.dist.symmetric import Arrivals, SymmetricLayout, pair_slots, pair_summary
 from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
 
 RING = 3
 DISPATCH, COMBINE = 0, 1
-# what a dispatch flag carries after the epoch, before the pairs per local expert
-DROPPED, WORST_EXPERT, WORST_COUNT, KEPT, PAIRS = range(5)
+# a dispatch flag after its epoch: the sender's pair_summary (moekit.dist.symmetric), then its pairs per local expert
+PAIRS = 4
 
 
 @dataclass
@@ -96,9 +96,8 @@ class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
     def _signalled_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """counts int64 [E] (this rank's pairs per expert) -> int32 [W, PAIRS + E_local]: row q as the
         module docstring lists it."""
-        kept = counts.clamp(max=self.capacity)
-        about_me = torch.stack([(counts - kept).sum(), counts.argmax(), counts.max(), kept.sum()])
-        per_rank = kept.view(self.world_size, self.num_local_experts)
+        about_me = pair_summary(counts, self.capacity)
+        per_rank = counts.clamp(max=self.capacity).view(self.world_size, self.num_local_experts)
         return torch.cat([about_me.expand(self.world_size, PAIRS), per_rank], dim=1).to(torch.int32)
 
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
@@ -130,14 +129,7 @@ class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
         host = torch.cat([ring, flags[:, 1:].flatten(), pending.signalled.flatten()]).cpu()  # one read
         slot = int(host[0])
         about, mine = host[1:].view(2, self.world_size, -1)  # what every rank signalled me; what I signalled
-        arrivals = Arrivals(
-            dropped=about[:, DROPPED].tolist(),
-            worst_expert=about[:, WORST_EXPERT].tolist(),
-            worst_count=about[:, WORST_COUNT].tolist(),
-            kept=about[:, KEPT].tolist(),
-            pairs_to_me=about[:, PAIRS:].long(),
-            pairs_i_sent=mine[:, PAIRS:].long().sum(1),
-        )
+        arrivals = Arrivals.of(about[:, :PAIRS], about[:, PAIRS:].long(), mine[:, PAIRS:].long().sum(1))
         recv_slot_of_row, finish = self._receive(arrivals, pending.token.long(), pending.position, pending.num_tokens)
         recv_x = self._recv[slot].index_select(0, recv_slot_of_row)  # a copy: the ring slot is reused
         meta_rows = self._recv_meta[slot].index_select(0, recv_slot_of_row)
@@ -150,8 +142,7 @@ class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
         from moekit.kernels.slot_puts import put_rows
 
         self.check_combine_inputs(expert_out, handle, shared_out)
-        if handle.num_recv_slots != self.num_slots or handle.slots_per_peer != self._per_peer:
-            raise ValueError("handle comes from another dispatcher; pass the one this dispatcher's dispatch returned")
+        self.check_handle_is_mine(handle)
         expert_out = expert_out.to(self.dtype)
         expert_out = expert_out if expert_out.stride(1) == 1 else expert_out.contiguous()
         with on_stream(self._comm_stream):
@@ -176,12 +167,12 @@ class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
         from moekit.kernels.slot_puts import row_addresses, signal_after
 
         self.check_combine_inputs(None, handle, shared_out)
-        if handle.num_recv_slots != self.num_slots or handle.slots_per_peer != self._per_peer:
-            raise ValueError("handle comes from another dispatcher; pass the one this dispatcher's dispatch returned")
+        self.check_handle_is_mine(handle)
         F = hidden.shape[1] if hidden.dim() == 2 else -1
         if hidden.shape != (handle.num_rows, F) or hidden.dtype != self.dtype or not _on_device(hidden, self.device):
             raise ValueError(
-                f"hidden must be [{handle.num_rows}, F] {self.dtype}, got {hidden.dtype} {tuple(hidden.shape)}"
+                f"hidden must be [{handle.num_rows}, F] {self.dtype} on {self.device}, got {hidden.dtype} "
+                f"{tuple(hidden.shape)} on {hidden.device}"
             )
         if (
             w_down.shape != (self.num_local_experts, self.hidden, F)
