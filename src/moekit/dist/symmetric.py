@@ -95,7 +95,7 @@ class Arrivals:
 
 class SymmetricLayout(Dispatcher):
     """What the paths of the symmetric layout share: capacity C per (source rank, expert), the overflow
-    policy and its accounting, and the receiving side's rows. Subclasses move the rows."""
+    policy and its accounting, and the step's handle. Subclasses move and list the rows."""
 
     rows_on_the_wire = "pair"
 
@@ -140,38 +140,33 @@ class SymmetricLayout(Dispatcher):
         if handle.num_recv_slots != self.num_slots or handle.slots_per_peer != self.num_local_experts * self.capacity:
             raise ValueError("handle comes from another dispatcher; pass the one this symmetric dispatcher returned")
 
-    def _receive(self, arrivals: Arrivals, send_token_idx: torch.Tensor, send_slots: torch.Tensor, num_tokens: int):
-        """-> (recv_slot_of_row [R] int64: each received row's position in the receive buffer [E * C], grouped
-        by local expert, then source rank, then slot; RecvMeta without src_token and weight; DispatchHandle
-        without row_weight) as a function of (src_token, weight), read from where the path put them."""
-        self._account_overflow(arrivals)
-        W, E_local, C, device = self.world_size, self.num_local_experts, self.capacity, self.device
-        filled = torch.arange(C)[None, None, :] < arrivals.pairs_to_me.T[:, :, None]  # [E_local, W, C]
-        expert, src, slot = (t.to(device) for t in torch.nonzero(filled, as_tuple=True))
-        recv_slot_of_row = (src * E_local + expert) * C + slot
-        local_counts = arrivals.pairs_to_me.sum(0).to(device)
-        offsets = torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)])
-        total_slots = W * self.num_slots
+    def _handle(
+        self,
+        arrivals: Arrivals,
+        send_token_idx: torch.Tensor,
+        send_slots: torch.Tensor,
+        recv_slot_of_row: torch.Tensor,
+        row_weight: torch.Tensor,
+        num_tokens: int,
+    ) -> DispatchHandle:
+        """The step's handle (recv_slot_of_row [R]: each received row's position in the receive buffer
+        [E * C]); records the padding fraction."""
+        total_slots = self.world_size * self.num_slots
         self.last_padding_fraction = (total_slots - sum(arrivals.kept)) / total_slots if total_slots else 0.0
-
-        def finish(src_token: torch.Tensor, weight: torch.Tensor) -> tuple[RecvMeta, DispatchHandle]:
-            handle = DispatchHandle(
-                send_counts=arrivals.pairs_i_sent,
-                recv_counts=arrivals.pairs_to_me.sum(1),
-                send_token_idx=send_token_idx,
-                send_slots=send_slots,
-                recv_slot_of_row=recv_slot_of_row,
-                row_weight=weight,
-                num_send_slots=self.num_slots,
-                num_recv_slots=self.num_slots,
-                num_tokens=num_tokens,
-                hidden=self.hidden,
-                slots_per_peer=E_local * C,
-                padding_fraction=self.last_padding_fraction,
-            )
-            return RecvMeta(local_counts, offsets, src, src_token, weight), handle
-
-        return recv_slot_of_row, finish
+        return DispatchHandle(
+            send_counts=arrivals.pairs_i_sent,
+            recv_counts=arrivals.pairs_to_me.sum(1),
+            send_token_idx=send_token_idx,
+            send_slots=send_slots,
+            recv_slot_of_row=recv_slot_of_row,
+            row_weight=row_weight,
+            num_send_slots=self.num_slots,
+            num_recv_slots=self.num_slots,
+            num_tokens=num_tokens,
+            hidden=self.hidden,
+            slots_per_peer=self.num_local_experts * self.capacity,
+            padding_fraction=self.last_padding_fraction,
+        )
 
 
 @dataclass
@@ -244,13 +239,21 @@ class SymmetricDispatcher(SymmetricLayout):
             pairs_to_me=kept[:, self.expert_start : self.expert_start + E_local],
             pairs_i_sent=kept[self.rank].view(W, E_local).sum(1),
         )
-        recv_slot_of_row, finish = self._receive(
-            arrivals, pending.send_token_idx, pending.send_slots, pending.num_tokens
-        )
+        self._account_overflow(arrivals)
+        # rows grouped by local expert, then source rank, then slot
+        C, device = self.capacity, self.device
+        filled = torch.arange(C)[None, None, :] < arrivals.pairs_to_me.T[:, :, None]  # [E_local, W, C]
+        expert, src, slot = (t.to(device) for t in torch.nonzero(filled, as_tuple=True))
+        recv_slot_of_row = (src * E_local + expert) * C + slot
         recv_x = pending.recv_rows.index_select(0, recv_slot_of_row)  # a copy: the buffer is reused
-        meta_rows = pending.recv_meta.index_select(0, recv_slot_of_row)
-        meta, handle = finish(meta_rows[:, 0], meta_rows[:, 1].to(torch.int32).view(torch.float32))
-        return recv_x, meta, handle
+        src_token, weight_bits = pending.recv_meta.index_select(0, recv_slot_of_row).unbind(1)
+        weight = weight_bits.to(torch.int32).view(torch.float32)
+        local_counts = arrivals.pairs_to_me.sum(0).to(device)
+        offsets = torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)])
+        handle = self._handle(
+            arrivals, pending.send_token_idx, pending.send_slots, recv_slot_of_row, weight, pending.num_tokens
+        )
+        return recv_x, RecvMeta(local_counts, offsets, src, src_token, weight), handle
 
     def combine_async(
         self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None

@@ -2,12 +2,14 @@
 
 Layout, capacity C and overflow policy are moekit.dist.symmetric's: pair (t, k) of rank p with global expert g
 and slot s < C lands at row (p * E_local + g mod E_local) * C + s of rank g // E_local's receive buffer, a
-position p computes alone. Here one Triton kernel (moekit.kernels.slot_puts.put_rows) stores every kept pair's
-row and its (source token, router weight bits) there, then signals every rank q with what p sent it and what
-every rank must know of p: (pairs p dropped, p's fullest expert and its pairs, pairs p kept, p's kept pairs
-per local expert of q). No collective and no count exchange come before the rows. The receiver waits for every
-source's signal, reads its flags on the host once (the rows to return; the overflow check, raised on every
-rank alike) and gathers its rows grouped by local expert. Combine stores each row times its router weight
+position p computes alone. Here Triton kernels plan the slots (moekit.kernels.slot_plan.plan_pairs: two
+launches) and store every kept pair's row and its (source token, router weight bits) there
+(moekit.kernels.slot_puts.put_rows), then signal every rank q with what p sent it and what every rank must
+know of p: (pairs p dropped, p's fullest expert and its pairs, pairs p kept, p's kept pairs per local expert
+of q). No collective and no count exchange come before the rows, and the host waits for nothing. The
+receiver waits for every source's signal, reads its flags on the host once (the number of rows; the overflow
+check, raised on every rank alike), lists its rows grouped by local expert (slot_plan.receive_rows) and
+gathers them (moekit.kernels.peer_puts.gather_rows). Combine stores each row times its router weight
 back at the position it came from in its source's back buffer; the source sums each token's K positions
 (+ the shared experts) in float32 (moekit.kernels.peer_puts.reduce_and_copy_to_output).
 
@@ -34,19 +36,20 @@ from moekit.dist.base import _on_device
 from moekit.dist.handle import DispatchHandle, RecvMeta
 from moekit.dist.registry import DISPATCHERS
 from moekit.dist.streams import join, on_stream, side_stream
-from moekit.dist.symmetric import Arrivals, SymmetricLayout, pair_slots, pair_summary
+from moekit.dist.symmetric import Arrivals, SymmetricLayout
 from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
 
 RING = 3
 DISPATCH, COMBINE = 0, 1
-# a dispatch flag after its epoch: the sender's pair_summary (moekit.dist.symmetric), then its pairs per local expert
+# a dispatch flag after its epoch: the sender's pair_summary (moekit.dist.symmetric; moekit.kernels.slot_plan
+# writes its 4 columns), then its pairs per local expert
 PAIRS = 4
 
 
 @dataclass
 class PendingDispatch:
     position: torch.Tensor  # int64 [T * K]: pair t * K + k's position g * C + s, -1 when dropped
-    token: torch.Tensor  # int32 [T * K]: pair t * K + k's token t
+    token: torch.Tensor  # int64 [T * K]: pair t * K + k's token t
     signalled: torch.Tensor  # int32 [W, PAIRS + E_local]: what this rank signalled to each rank
     num_tokens: int
     sent: tuple[torch.Tensor, ...]  # what the send kernel reads, kept alive until the wait
@@ -90,51 +93,45 @@ class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
             Signal(table, counter(), counter(), self.rank, width, RING) for (_, table), width in zip(flags, widths)
         ]
         self._nothing_to_count = torch.zeros(self.world_size, 1, dtype=torch.int32, device=self.device)
+        self._plan_done = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._comm_stream = side_stream(self.device)
         self._heap.barrier()  # every rank's flags are zero before anyone signals
 
-    def _signalled_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        """counts int64 [E] (this rank's pairs per expert) -> int32 [W, PAIRS + E_local]: row q as the
-        module docstring lists it."""
-        about_me = pair_summary(counts, self.capacity)
-        per_rank = counts.clamp(max=self.capacity).view(self.world_size, self.num_local_experts)
-        return torch.cat([about_me.expand(self.world_size, PAIRS), per_rank], dim=1).to(torch.int32)
-
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
+        from moekit.kernels.slot_plan import plan_pairs
         from moekit.kernels.slot_puts import put_rows
 
         self.check_dispatch_inputs(x, topk_ids, topk_weights)
         T, K = topk_ids.shape
-        pairs = pair_slots(topk_ids, self.num_experts)
-        position = torch.where(pairs.slot < self.capacity, pairs.expert * self.capacity + pairs.slot, -1)
-        token = torch.arange(T * K, device=x.device, dtype=torch.int32) // K
-        meta = torch.stack([token, topk_weights.reshape(-1).to(torch.float32).view(torch.int32)], dim=1)
-        signalled = self._signalled_counts(pairs.counts)
         x = x if x.stride(1) == 1 else x.contiguous()
         with on_stream(self._comm_stream):
+            position, token, meta, signalled = plan_pairs(
+                topk_ids, topk_weights, self.num_experts, self.capacity, self.world_size, self._plan_done
+            )
             put_rows(
                 x, position, self._per_peer, self._recv_table, self._signals[DISPATCH], signalled, entries_per_row=K,
                 meta=meta, meta_table=self._recv_meta_table,
             )  # fmt: skip
-        return PendingDispatch(position, token, signalled, T, (x, position, meta, signalled))
+        return PendingDispatch(position, token, signalled, T, (x, topk_ids, topk_weights, meta))
 
     def dispatch_wait(self, pending: PendingDispatch) -> tuple[torch.Tensor, RecvMeta, DispatchHandle]:
-        from moekit.kernels.peer_puts import wait_for_all_arrivals
+        from moekit.kernels.peer_puts import gather_rows, wait_for_all_arrivals
+        from moekit.kernels.slot_plan import receive_rows
 
         join(self._comm_stream)
         epoch = self._signals[DISPATCH].epoch
         wait_for_all_arrivals(self._flags[DISPATCH], epoch)
-        ring = (epoch % RING).long()
-        flags = self._flags[DISPATCH].index_select(0, ring)[0]  # [W, 1 + PAIRS + E_local]
-        host = torch.cat([ring, flags[:, 1:].flatten(), pending.signalled.flatten()]).cpu()  # one read
-        slot = int(host[0])
-        about, mine = host[1:].view(2, self.world_size, -1)  # what every rank signalled me; what I signalled
+        flags = self._flags[DISPATCH].index_select(0, (epoch % RING).long())[0]  # [W, 1 + PAIRS + E_local]
+        host = torch.cat([flags[:, 1:].flatten(), pending.signalled.flatten()]).cpu()  # the one read
+        about, mine = host.view(2, self.world_size, -1)  # what every rank signalled me; what I signalled
         arrivals = Arrivals.of(about[:, :PAIRS], about[:, PAIRS:].long(), mine[:, PAIRS:].long().sum(1))
-        recv_slot_of_row, finish = self._receive(arrivals, pending.token.long(), pending.position, pending.num_tokens)
-        recv_x = self._recv[slot].index_select(0, recv_slot_of_row)  # a copy: the ring slot is reused
-        meta_rows = self._recv_meta[slot].index_select(0, recv_slot_of_row)
-        meta, handle = finish(meta_rows[:, 0].long(), meta_rows[:, 1].contiguous().view(torch.float32))
-        return recv_x, meta, handle
+        self._account_overflow(arrivals)
+        slot_of_row, src, src_token, weight, counts, offsets = receive_rows(
+            self._flags[DISPATCH], 1 + PAIRS, self._recv_meta, epoch, self.capacity, int(arrivals.pairs_to_me.sum())
+        )
+        recv_x = gather_rows(self._recv, epoch, slot_of_row, offsets)  # a copy: the ring slot is reused
+        handle = self._handle(arrivals, pending.token, pending.position, slot_of_row, weight, pending.num_tokens)
+        return recv_x, RecvMeta(counts, offsets, src, src_token, weight), handle
 
     def combine_async(
         self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None

@@ -18,7 +18,7 @@ Kernels (each with its launcher below):
                             then stores rows and metadata to every destination rank, then its flags
   wait_for_all_arrivals     one program per source rank, spinning until that rank's flag shows the epoch
   expand_received           the arrived tokens as rows grouped by local expert (one program per local
-                            expert and source rank places its rows by a running count), then one gather
+                            expert and source rank places its rows by a running count), then gather_rows
   send_tokens_back          combine: the weighted sum of a received token's expert rows, stored into its
                             source rank's back buffer, then flags
   reduce_and_copy_to_output each token's rows from every rank summed (+ the shared expert) -> y
@@ -380,7 +380,7 @@ def expand_received(
     """
     ring_slots, W, flag_width = flags.shape
     _, S, meta_width = meta.shape
-    K, H, device = (meta_width - 1) // 2, recv.shape[2], recv.device
+    K, device = (meta_width - 1) // 2, recv.device
     row_of_pair = torch.empty(S, K, dtype=torch.int32, device=device)
     slot_of_row, src_rank, src_token = (torch.empty(num_rows, dtype=torch.int64, device=device) for _ in range(3))
     weight = torch.empty(num_rows, dtype=torch.float32, device=device)
@@ -394,14 +394,26 @@ def expand_received(
         RING=ring_slots, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(K), BLOCK_W=triton.next_power_of_2(W),
         BLOCK_E=triton.next_power_of_2(num_local_experts), BLOCK_R=256,
     )  # fmt: skip
-    recv_x = recv.new_empty(num_rows, H)
+    recv_x = gather_rows(recv, epoch, slot_of_row, offsets)
+    return recv_x, row_of_pair, src_rank, src_token, weight, counts, offsets, recv_counts
+
+
+def gather_rows(
+    recv: torch.Tensor, epoch: torch.Tensor, slot_of_row: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """recv [RING, S, H] (a stage's receive buffer), epoch int32 [1], slot_of_row int64 [R], offsets int64
+    [E_local + 1] -> rows [R, H]: row r = recv[current ring slot, slot_of_row[r]] for r < offsets[-1]; the
+    rows after them (padding) are left unset."""
+    ring_slots, S, H = recv.shape
+    num_rows = slot_of_row.numel()
+    rows = recv.new_empty(num_rows, H)
     block_r = 4
     if num_rows:
         _gather_rows_kernel[(triton.cdiv(num_rows, block_r),)](
-            recv, epoch, slot_of_row, offsets, recv_x, S, H, num_local_experts,
+            recv, epoch, slot_of_row, offsets, rows, S, H, offsets.numel() - 1,
             RING=ring_slots, BLOCK_R=block_r, BLOCK_H=columns_per_step(H),
         )  # fmt: skip
-    return recv_x, row_of_pair, src_rank, src_token, weight, counts, offsets, recv_counts
+    return rows
 
 
 @triton.jit
