@@ -34,6 +34,10 @@ _INTERPRETER_PROGRAMS = 4
 # swizzle width: this many m-tiles of one expert share each sweep over its n-tiles (see the kernel)
 _GROUP_M = 8
 
+# rows stored at row_addresses start at multiples of this many bytes when their length is one (16: one
+# vectorised store of 8 bf16 elements); the kernel is told so
+_ALIGNED_ROW_BYTES = 16
+
 
 def _configs() -> list[triton.Config]:
     if _INTERPRET:
@@ -117,6 +121,7 @@ def _grouped_gemm_kernel(
     scale_ptr,
     out_ptr,
     row_address_ptr,
+    address_base,
     E,
     N,
     K,
@@ -132,6 +137,8 @@ def _grouped_gemm_kernel(
     SWIGLU: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     ROW_ADDRESSES: tl.constexpr,
+    ELEMENT_BYTES: tl.constexpr,
+    ADDRESS_ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -200,7 +207,10 @@ def _grouped_gemm_kernel(
         if ROW_ADDRESSES:  # each row to its own place, a peer's buffer maybe; address 0: not stored
             address = tl.load(row_address_ptr + rows64, mask=row_ok, other=0)
             row_ok = row_ok & (address != 0)
-            out_ptrs = address.to(tl.pointer_type(out_ptr.dtype.element_ty))[:, None] + cols64[None, :]
+            # as element offsets from out_ptr with their alignment, so the stores are vectorised (a pointer
+            # cast from an integer would get one store per element)
+            row_start = tl.multiple_of((address - address_base) // ELEMENT_BYTES, ADDRESS_ALIGN)
+            out_ptrs = out_ptr + row_start[:, None] + cols64[None, :]
         else:
             out_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -303,6 +313,8 @@ def grouped_gemm(
         row_addresses: [M] int64, or None: row r is stored at this device address instead (N_OUT contiguous
             elements of a's dtype; 0: not stored), e.g. its slot in a peer's symmetric buffer, mapped here
             (the fused combine of moekit.dist.symmetric_triton). Not checked; nothing is returned then.
+            When a row's bytes are a multiple of 16, every address must be too (rows of a 16-byte aligned
+            buffer are), so the stores can be vectorised.
 
     Returns:
         out: [M, N] (or [M, F] with swiglu), a's dtype, accumulated in float32 (tf32 is not used for
@@ -320,7 +332,9 @@ def grouped_gemm(
         out = torch.empty((M, n_out), dtype=a.dtype, device=a.device)
     if M == 0 or E == 0 or n_out == 0:
         return out
-    stores_to = out if out is not None else a  # with row_addresses: only its dtype is read
+    stores_to = out if out is not None else a  # with row_addresses: its dtype and address are read
+    aligned_rows = n_out * a.element_size() % _ALIGNED_ROW_BYTES == 0
+    address_align = _ALIGNED_ROW_BYTES // a.element_size() if aligned_rows else 1  # in elements
 
     if _INTERPRET:
         programs = _INTERPRETER_PROGRAMS
@@ -340,6 +354,7 @@ def grouped_gemm(
         row_scale if row_scale is not None else stores_to,  # never read without HAS_SCALE
         stores_to,
         row_addresses if row_addresses is not None else stores_to,  # never read without ROW_ADDRESSES
+        stores_to.data_ptr(),
         E,
         N,
         K,
@@ -355,6 +370,8 @@ def grouped_gemm(
         SWIGLU=swiglu,
         HAS_SCALE=row_scale is not None,
         ROW_ADDRESSES=row_addresses is not None,
+        ELEMENT_BYTES=a.element_size(),
+        ADDRESS_ALIGN=address_align,
         # float32 inputs are held to float32 accuracy; tf32 would lose 13 bits of every operand
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_E=triton.next_power_of_2(E),
