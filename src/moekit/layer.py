@@ -51,7 +51,7 @@ class MoELayer(nn.Module):
     group). check_values=False drops the
     NaN check of the router logits, the one host synchronisation of a one-device forward, so the layer can
     be captured in a CUDA graph (the router's ids reach the experts unchecked either way: they are in range);
-    with the fixed-shape dispatcher nvshmem_triton_graph and backend triton_grouped, so can the
+    with a fixed-shape dispatcher (nvshmem_triton_graph, symmetric_triton_graph) and backend triton_grouped, so can the
     expert-parallel layer.
     """
 

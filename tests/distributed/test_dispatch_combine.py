@@ -402,7 +402,8 @@ def test_every_path_runs_somewhere():
     assert {"nccl", "padded", "skip_a2a", "symmetric"} <= set(DISPATCHERS.names())
     # test_nvshmem_triton.py, test_fixed_messages.py, test_padded_triton.py, test_symmetric_triton.py,
     # test_gpu_dispatchers.py
-    gpu_only = {"nvshmem_triton", "nvshmem_triton_graph", "padded_triton", "symm_mem", "symmetric_triton"}
+    gpu_only = {"nvshmem_triton", "nvshmem_triton_graph", "padded_triton", "symm_mem"}
+    gpu_only |= {"symmetric_triton", "symmetric_triton_graph"}
     assert paths_for(1) == [n for n in DISPATCHERS.names() if n not in gpu_only]
     assert "skip_a2a" not in paths_for(2)
 

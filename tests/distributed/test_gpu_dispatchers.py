@@ -106,6 +106,6 @@ def test_two_gpu_paths_are_listed():
     """symm_mem needs 2 ranks; nvshmem_triton runs on any count of GPUs."""
     two = [impl.name for impl in DISPATCHERS if impl.fn.supports(2, "cuda")[0] or impl.name == "symm_mem"]
     paths = {"nccl", "padded", "padded_triton", "symmetric", "symmetric_triton", "nvshmem_triton"}
-    paths |= {"nvshmem_triton_graph", "symm_mem"}
+    paths |= {"nvshmem_triton_graph", "symmetric_triton_graph", "symm_mem"}
     assert paths <= set(two)
     assert not DISPATCHERS.get("symm_mem").fn.supports(1, "cuda")[0]

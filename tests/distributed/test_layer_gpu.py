@@ -85,6 +85,7 @@ def test_layer_with_two_ranks_sharing_a_gpu_matches_the_oracle():
         pytest.skip("needs a CUDA device")
     assert {c[0] for c in cases(2, True)} >= {"nccl", "padded_triton", "nvshmem_triton", "nvshmem_triton_graph"}
     assert ("symmetric_triton", (True, 3, False, True)) in cases(2, True)
+    assert ("symmetric_triton_graph", (True, 3, False, True)) in cases(2, True)
     check_against_oracle(spawn_ranks(layer_rank, 2, True, backend="gloo", timeout_s=300), 2, True)
 
 

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moekit.dist.symmetric_triton import RING, SymmetricTritonDispatcher
+from moekit.dist.symmetric_triton import RING, SymmetricTritonDispatcher, SymmetricTritonGraphDispatcher
 from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.simulated_heap import SimulatedGroup
 
@@ -32,12 +32,15 @@ def dtype(request, skip_unless_triton_runs):
     return request.param
 
 
-def make_group(W, E, capacity, overflow, dtype, device):
+@pytest.fixture(params=[SymmetricTritonDispatcher, SymmetricTritonGraphDispatcher], ids=lambda cls: cls.name)
+def dispatcher_class(request):
+    return request.param
+
+
+def make_group(W, E, capacity, overflow, dtype, device, cls=SymmetricTritonDispatcher):
     group = SimulatedGroup(W, device)
     return [
-        SymmetricTritonDispatcher(
-            None, E, H, MAX_TOKENS, dtype, device, heap=group.rank(p), capacity=capacity, overflow=overflow
-        )
+        cls(None, E, H, MAX_TOKENS, dtype, device, heap=group.rank(p), capacity=capacity, overflow=overflow)
         for p in range(W)
     ]
 
@@ -80,9 +83,13 @@ def check_received(dispatchers, step, kept, received):
             for k, g in enumerate(row)
             if g // E_local == q and kept[p][t, k]
         )
-        assert recv_x.shape[0] == meta.num_rows == handle.num_rows == len(want), f"rank {q}: rows"
+        R = len(want)
+        rows = dispatchers[q].num_slots if dispatchers[q].fixed_shapes else R  # the bound: padding after R
+        assert recv_x.shape[0] == meta.num_rows == handle.num_rows == rows, f"rank {q}: rows"
+        assert (meta.src_rank[R:] == -1).all() and (meta.weight[R:] == 0).all(), f"rank {q}: padding rows"
+        assert (handle.recv_slot_of_row[R:] == -1).all(), f"rank {q}: padding rows are not sent back"
         got_expert = torch.repeat_interleave(torch.arange(E_local), meta.local_expert_counts.cpu())
-        got = list(zip(got_expert.tolist(), meta.src_rank.tolist(), meta.src_token.tolist()))
+        got = list(zip(got_expert.tolist(), meta.src_rank[:R].tolist(), meta.src_token[:R].tolist()))
         assert got == [r[:3] for r in want], f"rank {q}: rows or their order"
         assert meta.local_expert_offsets.tolist() == [0, *meta.local_expert_counts.cumsum(0).tolist()]
         for i, (_, p, t, k) in enumerate(want):
@@ -96,7 +103,9 @@ def combine(dispatchers, step, received):
     pendings = []
     for d, (_, _, _, shared), (recv_x, meta, handle) in zip(dispatchers, step, received):
         expert = torch.repeat_interleave(torch.arange(d.num_local_experts), meta.local_expert_counts.cpu())
-        out = recv_x * (1 + expert.to(recv_x.device, recv_x.dtype))[:, None]
+        factor = torch.zeros(recv_x.shape[0])  # padding rows (fixed shapes): never sent back
+        factor[: expert.numel()] = 1 + expert
+        out = recv_x * factor.to(recv_x.device, recv_x.dtype)[:, None]
         pendings.append(d.combine_async(out, handle, shared))
     return [d.combine_wait(p) for d, p in zip(dispatchers, pendings)]
 
@@ -125,11 +134,11 @@ def scenarios(draw):
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=10, deadline=None)
 @given(case=scenarios())
-def test_simulated_group_dispatch_combine_drops_and_counts(device, dtype, case):
+def test_simulated_group_dispatch_combine_drops_and_counts(device, dtype, dispatcher_class, case):
     """overflow="drop": rows, combine, the drops on every rank and the padding fraction, step after step."""
     W, E, K, capacity, steps, seed = case
     g = torch.Generator().manual_seed(seed)
-    dispatchers = make_group(W, E, capacity, "drop", dtype, device)
+    dispatchers = make_group(W, E, capacity, "drop", dtype, device, dispatcher_class)
     for tokens, skew_to in steps:  # more steps than the ring has slots
         step = draw_step(W, E, K, tokens, skew_to, g, device, dtype)
         kept = kept_pairs(step, capacity)
@@ -140,7 +149,8 @@ def test_simulated_group_dispatch_combine_drops_and_counts(device, dtype, case):
         slots = W * E * capacity
         for p, d in enumerate(dispatchers):
             assert (d.last_dropped, d.last_dropped_total) == (dropped[p], sum(dropped)), f"rank {p} drops"
-            assert d.last_padding_fraction == (slots - sum(int(k.sum()) for k in kept)) / slots
+            padding = None if d.fixed_shapes else (slots - sum(int(k.sum()) for k in kept)) / slots
+            assert d.last_padding_fraction == padding
         check_combined(dispatchers, step, kept, combine(dispatchers, step, received))
 
 
@@ -164,7 +174,7 @@ def test_overflow_raises_on_every_rank_and_the_next_step_runs(device, dtype):
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=6, deadline=None)
 @given(case=scenarios(), F=st.integers(1, 24))
-def test_fused_combine_stores_the_down_projection_where_combine_sends_it(device, dtype, case, F):
+def test_fused_combine_stores_the_down_projection_where_combine_sends_it(device, dtype, dispatcher_class, case, F):
     """combine_down_async: the grouped GEMM's epilogue stores hidden @ w_down[e].T times the router weight into
     the source's back buffer; y = the float64 MLP summed over the kept pairs (+ shared_out), step after step."""
     from moekit.kernels.grouped_gemm import grouped_gemm
@@ -172,7 +182,7 @@ def test_fused_combine_stores_the_down_projection_where_combine_sends_it(device,
     W, E, K, capacity, steps, seed = case
     g = torch.Generator().manual_seed(seed)
     w_gate_up, w_down = torch.randn(E, 2 * F, H, generator=g) / H**0.5, torch.randn(E, H, F, generator=g) / F**0.5
-    dispatchers = make_group(W, E, capacity, "drop", dtype, device)
+    dispatchers = make_group(W, E, capacity, "drop", dtype, device, dispatcher_class)
     E_local = E // W
     for tokens, skew_to in steps:
         step = draw_step(W, E, K, tokens, skew_to, g, device, dtype)
@@ -231,3 +241,39 @@ def test_bad_settings_raise_before_anything_is_allocated(device, skip_unless_tri
         SymmetricTritonDispatcher(None, 4, H, MAX_TOKENS, torch.float32, device, heap=heap, overflow="ignore")
     with pytest.raises(ValueError, match="divisible by the world size"):
         SymmetricTritonDispatcher(None, 3, H, MAX_TOKENS, torch.float32, device, heap=heap)
+    with pytest.raises(ValueError, match="overflow must be 'drop' for the symmetric_triton_graph dispatcher"):
+        SymmetricTritonGraphDispatcher(None, 4, H, MAX_TOKENS, torch.float32, device, heap=heap, overflow="raise")
+
+
+def test_ep_forward_on_fixed_shapes_matches_oracle_and_replays_as_a_graph(device, skip_unless_triton_runs):
+    """ep_forward on symmetric_triton_graph (one rank; padded rows through moekit's grouped GEMM), chunked or
+    not, fused combine or not, equals the float64 oracle; on a GPU also captured in a CUDA graph and replayed
+    on new tokens more times than the ring has slots."""
+    from moekit import MoEConfig, make_problem, reference_moe
+    from moekit.dist import ep_forward
+
+    skip_unless_triton_runs(torch.float32)
+    config = MoEConfig(32, 48, 6, 3, num_shared_experts=1, dtype=torch.float32)
+    problem = make_problem(config, 40, seed=5, device=device)
+    heap = SimulatedGroup(1, device).rank(0)
+    d = SymmetricTritonGraphDispatcher(None, 6, 32, 40, torch.float32, device, heap=heap, capacity=40)
+    ref = reference_moe(problem.x, problem.weights, config).y
+    for chunks, fused in ((1, False), (3, False), (1, True)):
+        y = ep_forward(
+            problem.x, problem.weights, config, d, "triton_grouped", chunks=chunks, shared_overlap=True,
+            fused_combine=fused,
+        )  # fmt: skip
+        assert_close_to_reference(y, ref, torch.float32, f"ep_forward, {chunks} chunks, fused combine {fused}")
+    assert (d.last_dropped, d.last_dropped_total) == (0, 0)
+    if device.type != "cuda":
+        return
+    x = problem.x.clone()
+    for fused in (False, True):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = ep_forward(x, problem.weights, config, d, "triton_grouped", check_values=False, fused_combine=fused)
+        for seed in range(RING + 1):
+            x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(device))
+            graph.replay()
+            ref = reference_moe(x, problem.weights, config).y
+            assert_close_to_reference(y, ref, torch.float32, f"graph replay {seed}, fused combine {fused}")

@@ -3,8 +3,8 @@
 plan_pairs against moekit.dist.symmetric.pair_slots and pair_summary: every pair's position (-1 above the
 capacity), token and (token, weight bits), and the signal counts, for routings Hypothesis draws (T = 0,
 duplicate experts in a token, all pairs on one expert, K = E, more pairs than one program ranks).
-receive_rows against a listing in Python of random arrivals in a ring slot. On the CPU under
-TRITON_INTERPRET=1, on CUDA compiled.
+receive_rows against a listing in Python of random arrivals in a ring slot, with padding rows after them.
+On the CPU under TRITON_INTERPRET=1, on CUDA compiled.
 """
 
 from __future__ import annotations
@@ -70,10 +70,11 @@ def test_plan_pairs_matches_pair_slots(device, skip_unless_triton_runs, routing)
     C=st.integers(1, 6),
     ring_slots=st.integers(1, 3),
     epoch=st.integers(0, 7),
+    padding=st.sampled_from([0, 1, 300]),
     seed=st.integers(0, 2**16),
 )
 def test_receive_rows_lists_arrivals_by_expert_then_source(device, skip_unless_triton_runs, W, E_local, C,
-                                                           ring_slots, epoch, seed):  # fmt: skip
+                                                           ring_slots, epoch, padding, seed):  # fmt: skip
     from moekit.kernels.slot_plan import receive_rows
 
     skip_unless_triton_runs(torch.float32)
@@ -86,10 +87,12 @@ def test_receive_rows_lists_arrivals_by_expert_then_source(device, skip_unless_t
     slots = W * E_local * C
     meta = torch.randint(-(2**30), 2**30, (ring_slots, slots, 2), generator=g, dtype=torch.int32)
     R = int(pairs.sum())
-    got = receive_rows(
-        flags.to(device), first_count, meta.to(device), torch.tensor([epoch], dtype=torch.int32, device=device), C, R
-    )
+    epoch_on_device = torch.tensor([epoch], dtype=torch.int32, device=device)
+    got = receive_rows(flags.to(device), first_count, meta.to(device), epoch_on_device, C, R + padding)
     slot_of_row, src, src_token, weight, counts, offsets = (t.cpu() for t in got)
+    for name, t, pad in [("slot", slot_of_row, -1), ("src", src, -1), ("token", src_token, -1), ("weight", weight, 0)]:
+        assert (t[R:] == pad).all(), f"padding rows' {name}"
+    slot_of_row, src, src_token, weight = (t[:R] for t in (slot_of_row, src, src_token, weight))
 
     want = [(p * E_local + e) * C + s for e in range(E_local) for p in range(W) for s in range(int(pairs[p, e]))]
     assert slot_of_row.tolist() == want

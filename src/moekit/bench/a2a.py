@@ -2,10 +2,10 @@
 
 Each rank draws its tokens and a uniform routing (K distinct experts per token), then times dispatch and
 combine apart (median of `runs` after warm-up, CUDA events on GPU, a barrier before each call so ranks
-start together). Off-rank GB/s counts the rows a rank sends to other ranks (each token once per
-destination rank, its own rank excluded), the definition issue #8 asks for. A fixed-shape path
-(nvshmem_triton_graph) is timed as CUDA-graph replays of its dispatch and of its combine, the way a
-captured decode step runs it; the others are timed as called from Python.
+start together). Off-rank GB/s counts the rows a rank sends to other ranks (each token once per destination
+rank, its own rank excluded), the definition issue #8 asks for. A fixed-shape path (nvshmem_triton_graph,
+symmetric_triton_graph) is timed as CUDA-graph replays of its dispatch and of its combine, the way a captured
+decode step runs it; the others are timed as called from Python.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ layer synchronous and overlapped, load skew, and (on request) the outputs for a 
   T_compute = T_route + T_experts + T_shared
   eta_overlap = (T_comm + T_compute - T_layer_overlapped) / min(T_comm, T_compute): 1.0 when the shorter
   part is fully hidden, 0 when nothing overlaps, negative when overlapping costs more than it hides.
-Each phase is timed on its own after a barrier (median of `runs`); a rank reports its own times, and
-tables show the slowest rank's (the layer is as fast as its slowest rank). With a fixed-shape dispatcher
-(nvshmem_triton_graph) on GPUs every phase, the layers included, is captured in a CUDA graph and its
-replays are timed: the decode setting, where Python and launch overheads would otherwise dominate.
+Each phase is timed on its own after a barrier (median of `runs`); a rank reports its own times, and tables
+show the slowest rank's (the layer is as fast as its slowest rank). With a fixed-shape dispatcher
+(nvshmem_triton_graph, symmetric_triton_graph) on GPUs every phase, the layers included, is captured in a CUDA
+graph and its replays are timed: the decode setting, where Python and launch overheads would otherwise
+dominate.
 """
 
 from __future__ import annotations

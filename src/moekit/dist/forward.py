@@ -114,7 +114,8 @@ def ep_forward(
     fused_combine: the down projection's epilogue stores each row where combine sends it (a dispatcher with
       fuses_down_projection, symmetric_triton, and backend triton_grouped: moekit's grouped GEMM).
     check_values=False skips the router's NaN check (a host sync): with a fixed-shape dispatcher
-    (nvshmem_triton_graph) nothing else waits for the host, and the forward can be captured in a CUDA graph.
+    (nvshmem_triton_graph, symmetric_triton_graph) nothing else waits for the host, and the forward can be
+    captured in a CUDA graph.
     """
     check_group_matches(dispatcher, config, weights, group)
     check_backend_fits(dispatcher, backend_name, own_first)  # before any communication

@@ -39,7 +39,8 @@ class DispatchHandle:
     """What combine needs to send expert outputs back to where their tokens came from.
 
     send_counts [W] int64 (CPU): tokens this rank sent to each rank (each token once per destination)
-    recv_counts [W] int64 (CPU): tokens this rank received from each rank
+    recv_counts [W] int64 (CPU): tokens this rank received from each rank (the symmetric paths: pairs;
+        symmetric_triton_graph keeps both on the device)
     send_token_idx [S] int64: source token of each row this rank sent, in send order (destination rank,
         then token index)
     send_slots [S] int64: wire slot of each sent row in the send buffer (nccl: 0..S-1; padded: q*M + i;

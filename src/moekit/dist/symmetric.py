@@ -119,8 +119,7 @@ class SymmetricLayout(Dispatcher):
         self.capacity = capacity
         self.overflow = overflow
         self.num_slots = num_experts * capacity  # per stage and rank: W * E_local * C
-        self.last_dropped = 0
-        self.last_dropped_total = 0
+        self._drops = (0, 0)
         self.last_padding_fraction: float | None = None
 
     def _account_overflow(self, arrivals: Arrivals) -> None:
@@ -132,17 +131,36 @@ class SymmetricLayout(Dispatcher):
                 f"above the capacity {self.capacity} per (rank, expert) of the {self.name} dispatcher; the "
                 "step's results are discarded. Pass a larger capacity, or overflow='drop' to drop and count them"
             )
-        self.last_dropped = arrivals.dropped[self.rank]
-        self.last_dropped_total = sum(arrivals.dropped)
+        self._drops = (arrivals.dropped[self.rank], sum(arrivals.dropped))
+
+    @property
+    def last_dropped(self) -> int:
+        """Pairs this rank routed above the capacity in the last dispatch (dropped, not sent)."""
+        return self._last_drops()[0]
+
+    @property
+    def last_dropped_total(self) -> int:
+        """Pairs the whole group routed above the capacity in the last dispatch."""
+        return self._last_drops()[1]
+
+    def _last_drops(self) -> tuple[int, int]:
+        return self._drops
 
     def check_handle_is_mine(self, handle: DispatchHandle) -> None:
         """combine's handle must come from this layout's dispatch (its slots are positions in these buffers)."""
         if handle.num_recv_slots != self.num_slots or handle.slots_per_peer != self.num_local_experts * self.capacity:
             raise ValueError("handle comes from another dispatcher; pass the one this symmetric dispatcher returned")
 
+    def _step_counts(self, arrivals: Arrivals) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(send_counts, recv_counts: pairs per rank, on the host; the padding fraction) of a step whose
+        arrivals the host read."""
+        total_slots = self.world_size * self.num_slots
+        padding_fraction = (total_slots - sum(arrivals.kept)) / total_slots if total_slots else 0.0
+        return arrivals.pairs_i_sent, arrivals.pairs_to_me.sum(1), padding_fraction
+
     def _handle(
         self,
-        arrivals: Arrivals,
+        step_counts: tuple[torch.Tensor, torch.Tensor, float | None],
         send_token_idx: torch.Tensor,
         send_slots: torch.Tensor,
         recv_slot_of_row: torch.Tensor,
@@ -150,12 +168,11 @@ class SymmetricLayout(Dispatcher):
         num_tokens: int,
     ) -> DispatchHandle:
         """The step's handle (recv_slot_of_row [R]: each received row's position in the receive buffer
-        [E * C]); records the padding fraction."""
-        total_slots = self.world_size * self.num_slots
-        self.last_padding_fraction = (total_slots - sum(arrivals.kept)) / total_slots if total_slots else 0.0
+        [E * C], -1 for a padding row); records the padding fraction."""
+        send_counts, recv_counts, self.last_padding_fraction = step_counts
         return DispatchHandle(
-            send_counts=arrivals.pairs_i_sent,
-            recv_counts=arrivals.pairs_to_me.sum(1),
+            send_counts=send_counts,
+            recv_counts=recv_counts,
             send_token_idx=send_token_idx,
             send_slots=send_slots,
             recv_slot_of_row=recv_slot_of_row,
@@ -251,7 +268,12 @@ class SymmetricDispatcher(SymmetricLayout):
         local_counts = arrivals.pairs_to_me.sum(0).to(device)
         offsets = torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)])
         handle = self._handle(
-            arrivals, pending.send_token_idx, pending.send_slots, recv_slot_of_row, weight, pending.num_tokens
+            self._step_counts(arrivals),
+            pending.send_token_idx,
+            pending.send_slots,
+            recv_slot_of_row,
+            weight,
+            pending.num_tokens,
         )
         return recv_x, RecvMeta(local_counts, offsets, src, src_token, weight), handle
 

@@ -18,6 +18,9 @@ in moekit's grouped GEMM, whose epilogue stores each row times its router weight
 of its source's back buffer (a mapped peer address per row), then one small kernel signals: no expert_out
 [R, H] is written and no separate send pass reads it.
 
+symmetric_triton_graph: the same with fixed shapes (all W * E_local * C slots' rows, padding after the
+received ones) and no host read, so a layer on it can be captured in a CUDA graph; drops counted on the device.
+
 Buffers (allocated once, collectively, on the heap of moekit.dist.symmetric_heap): rows [RING, E * C, H] and
 metadata [RING, E * C, 2] int32 for dispatch, rows [RING, E * C, H] for combine, in a ring of RING = 3 slots
 indexed by a device epoch, for the reasons and under the call order moekit.dist.nvshmem_triton states.
@@ -122,16 +125,23 @@ class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
         epoch = self._signals[DISPATCH].epoch
         wait_for_all_arrivals(self._flags[DISPATCH], epoch)
         flags = self._flags[DISPATCH].index_select(0, (epoch % RING).long())[0]  # [W, 1 + PAIRS + E_local]
-        host = torch.cat([flags[:, 1:].flatten(), pending.signalled.flatten()]).cpu()  # the one read
-        about, mine = host.view(2, self.world_size, -1)  # what every rank signalled me; what I signalled
-        arrivals = Arrivals.of(about[:, :PAIRS], about[:, PAIRS:].long(), mine[:, PAIRS:].long().sum(1))
-        self._account_overflow(arrivals)
+        num_rows, step_counts = self._take_stock(flags, pending.signalled)
         slot_of_row, src, src_token, weight, counts, offsets = receive_rows(
-            self._flags[DISPATCH], 1 + PAIRS, self._recv_meta, epoch, self.capacity, int(arrivals.pairs_to_me.sum())
+            self._flags[DISPATCH], 1 + PAIRS, self._recv_meta, epoch, self.capacity, num_rows
         )
         recv_x = gather_rows(self._recv, epoch, slot_of_row, offsets)  # a copy: the ring slot is reused
-        handle = self._handle(arrivals, pending.token, pending.position, slot_of_row, weight, pending.num_tokens)
+        handle = self._handle(step_counts, pending.token, pending.position, slot_of_row, weight, pending.num_tokens)
         return recv_x, RecvMeta(counts, offsets, src, src_token, weight), handle
+
+    def _take_stock(self, flags: torch.Tensor, signalled: torch.Tensor) -> tuple[int, tuple]:
+        """flags [W, 1 + PAIRS + E_local] (what every rank signalled this one), signalled (what this one
+        signalled every rank) -> (rows to return, SymmetricLayout._handle's step_counts), after the overflow
+        check: here exactly the received rows, by the dispatch's one host read."""
+        host = torch.cat([flags[:, 1:].flatten(), signalled.flatten()]).cpu()
+        about, mine = host.view(2, self.world_size, -1)
+        arrivals = Arrivals.of(about[:, :PAIRS], about[:, PAIRS:].long(), mine[:, PAIRS:].long().sum(1))
+        self._account_overflow(arrivals)
+        return int(arrivals.pairs_to_me.sum()), self._step_counts(arrivals)
 
     def combine_async(
         self, expert_out: torch.Tensor, handle: DispatchHandle, shared_out: torch.Tensor | None = None
@@ -197,3 +207,38 @@ class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
         T, positions = pending.handle.num_tokens, pending.handle.send_slots
         positions = positions.view(T, positions.numel() // T if T else 0)  # [T, K]: -1 where dropped
         return reduce_and_copy_to_output(self._back, epoch, positions, pending.shared_out, 0)
+
+
+@DISPATCHERS.register("symmetric_triton_graph")
+class SymmetricTritonGraphDispatcher(SymmetricTritonDispatcher):
+    """symmetric_triton with fixed shapes and nothing waiting for the host, so dispatch -> experts -> combine
+    can be captured in a CUDA graph and replayed (the FlashMoE static-shape setting, for decode).
+
+    dispatch returns all W * E_local * C slots' rows, the bound, of which rows from local_expert_offsets[-1]
+    on are padding (src_rank -1, weight 0, values unspecified) that combine never reads; its experts run on
+    moekit's grouped GEMM, which reads the device-side offsets (moekit.dist.local_experts). The handle's
+    send_counts and recv_counts stay on the device and there is no padding fraction. Overflow can only be
+    "drop" (nothing raises inside a graph): last_dropped and last_dropped_total read the device (a sync,
+    outside a capture)."""
+
+    name = "symmetric_triton_graph"
+    fixed_shapes = True
+
+    def __init__(self, group, num_experts, hidden, max_tokens, dtype, device, *, overflow: str = "drop", **kwargs):
+        if overflow != "drop":
+            raise ValueError(
+                f"overflow must be 'drop' for the {self.name} dispatcher (nothing can raise inside a CUDA graph; "
+                f"last_dropped counts the drops), got {overflow!r}"
+            )
+        super().__init__(group, num_experts, hidden, max_tokens, dtype, device, overflow=overflow, **kwargs)
+        self._device_drops = torch.zeros(2, dtype=torch.int64, device=self.device)  # this rank's, the group's
+
+    def _take_stock(self, flags: torch.Tensor, signalled: torch.Tensor) -> tuple[int, tuple]:
+        """The bound, and the counts on the device; the drops kept there (flags column 1: each source's)."""
+        torch.stack([flags[self.rank, 1], flags[:, 1].sum()], out=self._device_drops)
+        step_counts = (signalled[:, PAIRS:].sum(1), flags[:, 1 + PAIRS :].sum(1), None)
+        return self.num_slots, step_counts
+
+    def _last_drops(self) -> tuple[int, int]:
+        dropped, dropped_total = self._device_drops.tolist()
+        return dropped, dropped_total

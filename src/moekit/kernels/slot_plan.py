@@ -9,7 +9,8 @@ plan_pairs     the sender: moekit.dist.symmetric.pair_slots (pair p = t * K + k 
                in blocks (its last program scans the block counts and writes the signal counts), one
                places every pair.
 receive_rows   the receiver: the rows the sources stored into a ring slot of its buffer, listed grouped
-               by local expert, then source rank, then slot, with their source rank, token and weight.
+               by local expert, then source rank, then slot, with their source rank, token and weight
+               (and padding rows after them up to a fixed count, for symmetric_triton_graph).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def plan_pairs(
 @triton.jit
 def _receive_rows_kernel(
     flags_ptr, meta_ptr, epoch_ptr, slot_of_row_ptr, src_ptr, src_token_ptr, weight_ptr, counts_ptr,
-    offsets_ptr, W, E_local, C, FLAG_W, FIRST_COUNT, RING: tl.constexpr, BLOCK_W: tl.constexpr,
+    offsets_ptr, W, E_local, C, FLAG_W, FIRST_COUNT, num_rows, RING: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     ring = current_ring(epoch_ptr, RING)
@@ -126,25 +127,34 @@ def _receive_rows_kernel(
     flags = flags_ptr + ring * W * FLAG_W + qs[:, None] * FLAG_W + FIRST_COUNT + es[None, :]
     pairs = tl.load(flags, mask=(qs[:, None] < W) & (es[None, :] < E_local), other=0).to(tl.int64)  # [src, e]
     per_expert = tl.sum(pairs, axis=0)
-    e, q = tl.program_id(0) // W, tl.program_id(0) % W  # this program lists the rows of expert e from rank q
-    before = tl.where((qs[:, None] < q) & (es[None, :] == e), pairs, 0)  # expert e's rows from ranks before q
-    first_row = tl.sum(tl.where(es < e, per_expert, 0)) + tl.sum(before)
-    if q == 0:
-        tl.store(counts_ptr + e, tl.sum(tl.where(es == e, per_expert, 0)))
-        tl.store(offsets_ptr + e + 1, tl.sum(tl.where(es <= e, per_expert, 0)))
-        if e == 0:
-            tl.store(offsets_ptr, 0)
-    n = tl.sum(tl.where((qs[:, None] == q) & (es[None, :] == e), pairs, 0))
-    first_slot = (q * E_local + e).to(tl.int64) * C
-    for s0 in range(0, n, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        here = s < n
-        row, slot = first_row + s, first_slot + s
-        tl.store(slot_of_row_ptr + row, slot, mask=here)
-        tl.store(src_ptr + row, q.to(tl.int64), mask=here)
-        meta = meta_ptr + (ring * W * E_local * C + slot) * 2
-        tl.store(src_token_ptr + row, tl.load(meta, mask=here).to(tl.int64), mask=here)
-        tl.store(weight_ptr + row, tl.load(meta + 1, mask=here).to(tl.float32, bitcast=True), mask=here)
+    program = tl.program_id(0)
+    if program < E_local * W:  # the rows of expert e from rank q
+        e, q = program // W, program % W
+        before = tl.where((qs[:, None] < q) & (es[None, :] == e), pairs, 0)  # expert e's rows from ranks before q
+        first_row = tl.sum(tl.where(es < e, per_expert, 0)) + tl.sum(before)
+        if q == 0:
+            tl.store(counts_ptr + e, tl.sum(tl.where(es == e, per_expert, 0)))
+            tl.store(offsets_ptr + e + 1, tl.sum(tl.where(es <= e, per_expert, 0)))
+        n = tl.sum(tl.where((qs[:, None] == q) & (es[None, :] == e), pairs, 0))
+        first_slot = (q * E_local + e).to(tl.int64) * C
+        for s0 in range(0, n, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            here = s < n
+            row, slot = first_row + s, first_slot + s
+            tl.store(slot_of_row_ptr + row, slot, mask=here)
+            tl.store(src_ptr + row, q.to(tl.int64), mask=here)
+            meta = meta_ptr + (ring * W * E_local * C + slot) * 2
+            tl.store(src_token_ptr + row, tl.load(meta, mask=here).to(tl.int64), mask=here)
+            tl.store(weight_ptr + row, tl.load(meta + 1, mask=here).to(tl.float32, bitcast=True), mask=here)
+    else:  # the last program: offsets[0] and the padding rows after the received ones
+        tl.store(offsets_ptr, 0)
+        for r0 in range(tl.sum(per_expert), num_rows, BLOCK_S):
+            rows = r0 + tl.arange(0, BLOCK_S)
+            pad = rows < num_rows
+            tl.store(slot_of_row_ptr + rows, -1, mask=pad)
+            tl.store(src_ptr + rows, -1, mask=pad)
+            tl.store(src_token_ptr + rows, -1, mask=pad)
+            tl.store(weight_ptr + rows, 0.0, mask=pad)
 
 
 def receive_rows(
@@ -154,9 +164,10 @@ def receive_rows(
 
     flags int32 [RING, W, FLAG_W] (this rank's dispatch flags: row p holds, from column first_count on, the
     pairs p stored for each local expert), meta int32 [RING, W * E_local * C, 2] (source token, weight
-    bits), epoch int32 [1]; num_rows: the sum of those counts. Returns (slot_of_row int64 [R]: the row's
-    position (p * E_local + e) * C + s in a ring slot, src_rank int64, src_token int64, weight float32 [R],
-    local_counts int64 [E_local], local_offsets int64 [E_local + 1])."""
+    bits), epoch int32 [1]; num_rows: at least the sum of those counts, R (the rows past it are padding:
+    slot -1, src -1, token -1, weight 0). Returns (slot_of_row int64 [num_rows]: the row's position
+    (p * E_local + e) * C + s in a ring slot, src_rank int64, src_token int64, weight float32 [num_rows],
+    local_counts int64 [E_local], local_offsets int64 [E_local + 1]: R rows in all)."""
     ring_slots, W, flag_width = flags.shape
     E_local = meta.shape[1] // (W * capacity)
     device = flags.device
@@ -164,9 +175,9 @@ def receive_rows(
     weight = torch.empty(num_rows, dtype=torch.float32, device=device)
     counts = torch.empty(E_local, dtype=torch.int64, device=device)
     offsets = torch.empty(E_local + 1, dtype=torch.int64, device=device)
-    _receive_rows_kernel[(E_local * W,)](
+    _receive_rows_kernel[(E_local * W + 1,)](
         flags, meta, epoch, slot_of_row, src_rank, src_token, weight, counts, offsets, W, E_local, capacity,
-        flag_width, first_count, RING=ring_slots, BLOCK_W=triton.next_power_of_2(W),
+        flag_width, first_count, num_rows, RING=ring_slots, BLOCK_W=triton.next_power_of_2(W),
         BLOCK_E=triton.next_power_of_2(E_local), BLOCK_S=256,
     )  # fmt: skip
     return slot_of_row, src_rank, src_token, weight, counts, offsets
