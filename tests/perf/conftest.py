@@ -24,12 +24,14 @@ if DEVICE.type == "cpu":
 CPU_RATIO_MARGIN = 0.40
 # On GPU, a path that waits on the host (a .tolist(), a boolean mask, a per-expert nonzero) runs as fast as
 # the host CPU of that lease lets it, and each lease is another host: between two leases of nvidia-h200 such
-# ratios moved by up to 20% and such medians by up to 63% with no code change, while the sync-free paths'
-# medians stayed within 3%. A case with such a path (host_bound=True) allows 35% and 100%: a 2x slowdown of
-# its fast path still fails the ratio. Sync-free pairs are timed as CUDA-graph replays (graphs=True) or are
-# long enough to be GPU-bound, and keep the 10% default.
+# ratios moved by up to 26% and such medians by up to 2.5x with no code change (nvshmem_triton's round trip:
+# 0.52 ms in one lease's baseline, 1.19-1.33 ms on a later lease for the same kernels), while the sync-free
+# paths' medians stayed within 6%. A case with such a path (host_bound=True) allows 35% and 200%: a 2x
+# slowdown of its fast path still fails the ratio, and the median only catches what no lease explains.
+# Sync-free pairs are timed as CUDA-graph replays (graphs=True) or are long enough to be GPU-bound, and keep
+# the 10% default.
 HOST_BOUND_RATIO_MARGIN = 0.35
-HOST_BOUND_ABS_MARGIN = 1.0
+HOST_BOUND_ABS_MARGIN = 2.0
 # --plant-slowdown runs the fast path this many times: a 2x slowdown fell only 33% once on a noisy CI
 # machine, inside the CPU cases' 40% margin, so the gate test flaked
 PLANTED_SLOWDOWN = 4
