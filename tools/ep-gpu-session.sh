@@ -12,7 +12,7 @@
 #    without token chunks (each chunk would read every local expert's weights again: +2.7 ms per chunk at
 #    11.3 GB per rank, about T_comm itself): the shared experts beside both exchanges, and that plus the
 #    own rank's tokens first; then symmetric_triton with and without the fused combine; the 128-token layer
-#    as CUDA-graph replays runs in part 2.
+#    as CUDA-graph replays (nvshmem_triton_graph, symmetric_triton_graph with the fused combine) runs in part 2.
 # Each step has its own time limit, so one slow step cannot take the others' figures with it.
 set -uo pipefail
 out=${OUT:-ep-session}
@@ -59,3 +59,6 @@ for sweep in "batch 32,128,512,2048" "local-experts 8,16,64,128" "topk 1,2,4,8";
 done
 step layer-128-graph 120 python -m moekit layer --gpus "$gpus" --check --batch 1 --seq 128 $ds \
   --dispatcher nvshmem_triton_graph --experts-backend triton_grouped --runs 10 --json "$out/layer-128-graph.json"
+step layer-128-symmetric-graph 120 python -m moekit layer --gpus "$gpus" --check --batch 1 --seq 128 $ds \
+  --dispatcher symmetric_triton_graph --capacity-factor 8 --fused-combine --experts-backend triton_grouped \
+  --runs 10 --json "$out/layer-128-symmetric-graph.json"
