@@ -62,7 +62,7 @@ class PendingDispatch:
 class PendingCombine:
     handle: DispatchHandle
     shared_out: torch.Tensor | None
-    sent: tuple[torch.Tensor, ...]
+    sent: tuple[torch.Tensor | None, ...]
 
 
 @DISPATCHERS.register("symmetric_triton")
@@ -152,12 +152,13 @@ class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
         self.check_handle_is_mine(handle)
         expert_out = expert_out.to(self.dtype)
         expert_out = expert_out if expert_out.stride(1) == 1 else expert_out.contiguous()
+        received = handle.recv_counts.sum().reshape(1) if self.fixed_shapes else None  # rows before the padding
         with on_stream(self._comm_stream):
             put_rows(
                 expert_out, handle.recv_slot_of_row, self._per_peer, self._back_table, self._signals[COMBINE],
-                self._nothing_to_count, scale=handle.row_weight,
+                self._nothing_to_count, scale=handle.row_weight, limit=received,
             )  # fmt: skip
-        return PendingCombine(handle, shared_out, (expert_out, handle.recv_slot_of_row, handle.row_weight))
+        return PendingCombine(handle, shared_out, (expert_out, handle.recv_slot_of_row, handle.row_weight, received))
 
     def combine_down_async(
         self,

@@ -354,15 +354,18 @@ def _expand_received_kernel(
 @triton.jit
 def _gather_rows_kernel(recv_ptr, epoch_ptr, slot_of_row_ptr, offsets_ptr, out_ptr, S, H, E_local,
                         RING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    is_row = rows < tl.load(offsets_ptr + E_local)  # the padding rows after them stay as they are
-    ring = current_ring(epoch_ptr, RING)
-    slot = tl.load(slot_of_row_ptr + rows, mask=is_row, other=0) + ring * S
-    for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = is_row[:, None] & (cols[None, :] < H)
-        tile = tl.load(recv_ptr + slot[:, None] * H + cols[None, :], mask=mask)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], tile, mask=mask)
+    first = tl.program_id(0) * BLOCK_R
+    num_rows = tl.load(offsets_ptr + E_local)
+    if first < num_rows:  # the padding rows after them stay as they are
+        rows = first + tl.arange(0, BLOCK_R)
+        is_row = rows < num_rows
+        ring = current_ring(epoch_ptr, RING)
+        slot = tl.load(slot_of_row_ptr + rows, mask=is_row, other=0) + ring * S
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            mask = is_row[:, None] & (cols[None, :] < H)
+            tile = tl.load(recv_ptr + slot[:, None] * H + cols[None, :], mask=mask)
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], tile, mask=mask)
 
 
 def expand_received(

@@ -28,34 +28,37 @@ _ENOUGH_PROGRAMS = 1024  # to keep an H200's 132 SMs busy when the entries are f
 @triton.jit
 def _put_rows_kernel(
     rows_ptr, position_ptr, scale_ptr, meta_ptr, rows_table, meta_table, flag_table, done_ptr, epoch_ptr,
-    counts_ptr, N, H, stride_rows, entries_per_row, per_peer, my_rank, W, FLAG_W, C, META_W,
-    RING: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_META: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    counts_ptr, limit_ptr, N, H, stride_rows, entries_per_row, per_peer, my_rank, W, FLAG_W, C, META_W,
+    RING: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_META: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     epoch, ring = next_epoch(epoch_ptr, RING)
-    entries = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    position = tl.load(position_ptr + entries, mask=entries < N, other=-1).to(tl.int64)
-    sent = position >= 0
-    peer = tl.where(sent, position // per_peer, 0)
-    dest_row = ring.to(tl.int64) * W * per_peer + my_rank * per_peer + position % per_peer
-    src_row = (entries // entries_per_row).to(tl.int64)
-    base = tl.load(rows_table + peer, mask=sent, other=0).to(tl.pointer_type(rows_ptr.dtype.element_ty))
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + entries, mask=sent, other=0.0)
-    for h0 in range(tl.program_id(1) * BLOCK_H, H, tl.num_programs(1) * BLOCK_H):  # this program's columns
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = sent[:, None] & (cols[None, :] < H)
-        tile = tl.load(rows_ptr + src_row[:, None] * stride_rows + cols[None, :], mask=mask)
+    n = tl.minimum(tl.load(limit_ptr), N) if HAS_LIMIT else N
+    first = tl.program_id(0) * BLOCK_N
+    if first < n:  # a program past the limit (padding entries) only signals
+        entries = first + tl.arange(0, BLOCK_N)
+        position = tl.load(position_ptr + entries, mask=entries < n, other=-1).to(tl.int64)
+        sent = position >= 0
+        peer = tl.where(sent, position // per_peer, 0)
+        dest_row = ring.to(tl.int64) * W * per_peer + my_rank * per_peer + position % per_peer
+        src_row = (entries // entries_per_row).to(tl.int64)
+        base = tl.load(rows_table + peer, mask=sent, other=0).to(tl.pointer_type(rows_ptr.dtype.element_ty))
         if HAS_SCALE:
-            tile = (tile.to(tl.float32) * scale[:, None]).to(rows_ptr.dtype.element_ty)
-        tl.store(base[:, None] + dest_row[:, None] * H + cols[None, :], tile, mask=mask)
-    if HAS_META:
-        if tl.program_id(1) == 0:
-            ms = tl.arange(0, BLOCK_M)
-            meta_mask = sent[:, None] & (ms[None, :] < META_W)
-            meta = tl.load(meta_ptr + entries[:, None] * META_W + ms[None, :], mask=meta_mask)
-            meta_base = tl.load(meta_table + peer, mask=sent, other=0).to(tl.pointer_type(tl.int32))
-            tl.store(meta_base[:, None] + dest_row[:, None] * META_W + ms[None, :], meta, mask=meta_mask)
+            scale = tl.load(scale_ptr + entries, mask=sent, other=0.0)
+        for h0 in range(tl.program_id(1) * BLOCK_H, H, tl.num_programs(1) * BLOCK_H):  # this program's columns
+            cols = h0 + tl.arange(0, BLOCK_H)
+            mask = sent[:, None] & (cols[None, :] < H)
+            tile = tl.load(rows_ptr + src_row[:, None] * stride_rows + cols[None, :], mask=mask)
+            if HAS_SCALE:
+                tile = (tile.to(tl.float32) * scale[:, None]).to(rows_ptr.dtype.element_ty)
+            tl.store(base[:, None] + dest_row[:, None] * H + cols[None, :], tile, mask=mask)
+        if HAS_META:
+            if tl.program_id(1) == 0:
+                ms = tl.arange(0, BLOCK_M)
+                meta_mask = sent[:, None] & (ms[None, :] < META_W)
+                meta = tl.load(meta_ptr + entries[:, None] * META_W + ms[None, :], mask=meta_mask)
+                meta_base = tl.load(meta_table + peer, mask=sent, other=0).to(tl.pointer_type(tl.int32))
+                tl.store(meta_base[:, None] + dest_row[:, None] * META_W + ms[None, :], meta, mask=meta_mask)
     programs = tl.num_programs(0) * tl.num_programs(1)
     signal_when_last(
         done_ptr, epoch_ptr, epoch, flag_table, ring * W * FLAG_W, counts_ptr, my_rank, programs, W, FLAG_W, C,
@@ -75,11 +78,13 @@ def put_rows(
     scale: torch.Tensor | None = None,
     meta: torch.Tensor | None = None,
     meta_table: torch.Tensor | None = None,
+    limit: torch.Tensor | None = None,
 ) -> None:
     """Store entry i's row rows[i // entries_per_row] [N * ..., H] (times scale[i], float32 [N], in float32)
     at position[i] (int [N]; -1: not sent) of the ring slot this call advances to (module docstring), and
     meta[i] (int32 [N, META_W]) at the same row of the metadata buffer meta_table points to; then signal
-    every rank q with counts int32 [W, C] row q."""
+    every rank q with counts int32 [W, C] row q. limit: int [1] on the device, or None: the entries from
+    limit[0] on are not sent either (the padding rows of a fixed shape, skipped whole)."""
     N = position.numel()
     H = rows.shape[1]
     W, C = counts.shape
@@ -93,10 +98,10 @@ def put_rows(
         rows, position.contiguous(), scale.contiguous() if scale is not None else position,
         meta.contiguous() if meta is not None else position,
         rows_table, meta_table if meta_table is not None else rows_table, signal.flag_table, signal.done,
-        signal.epoch, counts, N, H, rows.stride(0), entries_per_row, per_peer, signal.my_rank, W, signal.flag_width,
-        C, meta_width, RING=signal.ring_slots, HAS_SCALE=scale is not None, HAS_META=meta is not None,
-        BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_M=triton.next_power_of_2(meta_width),
-        BLOCK_C=triton.next_power_of_2(C),
+        signal.epoch, counts, limit if limit is not None else position, N, H, rows.stride(0), entries_per_row,
+        per_peer, signal.my_rank, W, signal.flag_width, C, meta_width, RING=signal.ring_slots,
+        HAS_SCALE=scale is not None, HAS_META=meta is not None, HAS_LIMIT=limit is not None, BLOCK_N=block_n,
+        BLOCK_H=block_h, BLOCK_M=triton.next_power_of_2(meta_width), BLOCK_C=triton.next_power_of_2(C),
     )  # fmt: skip
 
 
