@@ -46,6 +46,7 @@ class DispatchHandle:
     send_slots [S] int64: wire slot of each sent row in the send buffer (nccl: 0..S-1; padded: q*M + i;
         symmetric_triton: every pair's, -1 where the capacity dropped it)
     recv_slot_of_row [R] int64: wire slot (in the receive buffer) of the token each expanded row came from
+        (symmetric_triton_graph: -1 for its padding rows)
     row_weight [R] float32: the router weight of each expanded row (RecvMeta.weight)
     num_send_slots: rows of the dispatch send buffer = rows combine gets back
     num_recv_slots: rows of the dispatch receive buffer = rows combine sends back
