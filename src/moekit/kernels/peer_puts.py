@@ -104,6 +104,23 @@ def signal_when_last(
 
 
 @triton.jit
+def scan_block_counts(counts_ptr, blocks, width, BLOCK_WIDTH: tl.constexpr, BLOCK_B: tl.constexpr):
+    """counts int32 [blocks, width] (per block, per column) -> in place, each block's exclusive prefix sum
+    over the blocks before it (its first slot per column); returns the column totals [BLOCK_WIDTH]. One
+    program, BLOCK_B blocks per step (the last program of a launch that wrote the counts)."""
+    cols = tl.arange(0, BLOCK_WIDTH)
+    totals = tl.zeros([BLOCK_WIDTH], dtype=tl.int32)
+    for b0 in range(0, blocks, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        mask = (bs[:, None] < blocks) & (cols[None, :] < width)
+        block_counts = tl.load(counts_ptr + bs[:, None] * width + cols[None, :], mask=mask, other=0)
+        starts = totals[None, :] + tl.cumsum(block_counts, axis=0) - block_counts
+        tl.store(counts_ptr + bs[:, None] * width + cols[None, :], starts, mask=mask)
+        totals += tl.sum(block_counts, axis=0)
+    return totals
+
+
+@triton.jit
 def _token_block(ids_ptr, block, T, K, E_local, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
     """Token block `block` of topk_ids [T, K]: (tokens int64 [BLOCK_T], in_range, ids int32 [BLOCK_T, BLOCK_K],
     pair_mask, goes int32 [BLOCK_T, BLOCK_W]: 1 where token t has an expert on rank q)."""
@@ -130,14 +147,7 @@ def _count_sends_kernel(
     tl.store(block_starts_ptr + block * W + qs, tl.sum(goes, axis=0), mask=qs < W)  # scanned below
     blocks = tl.num_programs(0)
     if last_to_finish(done_ptr, blocks, "gpu"):  # the block counts -> each block's first row per rank
-        sent = tl.zeros([BLOCK_W], dtype=tl.int32)
-        for b0 in range(0, blocks, BLOCK_B):
-            bs = b0 + tl.arange(0, BLOCK_B)
-            mask = (bs[:, None] < blocks) & (qs[None, :] < W)
-            block_counts = tl.load(block_starts_ptr + bs[:, None] * W + qs[None, :], mask=mask, other=0)
-            starts = sent[None, :] + tl.cumsum(block_counts, axis=0) - block_counts
-            tl.store(block_starts_ptr + bs[:, None] * W + qs[None, :], starts, mask=mask)
-            sent += tl.sum(block_counts, axis=0)
+        sent = scan_block_counts(block_starts_ptr, blocks, W, BLOCK_W, BLOCK_B)
         tl.store(counts_ptr + qs * C, sent, mask=qs < W)
 
 

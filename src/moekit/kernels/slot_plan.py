@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.kernels.peer_puts import current_ring, last_to_finish
+from moekit.kernels.peer_puts import current_ring, last_to_finish, scan_block_counts
 
 _PAIRS_PER_PROGRAM = 64  # a program ranks its pairs among each other: a [64, 64] comparison
 _SCAN_BLOCK = 32  # block counts one step of the last program's scan takes
@@ -38,14 +38,7 @@ def _count_pairs_kernel(
     tl.store(block_counts_ptr + block * E + es, tl.histogram(ids, BLOCK_E, mask=pairs < N), mask=es < E)
     blocks = tl.num_programs(0)
     if last_to_finish(done_ptr, blocks, "gpu"):  # block counts -> each block's first slot per expert
-        counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-        for b0 in range(0, blocks, BLOCK_B):
-            bs = b0 + tl.arange(0, BLOCK_B)
-            mask = (bs[:, None] < blocks) & (es[None, :] < E)
-            block_counts = tl.load(block_counts_ptr + bs[:, None] * E + es[None, :], mask=mask, other=0)
-            starts = counts[None, :] + tl.cumsum(block_counts, axis=0) - block_counts
-            tl.store(block_counts_ptr + bs[:, None] * E + es[None, :], starts, mask=mask)
-            counts += tl.sum(block_counts, axis=0)
+        counts = scan_block_counts(block_counts_ptr, blocks, E, BLOCK_E, BLOCK_B)
         # row q of the signal counts: pair_summary (dropped, fullest expert, its pairs, kept), then the
         # pairs kept for each of q's local experts
         kept = tl.minimum(counts, C)
