@@ -15,10 +15,10 @@ import torch.distributed as dist
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.dist import DISPATCHERS, ep_forward
-from moekit.dist.base import group_size_and_rank
-from moekit.dist.forward import check_fused_combine, chunk_bounds, shared_experts
-from moekit.dist.local_experts import check_backend_fits
+from moekit.ep import DISPATCHERS, ep_forward
+from moekit.ep.base import group_size_and_rank
+from moekit.ep.forward import check_fused_combine, chunk_bounds, shared_experts
+from moekit.ep.local_experts import check_backend_fits
 from moekit.experts import EXPERT_BACKENDS
 from moekit.routing import ROUTERS, route
 from moekit.validation import check_tensor, trusted_values
@@ -46,7 +46,7 @@ class MoELayer(nn.Module):
     backend: a name in EXPERT_BACKENDS. dispatcher: None (one device, nothing leaves it) or a name in
     DISPATCHERS, set up on `group` for at most max_tokens tokens per call, with dispatcher_options (e.g.
     {"capacity": 64, "overflow": "drop"} for "symmetric"). With a dispatcher, shared_overlap, chunks and
-    own_first choose the overlap, fused_combine the fused down projection (moekit.dist.ep_forward); every
+    own_first choose the overlap, fused_combine the fused down projection (moekit.ep.ep_forward); every
     rank must build the layer with the same arguments, which the constructor checks (a collective over the
     group). check_values=False drops the
     NaN check of the router logits, the one host synchronisation of a one-device forward, so the layer can

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from moekit.cli import main
-from moekit.dist import DISPATCHERS
+from moekit.ep import DISPATCHERS
 
 TWO_RANK_PATHS = [impl.name for impl in DISPATCHERS if impl.fn.supports(2, "cpu")[0]]
 

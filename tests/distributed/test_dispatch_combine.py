@@ -1,4 +1,4 @@
-"""Expert-parallel dispatch and combine (moekit.dist), every registered path on every world size it runs on.
+"""Expert-parallel dispatch and combine (moekit.ep), every registered path on every world size it runs on.
 
 One spawn per world size runs every check on every rank (spawning costs seconds; the checks
 milliseconds) and returns what each rank saw; the tests below compare it with independent
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from moekit import MoEConfig, make_problem, reference_moe, route
-from moekit.dist import DISPATCHERS, ep_forward
+from moekit.ep import DISPATCHERS, ep_forward
 from moekit.experts import EXPERT_BACKENDS
 from moekit.experts.mlp import swiglu_mlp
 from moekit.testing.numerics import assert_close_to_reference

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moekit import MoEConfig, make_problem, reference_moe, route
-from moekit.dist import DISPATCHERS, ep_forward
+from moekit.ep import DISPATCHERS, ep_forward
 from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.spawn import spawn_ranks
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moekit import MoEConfig, make_problem
-from moekit.dist import DISPATCHERS
+from moekit.ep import DISPATCHERS
 from moekit.experts import EXPERT_BACKENDS
 from moekit.layer import MoELayer
 from moekit.reference import reference_moe

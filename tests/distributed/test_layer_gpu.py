@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moekit import MoEConfig, make_problem, reference_moe
-from moekit.dist import DISPATCHERS
-from moekit.dist.local_experts import FIXED_SHAPE_BACKEND
+from moekit.ep import DISPATCHERS
+from moekit.ep.local_experts import FIXED_SHAPE_BACKEND
 from moekit.layer import MoELayer
 from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.spawn import spawn_ranks

@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moekit.dist import DISPATCHERS
-from moekit.dist.nvshmem_triton import RING, NvshmemTritonDispatcher, NvshmemTritonGraphDispatcher
+from moekit.ep import DISPATCHERS
+from moekit.ep.nvshmem_triton import RING, NvshmemTritonDispatcher, NvshmemTritonGraphDispatcher
 from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.simulated_heap import SimulatedGroup
 
@@ -154,7 +154,7 @@ def test_send_plan_matches_torch(device, skip_unless_triton_runs, W, E_local, K,
     """The send kernels' plan (token blocks counted in parallel, their first rows scanned; up to 300 blocks)
     equals the torch plan on every rank, two steps in a row (the counts are rearmed): dest_pos, each token's
     row among the tokens sent to rank q, and the counts rank q's flags carry (tokens, pairs per local expert)."""
-    from moekit.dist.base import plan_sends
+    from moekit.ep.base import plan_sends
 
     skip_unless_triton_runs(torch.float32)
     E, K, H_small = W * E_local, min(K, W * E_local), 4
@@ -278,7 +278,7 @@ def test_ep_forward_on_fixed_shapes_matches_oracle(device, skip_unless_triton_ru
     """ep_forward on nvshmem_triton_graph (one rank; padded rows through moekit's grouped GEMM) equals the
     float64 oracle, chunked and not; on a GPU also captured in a CUDA graph and replayed on new tokens."""
     from moekit import MoEConfig, make_problem, reference_moe
-    from moekit.dist import ep_forward
+    from moekit.ep import ep_forward
 
     skip_unless_triton_runs(torch.float32)
     config = MoEConfig(32, 48, 6, 3, num_shared_experts=1, dtype=torch.float32)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.dist import DISPATCHERS
-from moekit.dist.padded import PaddedDispatcher
-from moekit.dist.padded_triton import PaddedTritonDispatcher
+from moekit.ep import DISPATCHERS
+from moekit.ep.padded import PaddedDispatcher
+from moekit.ep.padded_triton import PaddedTritonDispatcher
 from moekit.kernels.availability import triton_support
 from moekit.testing.simulated_heap import SimulatedGroup
 

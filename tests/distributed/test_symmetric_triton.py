@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moekit.dist.symmetric_triton import RING, SymmetricTritonDispatcher, SymmetricTritonGraphDispatcher
+from moekit.ep.symmetric_triton import RING, SymmetricTritonDispatcher, SymmetricTritonGraphDispatcher
 from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.simulated_heap import SimulatedGroup
 
@@ -209,7 +209,7 @@ def test_fused_combine_stores_the_down_projection_where_combine_sends_it(device,
 
 def test_fused_combine_refuses_what_it_cannot_fuse(device, skip_unless_triton_runs):
     from moekit import MoEConfig, make_problem
-    from moekit.dist import ep_forward
+    from moekit.ep import ep_forward
     from moekit.layer import MoELayer
 
     skip_unless_triton_runs(torch.float32)
@@ -250,7 +250,7 @@ def test_ep_forward_on_fixed_shapes_matches_oracle_and_replays_as_a_graph(device
     not, fused combine or not, equals the float64 oracle; on a GPU also captured in a CUDA graph and replayed
     on new tokens more times than the ring has slots."""
     from moekit import MoEConfig, make_problem, reference_moe
-    from moekit.dist import ep_forward
+    from moekit.ep import ep_forward
 
     skip_unless_triton_runs(torch.float32)
     config = MoEConfig(32, 48, 6, 3, num_shared_experts=1, dtype=torch.float32)

@@ -8,7 +8,7 @@ import torch
 
 from moekit import MoEConfig, make_problem, route
 from moekit.bench.flops import routed_expert_flops
-from moekit.dist import DISPATCHERS, ep_forward
+from moekit.ep import DISPATCHERS, ep_forward
 from moekit.experts import EXPERT_BACKENDS
 from moekit.layer import MoELayer
 

@@ -22,7 +22,7 @@ from moekit.bench.pool_cases import (
     time_layer_phases,
     time_round_trips,
 )
-from moekit.dist import DISPATCHERS
+from moekit.ep import DISPATCHERS
 from moekit.testing.spawn import RankPool
 
 pytestmark = [pytest.mark.perf, pytest.mark.multigpu]

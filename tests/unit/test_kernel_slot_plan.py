@@ -1,6 +1,6 @@
 """The symmetric layout's device bookkeeping (moekit.kernels.slot_plan) against its torch definition.
 
-plan_pairs against moekit.dist.symmetric.pair_slots and pair_summary: every pair's position (-1 above the
+plan_pairs against moekit.ep.symmetric.pair_slots and pair_summary: every pair's position (-1 above the
 capacity), token and (token, weight bits), and the signal counts, for routings Hypothesis draws (T = 0,
 duplicate experts in a token, all pairs on one expert, K = E, more pairs than one program ranks).
 receive_rows against a listing in Python of random arrivals in a ring slot, with padding rows after them.
@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from moekit.dist.symmetric import pair_slots, pair_summary
+from moekit.ep.symmetric import pair_slots, pair_summary
 
 SETTINGS = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None, max_examples=25)
 

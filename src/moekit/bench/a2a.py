@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from moekit.bench.timing import as_cuda_graph, time_once
-from moekit.dist import DISPATCHERS
-from moekit.dist.symmetric import SymmetricLayout
+from moekit.ep import DISPATCHERS
+from moekit.ep.symmetric import SymmetricLayout
 from moekit.testing.spawn import rank_device
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,7 +8,7 @@ import torch
 
 from moekit.bench.a2a import CONFIGS, SWEEPS, run_ranks, sweep_configs
 from moekit.bench.tables import print_table
-from moekit.dist import DISPATCHERS
+from moekit.ep import DISPATCHERS
 from moekit.testing.spawn import spawn_ranks
 
 

@@ -24,10 +24,10 @@ import torch.distributed as dist
 
 from moekit.bench.timing import as_cuda_graph, time_once
 from moekit.config import MoEConfig
-from moekit.dist import DISPATCHERS
-from moekit.dist.forward import shared_experts
-from moekit.dist.local_experts import local_expert_forward
-from moekit.dist.symmetric import SymmetricLayout
+from moekit.ep import DISPATCHERS
+from moekit.ep.forward import shared_experts
+from moekit.ep.local_experts import local_expert_forward
+from moekit.ep.symmetric import SymmetricLayout
 from moekit.layer import MoELayer
 from moekit.problem import make_problem
 from moekit.routing import route
@@ -49,7 +49,7 @@ class EPCase:
     chunks: int = 2
     own_first: bool = False
     capacity_factor: float | None = None  # symmetric dispatchers: see capacity
-    fused_combine: bool = False  # both layers (moekit.dist.ep_forward)
+    fused_combine: bool = False  # both layers (moekit.ep.ep_forward)
     skew_experts: int = 0
     skew_bias: float = 0.0
     seed: int = 0

@@ -20,7 +20,7 @@ from moekit.bench.flops import expert_weight_bytes, layer_flops
 from moekit.bench.machine import machine_info
 from moekit.bench.tables import print_table
 from moekit.config import MoEConfig
-from moekit.dist import DISPATCHERS
+from moekit.ep import DISPATCHERS
 from moekit.experts import EXPERT_BACKENDS
 from moekit.problem import make_problem
 from moekit.reference import reference_moe

@@ -8,7 +8,7 @@ A backend built around rows grouped by expert also registers that middle part as
 fn(rows [M, H] grouped by expert, expert_offsets [E + 1] int64 on the rows' device, weights) -> [M, H]:
 each row through its expert's MLP once, unweighted (expert e owns rows offsets[e]:offsets[e + 1]). An
 expert-parallel rank receives its rows already grouped that way, so it skips the routing, the permute and
-the unpermute (moekit.dist.local_experts).
+the unpermute (moekit.ep.local_experts).
 """
 
 from collections.abc import Callable

@@ -312,7 +312,7 @@ def grouped_gemm(
         out: [M, N] (or [M, F] with swiglu), a's dtype, or None to allocate one. Any strides.
         row_addresses: [M] int64, or None: row r is stored at this device address instead (N_OUT contiguous
             elements of a's dtype; 0: not stored), e.g. its slot in a peer's symmetric buffer, mapped here
-            (the fused combine of moekit.dist.symmetric_triton). Not checked; nothing is returned then.
+            (the fused combine of moekit.ep.symmetric_triton). Not checked; nothing is returned then.
             When a row's bytes are a multiple of 16, every address must be too (rows of a 16-byte aligned
             buffer are), so the stores can be vectorised.
 

@@ -22,7 +22,7 @@ Kernels (each with its launcher below):
   send_tokens_back          combine: the weighted sum of a received token's expert rows, stored into its
                             source rank's back buffer, then flags
   reduce_and_copy_to_output each token's rows from every rank summed (+ the shared expert) -> y
-                            (also the symmetric layout's, moekit.dist.symmetric_triton)
+                            (also the symmetric layout's, moekit.ep.symmetric_triton)
 """
 
 from __future__ import annotations

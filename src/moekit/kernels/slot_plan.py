@@ -2,10 +2,10 @@
 what arrived. Each side is one or two launches and never waits for the device, so a dispatch costs a few
 kernel launches of host time instead of tens of small torch ops.
 
-plan_pairs     the sender: moekit.dist.symmetric.pair_slots (pair p = t * K + k of expert g takes slot s = its
+plan_pairs     the sender: moekit.ep.symmetric.pair_slots (pair p = t * K + k of expert g takes slot s = its
                rank among this rank's pairs of g, pairs ascending) and the position g * C + s it is stored
                at (-1 above the capacity C), with its (token, router weight bits) and the counts the sender
-               signals every rank (moekit.dist.symmetric_triton). One kernel counts the pairs per expert
+               signals every rank (moekit.ep.symmetric_triton). One kernel counts the pairs per expert
                in blocks (its last program scans the block counts and writes the signal counts), one
                places every pair.
 receive_rows   the receiver: the rows the sources stored into a ring slot of its buffer, listed grouped
@@ -23,7 +23,7 @@ from moekit.kernels.peer_puts import current_ring, last_to_finish, scan_block_co
 
 _PAIRS_PER_PROGRAM = 64  # a program ranks its pairs among each other: a [64, 64] comparison
 _SCAN_BLOCK = 32  # block counts one step of the last program's scan takes
-SUMMARY = 4  # the signal counts' first columns: moekit.dist.symmetric.pair_summary
+SUMMARY = 4  # the signal counts' first columns: moekit.ep.symmetric.pair_summary
 
 
 @triton.jit

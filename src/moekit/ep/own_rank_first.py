@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.dist.base import Dispatcher
-from moekit.dist.handle import RecvMeta
-from moekit.dist.local_experts import run_local_experts
+from moekit.ep.base import Dispatcher
+from moekit.ep.handle import RecvMeta
+from moekit.ep.local_experts import run_local_experts
 from moekit.weights import MoEWeights
 
 

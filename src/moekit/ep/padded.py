@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.dist.base import (
+from moekit.ep.base import (
     Dispatcher,
     PendingCombine,
     _require_int,
@@ -35,8 +35,8 @@ from moekit.dist.base import (
     pack_meta,
     plan_sends,
 )
-from moekit.dist.handle import DispatchHandle, RecvMeta
-from moekit.dist.registry import DISPATCHERS
+from moekit.ep.handle import DispatchHandle, RecvMeta
+from moekit.ep.registry import DISPATCHERS
 
 DISPATCH, COMBINE = 0, 1  # the stages that exchange: rows and metadata out, rows back
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from moekit.config import MoEConfig
-from moekit.dist.base import Dispatcher, group_size_and_rank
-from moekit.dist.local_experts import check_backend_fits, local_expert_forward, local_weights
-from moekit.dist.own_rank_first import expert_out_with_own_rows, own_rank_rows
-from moekit.dist.streams import join, on_stream, reused_side_stream
+from moekit.ep.base import Dispatcher, group_size_and_rank
+from moekit.ep.local_experts import check_backend_fits, local_expert_forward, local_weights
+from moekit.ep.own_rank_first import expert_out_with_own_rows, own_rank_rows
+from moekit.ep.streams import join, on_stream, reused_side_stream
 from moekit.experts.mlp import swiglu_mlp
 from moekit.kernels.availability import triton_on_cuda
 from moekit.routing import route
@@ -110,7 +110,7 @@ def ep_forward(
       chunks = n > 1: the tokens are cut into n chunks, pipelined: chunk i's experts run while chunk i+1
           is dispatched and chunk i-1 combined. Every rank must pass the same n (empty chunks are fine);
       own_first: the local experts compute this rank's own tokens while the dispatch is in flight, and
-          only the other ranks' rows once it lands (moekit.dist.own_rank_first).
+          only the other ranks' rows once it lands (moekit.ep.own_rank_first).
     fused_combine: the down projection's epilogue stores each row where combine sends it (a dispatcher with
       fuses_down_projection, symmetric_triton, and backend triton_grouped: moekit's grouped GEMM).
     check_values=False skips the router's NaN check (a host sync): with a fixed-shape dispatcher

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.dist.base import Dispatcher
-from moekit.dist.handle import DispatchHandle, RecvMeta
-from moekit.dist.registry import DISPATCHERS
-from moekit.dist.symmetric_heap import ranks_share_a_gpu
+from moekit.ep.base import Dispatcher
+from moekit.ep.handle import DispatchHandle, RecvMeta
+from moekit.ep.registry import DISPATCHERS
+from moekit.ep.symmetric_heap import ranks_share_a_gpu
 from moekit.registry import Support
 
 RING = 3

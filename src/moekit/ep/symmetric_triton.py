@@ -1,6 +1,6 @@
 """symmetric_triton: the symmetric (FlashMoE) layout, its rows stored straight into the peers' symmetric buffers.
 
-Layout, capacity C and overflow policy are moekit.dist.symmetric's: pair (t, k) of rank p with global expert g
+Layout, capacity C and overflow policy are moekit.ep.symmetric's: pair (t, k) of rank p with global expert g
 and slot s < C lands at row (p * E_local + g mod E_local) * C + s of rank g // E_local's receive buffer, a
 position p computes alone. Here Triton kernels plan the slots (moekit.kernels.slot_plan.plan_pairs: two
 launches) and store every kept pair's row and its (source token, router weight bits) there
@@ -21,9 +21,9 @@ of its source's back buffer (a mapped peer address per row), then one small kern
 symmetric_triton_graph: the same with fixed shapes (all W * E_local * C slots' rows, padding after the
 received ones) and no host read, so a layer on it can be captured in a CUDA graph; drops counted on the device.
 
-Buffers (allocated once, collectively, on the heap of moekit.dist.symmetric_heap): rows [RING, E * C, H] and
+Buffers (allocated once, collectively, on the heap of moekit.ep.symmetric_heap): rows [RING, E * C, H] and
 metadata [RING, E * C, 2] int32 for dispatch, rows [RING, E * C, H] for combine, in a ring of RING = 3 slots
-indexed by a device epoch, for the reasons and under the call order moekit.dist.nvshmem_triton states.
+indexed by a device epoch, for the reasons and under the call order moekit.ep.nvshmem_triton states.
 That is 2 * RING * E * C * H elements of rows: pick C near the expected pairs per (rank, expert) with a margin;
 the default C = max_tokens never overflows and is the largest. On CUDA the sending kernels run on a stream of
 the dispatcher's own, joined by the waits (compute issued in between runs while the rows travel).
@@ -35,16 +35,16 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.dist.base import _on_device
-from moekit.dist.handle import DispatchHandle, RecvMeta
-from moekit.dist.registry import DISPATCHERS
-from moekit.dist.streams import join, on_stream, side_stream
-from moekit.dist.symmetric import Arrivals, SymmetricLayout
-from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
+from moekit.ep.base import _on_device
+from moekit.ep.handle import DispatchHandle, RecvMeta
+from moekit.ep.registry import DISPATCHERS
+from moekit.ep.streams import join, on_stream, side_stream
+from moekit.ep.symmetric import Arrivals, SymmetricLayout
+from moekit.ep.symmetric_heap import OnSymmetricHeap, SymmetricHeap
 
 RING = 3
 DISPATCH, COMBINE = 0, 1
-# a dispatch flag after its epoch: the sender's pair_summary (moekit.dist.symmetric; moekit.kernels.slot_plan
+# a dispatch flag after its epoch: the sender's pair_summary (moekit.ep.symmetric; moekit.kernels.slot_plan
 # writes its 4 columns), then its pairs per local expert
 PAIRS = 4
 
@@ -217,7 +217,7 @@ class SymmetricTritonGraphDispatcher(SymmetricTritonDispatcher):
 
     dispatch returns all W * E_local * C slots' rows, the bound, of which rows from local_expert_offsets[-1]
     on are padding (src_rank -1, weight 0, values unspecified) that combine never reads; its experts run on
-    moekit's grouped GEMM, which reads the device-side offsets (moekit.dist.local_experts). The handle's
+    moekit's grouped GEMM, which reads the device-side offsets (moekit.ep.local_experts). The handle's
     send_counts and recv_counts stay on the device and there is no padding fraction. Overflow can only be
     "drop" (nothing raises inside a graph): last_dropped and last_dropped_total read the device (a sync,
     outside a capture)."""

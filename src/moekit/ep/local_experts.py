@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import torch
 
-from moekit.dist.base import Dispatcher
-from moekit.dist.handle import RecvMeta
+from moekit.ep.base import Dispatcher
+from moekit.ep.handle import RecvMeta
 from moekit.experts import EXPERT_BACKENDS
 from moekit.experts.registry import SORTED_ROWS
 from moekit.validation import trusted_values

@@ -9,7 +9,7 @@ sender the same position is row g * C + s of its send buffer, which makes the de
 buffer [W, E_local, C, H] one equal-split all_to_all_single away from the receiver's buffer.
 
 Here the puts are that all_to_all_single (any backend: gloo, NCCL); symmetric_triton
-(moekit.dist.symmetric_triton) stores the rows into the peers' symmetric buffers directly, at the same
+(moekit.ep.symmetric_triton) stores the rows into the peers' symmetric buffers directly, at the same
 positions. SymmetricLayout is what both share. Alongside the rows travel, per slot,
 (source token, router weight bits), and each rank's per-expert pair counts [E] (an all_gather, sent
 concurrently with the rows, never waited on before sending): the receiver reads the first
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.dist.base import Dispatcher, PendingCombine, _require_int
-from moekit.dist.handle import DispatchHandle, RecvMeta
-from moekit.dist.registry import DISPATCHERS
+from moekit.ep.base import Dispatcher, PendingCombine, _require_int
+from moekit.ep.handle import DispatchHandle, RecvMeta
+from moekit.ep.registry import DISPATCHERS
 
 OVERFLOW_POLICIES = ("raise", "drop")
 # torch 2.13 renamed all_gather_into_tensor (the GPU machine's torch 2.11 has only the old name)

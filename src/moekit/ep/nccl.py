@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.dist.base import Dispatcher, PendingCombine, expand_received, pack_meta, plan_sends
-from moekit.dist.handle import DispatchHandle, RecvMeta
-from moekit.dist.registry import DISPATCHERS
+from moekit.ep.base import Dispatcher, PendingCombine, expand_received, pack_meta, plan_sends
+from moekit.ep.handle import DispatchHandle, RecvMeta
+from moekit.ep.registry import DISPATCHERS
 
 
 @dataclass

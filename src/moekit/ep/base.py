@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.dist.handle import DispatchHandle, RecvMeta
+from moekit.ep.handle import DispatchHandle, RecvMeta
 from moekit.kernels.availability import triton_on_cuda
 from moekit.registry import Support
 from moekit.validation import INDEX_DTYPES, capturing_cuda_graph, check_ids_in_range, check_tensor

@@ -15,10 +15,10 @@ Paths, registered by name in DISPATCHERS (registration order is table order):
 """
 
 # registration order is the order of the tables (I001 would sort it)
-from moekit.dist import nccl, nvshmem_triton, padded, padded_triton, skip_a2a, symm_mem, symmetric, symmetric_triton  # noqa: F401
-from moekit.dist.base import Dispatcher
-from moekit.dist.forward import ep_forward
-from moekit.dist.handle import DispatchHandle, RecvMeta
-from moekit.dist.registry import DISPATCHERS
+from moekit.ep import nccl, nvshmem_triton, padded, padded_triton, skip_a2a, symm_mem, symmetric, symmetric_triton  # noqa: F401
+from moekit.ep.base import Dispatcher
+from moekit.ep.forward import ep_forward
+from moekit.ep.handle import DispatchHandle, RecvMeta
+from moekit.ep.registry import DISPATCHERS
 
 __all__ = ["DISPATCHERS", "DispatchHandle", "Dispatcher", "RecvMeta", "ep_forward"]

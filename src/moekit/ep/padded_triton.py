@@ -1,6 +1,6 @@
 """padded_triton: the padded dispatcher with its fixed-size messages moved by a Triton kernel over symmetric memory.
 
-Wire format: padded's (moekit.dist.padded). The [W, W] count all_reduce agrees on M (or checks the fixed
+Wire format: padded's (moekit.ep.padded). The [W, W] count all_reduce agrees on M (or checks the fixed
 capacity, overflow raised on every rank), and the rows [W * M, H] and metadata [W * M, 1 + 2K] int64 leave
 in equal blocks, block q for rank q. Only the moves differ: instead of equal-split all_to_all_single, one
 launch of moekit.kernels.fixed_messages.put_fixed_messages stores every block straight into its rank's
@@ -21,7 +21,7 @@ this rank's combine j - 1 puts, which this rank queued after reading combine j -
 
 Buffers are allocated once, collectively: rows for W * (capacity or max_tokens) slots, the metadata for the
 top_k of the first call (another top_k later is an error), by default from torch's symmetric memory
-(moekit.dist.symmetric_heap), plain device buffers on one rank, or a heap passed in (the CPU tests play
+(moekit.ep.symmetric_heap), plain device buffers on one rank, or a heap passed in (the CPU tests play
 every rank in one process under TRITON_INTERPRET=1).
 """
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.dist.padded import COMBINE, DISPATCH, PaddedDispatcher
-from moekit.dist.registry import DISPATCHERS
-from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
+from moekit.ep.padded import COMBINE, DISPATCH, PaddedDispatcher
+from moekit.ep.registry import DISPATCHERS
+from moekit.ep.symmetric_heap import OnSymmetricHeap, SymmetricHeap
 
 BACK_RING = 2  # combine's receive buffers; see the module docstring for why two
 

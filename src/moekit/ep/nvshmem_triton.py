@@ -20,14 +20,14 @@ Two shapes of the received rows:
                         W * M * min(K, E_local) rows, the bound, of which rows from
                         local_expert_offsets[-1] on are padding (src_rank -1, weight 0, values
                         unspecified) that combine never reads. Its experts run on moekit's grouped GEMM,
-                        which reads the device-side offsets (moekit.dist.local_experts).
+                        which reads the device-side offsets (moekit.ep.local_experts).
 
 Buffers are allocated once, collectively, for max_tokens (the metadata on the first call, when K is
 known) and kept in a ring of 3 per stage, indexed by the call's epoch, a counter on the device (so a
 replayed graph advances it): a rank may store its next step's rows while a slower peer still reads the
 last one's. That holds for the order ep_forward keeps (at most one dispatch and one combine in flight;
 dispatch_wait(i) before dispatch_async(i + 1); combine_wait(i) before dispatch_async(i + 3)). The
-memory: by default torch's symmetric memory (moekit.dist.symmetric_heap; NVLink-mapped, NVSHMEM's heap
+memory: by default torch's symmetric memory (moekit.ep.symmetric_heap; NVLink-mapped, NVSHMEM's heap
 when torch's backend is NVSHMEM), plain device buffers on one rank, or a heap passed in (the CPU tests
 play every rank of a group in one process under TRITON_INTERPRET=1). The stores are plain Triton stores
 to mapped peer addresses, not nvshmem_putmem calls: the per-token put kernel measured ~300 GB/s on
@@ -40,11 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.dist.base import Dispatcher, _require_int
-from moekit.dist.handle import RecvMeta
-from moekit.dist.registry import DISPATCHERS
-from moekit.dist.streams import join, on_stream, side_stream
-from moekit.dist.symmetric_heap import OnSymmetricHeap, SymmetricHeap
+from moekit.ep.base import Dispatcher, _require_int
+from moekit.ep.handle import RecvMeta
+from moekit.ep.registry import DISPATCHERS
+from moekit.ep.streams import join, on_stream, side_stream
+from moekit.ep.symmetric_heap import OnSymmetricHeap, SymmetricHeap
 
 RING = 3  # slots per buffer; see the module docstring for why three
 DISPATCH, COMBINE = 0, 1

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from moekit.dist.nccl import NcclDispatcher
-from moekit.dist.registry import DISPATCHERS
+from moekit.ep.nccl import NcclDispatcher
+from moekit.ep.registry import DISPATCHERS
 from moekit.registry import Support
 
 
