@@ -19,7 +19,7 @@ from moekit.routing import ROUTERS
 from moekit.testing import assert_close_to_reference
 from moekit.testing.spawn import spawn_ranks
 
-CPU, F32 = torch.device("cpu"), torch.float32
+CPU, F32, F64 = torch.device("cpu"), torch.float32, torch.float64
 BASE = dict(hidden_size=32, ffn_size=16, num_experts=12, top_k=3, num_shared_experts=1, dtype=F32)
 ROUTER_OPTIONS = {"grouped_topk": dict(n_group=4, topk_group=2, routed_scaling_factor=2.5)}
 TOKENS = [7, 0, 13, 5]
@@ -27,10 +27,11 @@ TOKENS = [7, 0, 13, 5]
 SYNC = (False, 1, False)
 OVERLAPS = [SYNC, (True, 1, False), (False, 3, False), (True, 4, False), (False, 1, True), (True, 3, True)]
 SEED = 5
+FLOAT64_ROUTER = "grouped_topk"  # the DeepSeek-V3 router: its weights are renormalised and scaled
 
 
-def config_of(router: str) -> MoEConfig:
-    return MoEConfig(**BASE, router=router, **ROUTER_OPTIONS.get(router, {}))
+def config_of(router: str, dtype: torch.dtype = F32) -> MoEConfig:
+    return MoEConfig(**{**BASE, "dtype": dtype}, router=router, **ROUTER_OPTIONS.get(router, {}))
 
 
 def cpu_names(registry) -> list[str]:
@@ -81,6 +82,11 @@ def layer_rank(rank: int, world_size: int) -> dict:
             own_first=own_first,
         )
         outputs[router, backend, dispatcher, shared_overlap, chunks, own_first] = layer(problem.x[rank_slice(rank)])
+    for dispatcher in dispatchers_for(world_size):
+        config = config_of(FLOAT64_ROUTER, F64)
+        problem = make_problem(config, sum(TOKENS[:world_size]), seed=SEED)
+        layer = MoELayer(config, backend="naive", dispatcher=dispatcher, weights=problem.weights, max_tokens=32)
+        outputs["float64", dispatcher] = layer(problem.x[rank_slice(rank)])
     indivisible = MoEConfig(**{**BASE, "num_experts": 2 * world_size + 1})
     mistakes = {
         "other chunks": caught(MoELayer, config_of("softmax_topk"), dispatcher="nccl", chunks=1 + rank % 2),
@@ -103,10 +109,10 @@ def world(world_size: int) -> list[dict]:
 
 
 @functools.cache
-def oracle(router: str, world_size: int) -> torch.Tensor:
+def oracle(router: str, world_size: int, dtype: torch.dtype = F32) -> torch.Tensor:
     """Each rank's tokens through the oracle on their own: a rank routes its own batch, which matters for
     the batch-level router (sinkhorn balances over the tokens it is given)."""
-    config = config_of(router)
+    config = config_of(router, dtype)
     problem = make_problem(config, sum(TOKENS[:world_size]), seed=SEED)
     per_rank = [problem.x[rank_slice(q)] for q in range(world_size)]
     return torch.cat([reference_moe(x, problem.weights, config).y for x in per_rank])
@@ -126,6 +132,17 @@ def test_every_combination_matches_the_oracle_and_overlap_changes_nothing(world_
             sync = torch.cat([r["outputs"][(*case[:3], *SYNC)] for r in results])
             overlapped = torch.cat([r["outputs"][case] for r in results])
             torch.testing.assert_close(overlapped, sync, rtol=1e-6, atol=1e-6, msg=f"{world_size} ranks {case}")
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_float64_layer_on_every_dispatcher_is_float64_exact(world_size):
+    """Router weights travel at float64 beside float64 rows: a float32 hop leaves ~2e-8, far above 1e-12."""
+    results = world(world_size)
+    for dispatcher in dispatchers_for(world_size):
+        y = torch.cat([r["outputs"]["float64", dispatcher] for r in results])
+        assert y.dtype == F64
+        expected = oracle(FLOAT64_ROUTER, world_size, F64)
+        assert_close_to_reference(y, expected, F64, f"float64 layer, {world_size} ranks, {dispatcher}")
 
 
 def test_ranks_built_with_other_settings_or_indivisible_experts_raise_on_every_rank():

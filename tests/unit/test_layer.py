@@ -55,3 +55,17 @@ def test_layer_refuses_a_backend_its_dispatcher_cannot_feed_when_built():
         MoELayer(config, backend="grouped_mm", dispatcher="nvshmem_triton_graph")
     with pytest.raises(ValueError, match="own_first"):
         MoELayer(config, backend="triton_grouped", dispatcher="nvshmem_triton_graph", own_first=True)
+
+
+FLOAT64_CPU_BACKENDS = [i.name for i in EXPERT_BACKENDS if i.supports(torch.device("cpu"), torch.float64)[0]]
+
+
+@pytest.mark.parametrize("backend", FLOAT64_CPU_BACKENDS)
+def test_float64_layer_through_a_dispatcher_is_float64_exact(backend):
+    """A float64 layer equals the oracle to float64's tolerance with the one-rank dispatcher too: the router
+    weights ride the dispatch as float64 (a float32 hop moved the output by ~2e-8)."""
+    config = MoEConfig(hidden_size=32, ffn_size=16, num_experts=12, top_k=3, num_shared_experts=1, dtype=torch.float64)
+    layer = MoELayer(config, backend=backend, dispatcher="skip_a2a", max_tokens=64, seed=0)
+    x = torch.randn(40, 32, dtype=torch.float64)
+    expected = reference_moe(x, layer.weights, config).y
+    assert_close_to_reference(layer(x), expected, torch.float64, f"float64 layer on skip_a2a with {backend}")

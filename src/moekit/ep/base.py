@@ -74,12 +74,36 @@ def plan_sends(topk_ids: torch.Tensor, num_local_experts: int, world_size: int) 
     return SendPlan(send_token_idx, send_dest, mask.sum(0, dtype=torch.int64))
 
 
-def pack_meta(token_idx: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+def weight_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The precision router weights travel at beside rows of dtype: float64 for float64 rows (Routing's
+    weights are float64 then), float32 for float32/fp16/bf16 rows."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def weight_bits(topk_weights: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    """Router weights [...] -> int64 [...]: their weight_dtype bits (float32's widened from int32), so they
+    travel in the int64 metadata beside token indices and expert ids."""
+    weights = topk_weights.to(weight_dtype).contiguous()
+    if weight_dtype == torch.float64:
+        return weights.view(torch.int64)
+    return weights.view(torch.int32).long()
+
+
+def weights_of_bits(bits: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    """int64 [...] from weight_bits -> the router weights [...] in weight_dtype."""
+    if weight_dtype == torch.float64:
+        return bits.contiguous().view(torch.float64)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def pack_meta(
+    token_idx: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weight_dtype: torch.dtype
+) -> torch.Tensor:
     """Wire metadata of the tokens token_idx [S]: [S, 1 + 2K] int64 = (token index, K global expert ids,
-    K float32 router weights bit-cast to int32 and widened), one collective instead of three."""
+    K router weights as weight_bits), one collective instead of three."""
     ids = topk_ids.index_select(0, token_idx).long()
-    weight_bits = topk_weights.index_select(0, token_idx).to(torch.float32).view(torch.int32).long()
-    return torch.cat([token_idx[:, None], ids, weight_bits], dim=1)
+    bits = weight_bits(topk_weights.index_select(0, token_idx), weight_dtype)
+    return torch.cat([token_idx[:, None], ids, bits], dim=1)
 
 
 def meta_padding(rows: torch.Tensor, top_k: int) -> None:
@@ -97,9 +121,13 @@ class Expansion:
 
 
 def expand_received(
-    recv_meta: torch.Tensor, src_rank_of_slot: torch.Tensor, expert_start: int, num_local_experts: int
+    recv_meta: torch.Tensor,
+    src_rank_of_slot: torch.Tensor,
+    expert_start: int,
+    num_local_experts: int,
+    weight_dtype: torch.dtype,
 ) -> Expansion:
-    """recv_meta [N, 1 + 2K] (padding slots have ids -1), src_rank_of_slot [N] -> Expansion.
+    """recv_meta [N, 1 + 2K] from pack_meta (padding slots have ids -1), src_rank_of_slot [N] -> Expansion.
 
     Pairs are listed slot-major (source rank, then source token: the order they arrive in), then sorted
     stably by local expert.
@@ -111,7 +139,7 @@ def expand_received(
     experts = local[slot, k]
     order = torch.sort(experts, stable=True)[1]
     slot, k, experts = slot[order], k[order], experts[order]
-    weight = recv_meta[slot, 1 + K + k].to(torch.int32).view(torch.float32)
+    weight = weights_of_bits(recv_meta[slot, 1 + K + k], weight_dtype)
     counts = torch.bincount(experts, minlength=num_local_experts)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     meta = RecvMeta(counts, offsets, src_rank_of_slot[slot], recv_meta[slot, 0], weight)
@@ -136,7 +164,8 @@ class Dispatcher:
     group: a torch.distributed process group (None: the default group, or one rank when no process
     group is initialised); num_experts E (divisible by the group's size), hidden H, max_tokens: the
     most tokens one rank passes to dispatch (every rank of the group must use the same value); dtype:
-    of x and of the rows on the wire; device: where x lives.
+    of x and of the rows on the wire; device: where x lives. Router weights travel at weight_dtype
+    (weight_dtype_for(dtype)): RecvMeta.weight and the handle's row_weight are in it.
     """
 
     name = "dispatcher"
@@ -186,6 +215,7 @@ class Dispatcher:
         self.dtype = dtype
         self.device = torch.device(device)
         self.accumulate_dtype = torch.promote_types(dtype, torch.float32)
+        self.weight_dtype = weight_dtype_for(dtype)
         # the combine's sums as Triton kernels on CUDA (float32 accumulation); torch ops elsewhere
         self._sums_in_triton = triton_on_cuda(self.device, dtype)
 

@@ -18,7 +18,8 @@ class RecvMeta:
     local_expert_offsets [E_local+1] int64: recv_x[offsets[e]:offsets[e+1]] are local expert e's rows
     src_rank  [R] int64: the rank the row's token came from
     src_token [R] int64: the token's index on its source rank
-    weight    [R] float32: the router weight of that (token, expert) pair (applied in combine)
+    weight    [R] float32 (float64 for a float64 dispatcher): the router weight of that (token, expert) pair
+              (applied in combine)
 
     Rows are grouped by local expert; within an expert, by source rank, then source token order.
     """
@@ -47,7 +48,8 @@ class DispatchHandle:
         symmetric_triton: every pair's, -1 where the capacity dropped it)
     recv_slot_of_row [R] int64: wire slot (in the receive buffer) of the token each expanded row came from
         (symmetric_triton_graph: -1 for its padding rows)
-    row_weight [R] float32: the router weight of each expanded row (RecvMeta.weight)
+    row_weight [R] float32 (float64 for a float64 dispatcher): the router weight of each expanded row
+        (RecvMeta.weight)
     num_send_slots: rows of the dispatch send buffer = rows combine gets back
     num_recv_slots: rows of the dispatch receive buffer = rows combine sends back
     num_tokens: T of the source rank; hidden: H

@@ -7,7 +7,7 @@ Wire format, per step:
   2. rows: all_to_all_single of x[send_token_idx] [S, H] in the dispatcher's dtype, destination-major,
      tokens ascending within a destination; each token once per destination rank.
   3. metadata: all_to_all_single of [S, 1 + 2K] int64 = (source token index, the K global expert ids,
-     the K router weights as float32 bits), with the same splits.
+     the K router weights as bits of the dispatcher's weight_dtype), with the same splits.
   combine: all_to_all_single of [sum recv_counts, H] in the dispatcher's dtype (the weighted sum of each
   received token's local expert rows) with the splits reversed.
 Collectives 2 and 3 and the combine exchange are issued with async_op=True; *_wait waits on them.
@@ -49,7 +49,7 @@ class NcclDispatcher(Dispatcher):
         self.check_dispatch_inputs(x, topk_ids, topk_weights)
         plan = plan_sends(topk_ids, self.num_local_experts, self.world_size)
         send_rows = x.index_select(0, plan.send_token_idx)
-        send_meta = pack_meta(plan.send_token_idx, topk_ids, topk_weights)
+        send_meta = pack_meta(plan.send_token_idx, topk_ids, topk_weights, self.weight_dtype)
         if self.world_size == 1:
             counts = plan.send_counts.cpu()
             return PendingDispatch(
@@ -77,7 +77,9 @@ class NcclDispatcher(Dispatcher):
         src_rank_of_slot = torch.repeat_interleave(
             torch.arange(self.world_size, device=device), pending.recv_counts.to(device)
         )
-        expansion = expand_received(pending.recv_meta, src_rank_of_slot, self.expert_start, self.num_local_experts)
+        expansion = expand_received(
+            pending.recv_meta, src_rank_of_slot, self.expert_start, self.num_local_experts, self.weight_dtype
+        )
         recv_x = pending.recv_rows.index_select(0, expansion.slot_of_row)
         num_send = pending.send_token_idx.numel()
         handle = DispatchHandle(

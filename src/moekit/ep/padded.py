@@ -8,7 +8,7 @@ Wire format, per step:
   2. rows: all_to_all_single with equal splits of [W * M, H] in the dispatcher's dtype; slot q * M + i
      holds the i-th token this rank sends to rank q (tokens ascending), padding slots are zero.
   3. metadata: all_to_all_single with equal splits of [W * M, 1 + 2K] int64 = (source token index, the K
-     global expert ids, the K router weights as float32 bits); padding slots have token and ids -1.
+     global expert ids, the K router weights as weight_dtype bits); padding slots have token and ids -1.
   combine: all_to_all_single with equal splits of [W * M, H] in the dispatcher's dtype, the same slots.
 padding_fraction = padded slots / all slots over every pair, (W*W*M - sum of counts) / (W*W*M), is on
 the handle and on the dispatcher (last_padding_fraction) for the benchmark. Step 1 is skipped on one
@@ -146,7 +146,7 @@ class PaddedDispatcher(Dispatcher):
         send_rows.index_copy_(0, send_slots, x.index_select(0, plan.send_token_idx))
         send_meta = send_meta_buf[: slots * width].view(slots, width)
         meta_padding(send_meta, K)
-        send_meta.index_copy_(0, send_slots, pack_meta(plan.send_token_idx, topk_ids, topk_weights))
+        send_meta.index_copy_(0, send_slots, pack_meta(plan.send_token_idx, topk_ids, topk_weights, self.weight_dtype))
 
         (recv_rows, recv_meta), works = self._exchange(DISPATCH, [send_rows, send_meta])
         return PendingDispatch(
@@ -168,7 +168,9 @@ class PaddedDispatcher(Dispatcher):
         M, device = pending.slots_per_peer, pending.recv_rows.device
         slots = self.world_size * M
         src_rank_of_slot = torch.arange(slots, device=device) // max(M, 1)
-        expansion = expand_received(pending.recv_meta, src_rank_of_slot, self.expert_start, self.num_local_experts)
+        expansion = expand_received(
+            pending.recv_meta, src_rank_of_slot, self.expert_start, self.num_local_experts, self.weight_dtype
+        )
         recv_x = pending.recv_rows.index_select(0, expansion.slot_of_row)  # a copy: the buffer is reused
         handle = DispatchHandle(
             send_counts=pending.send_counts,

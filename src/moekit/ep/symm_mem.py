@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.ep.base import Dispatcher
+from moekit.ep.base import Dispatcher, weight_bits, weights_of_bits
 from moekit.ep.handle import DispatchHandle, RecvMeta
 from moekit.ep.registry import DISPATCHERS
 from moekit.ep.symmetric_heap import ranks_share_a_gpu
@@ -132,8 +132,8 @@ class SymmMemDispatcher(Dispatcher):
         token_of_pair = order // K
         P = order.numel()
         self._send_rows[:P].copy_(x.index_select(0, token_of_pair))
-        weight_bits = topk_weights.reshape(-1)[order].to(torch.float32).view(torch.int32).long()
-        self._send_meta[:P].copy_(torch.stack([token_of_pair, weight_bits], dim=1))
+        bits = weight_bits(topk_weights.reshape(-1)[order], self.weight_dtype)
+        self._send_meta[:P].copy_(torch.stack([token_of_pair, bits], dim=1))
         splits = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
         self._send_splits.copy_(splits.scatter_add_(0, expert, torch.ones_like(expert)))
         a2a = torch.ops.symm_mem.all_to_all_vdev_2d
@@ -151,7 +151,7 @@ class SymmMemDispatcher(Dispatcher):
         meta_rows = self._recv_meta[pending.ring][:R]
         src_of_chunk = torch.arange(W, device=device).repeat(E_local)
         src_rank = torch.repeat_interleave(src_of_chunk, received[0], output_size=R)
-        weight = meta_rows[:, 1].to(torch.int32).view(torch.float32)
+        weight = weights_of_bits(meta_rows[:, 1], self.weight_dtype)
         local_counts = splits.view(E_local, W).sum(1).to(device)
         meta = RecvMeta(
             local_counts,
@@ -187,7 +187,7 @@ class SymmMemDispatcher(Dispatcher):
         ring = self._combines % RING
         self._combines += 1
         R = handle.num_rows
-        weighted = expert_out.to(torch.float32) * handle.row_weight[:, None]
+        weighted = expert_out.to(self.accumulate_dtype) * handle.row_weight.to(self.accumulate_dtype)[:, None]
         self._back_send[:R].copy_(weighted)
         self._back_splits_in.copy_(handle.received_splits_offsets)
         torch.ops.symm_mem.all_to_all_vdev_2d_offset(

@@ -11,9 +11,9 @@ buffer [W, E_local, C, H] one equal-split all_to_all_single away from the receiv
 Here the puts are that all_to_all_single (any backend: gloo, NCCL); symmetric_triton
 (moekit.ep.symmetric_triton) stores the rows into the peers' symmetric buffers directly, at the same
 positions. SymmetricLayout is what both share. Alongside the rows travel, per slot,
-(source token, router weight bits), and each rank's per-expert pair counts [E] (an all_gather, sent
-concurrently with the rows, never waited on before sending): the receiver reads the first
-min(count, C) slots of each (source rank, expert), and every rank sees every overflow.
+(source token, router weight bits at the dispatcher's weight_dtype), and each rank's per-expert pair
+counts [E] (an all_gather, sent concurrently with the rows, never waited on before sending): the receiver
+reads the first min(count, C) slots of each (source rank, expert), and every rank sees every overflow.
 
 capacity C per (source rank, expert): the default, max_tokens, never overflows (a token picks an
 expert at most once) but takes E * C * H elements per buffer (4 buffers). Pairs above C:
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit.ep.base import Dispatcher, PendingCombine, _require_int
+from moekit.ep.base import Dispatcher, PendingCombine, _require_int, weight_bits, weights_of_bits
 from moekit.ep.handle import DispatchHandle, RecvMeta
 from moekit.ep.registry import DISPATCHERS
 
@@ -222,8 +222,8 @@ class SymmetricDispatcher(SymmetricLayout):
         send_slots = pairs.expert[kept] * C + pairs.slot[kept]
 
         self._send_rows.index_copy_(0, send_slots, x.index_select(0, send_token_idx))
-        weight_bits = topk_weights.reshape(-1)[kept].to(torch.float32).view(torch.int32).long()
-        self._send_meta.index_copy_(0, send_slots, torch.stack([send_token_idx, weight_bits], dim=1))
+        bits = weight_bits(topk_weights.reshape(-1)[kept], self.weight_dtype)
+        self._send_meta.index_copy_(0, send_slots, torch.stack([send_token_idx, bits], dim=1))
 
         if self.world_size == 1:
             return PendingDispatch(
@@ -263,8 +263,8 @@ class SymmetricDispatcher(SymmetricLayout):
         expert, src, slot = (t.to(device) for t in torch.nonzero(filled, as_tuple=True))
         recv_slot_of_row = (src * E_local + expert) * C + slot
         recv_x = pending.recv_rows.index_select(0, recv_slot_of_row)  # a copy: the buffer is reused
-        src_token, weight_bits = pending.recv_meta.index_select(0, recv_slot_of_row).unbind(1)
-        weight = weight_bits.to(torch.int32).view(torch.float32)
+        src_token, bits = pending.recv_meta.index_select(0, recv_slot_of_row).unbind(1)
+        weight = weights_of_bits(bits, self.weight_dtype)
         local_counts = arrivals.pairs_to_me.sum(0).to(device)
         offsets = torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)])
         handle = self._handle(
