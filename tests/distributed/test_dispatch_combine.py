@@ -25,6 +25,7 @@ from moekit import MoEConfig, make_problem, reference_moe, route
 from moekit.ep import DISPATCHERS, ep_forward
 from moekit.experts import EXPERT_BACKENDS
 from moekit.experts.mlp import swiglu_mlp
+from moekit.testing.capacity_edges import kept_pairs, routing_at_capacity
 from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.spawn import spawn_ranks
 
@@ -34,38 +35,41 @@ H = 8  # hidden size of the layout problems
 MAX_TOKENS = 24
 CAPACITY = 3
 UNEVEN = {1: [11], 2: [13, 6], 3: [5, 0, 9], 4: [1, 8, 0, 16]}
-F32 = torch.float32
+F32, F64 = torch.float32, torch.float64
 
 
 def paths_for(world_size: int) -> list[str]:
     return [impl.name for impl in DISPATCHERS if impl.fn.supports(world_size, "cpu")[0]]
 
 
-def make_dispatcher(path: str, num_experts: int, hidden: int = H, max_tokens: int = MAX_TOKENS, **kwargs):
-    return DISPATCHERS.get(path).fn(None, num_experts, hidden, max_tokens, F32, "cpu", **kwargs)
+def make_dispatcher(
+    path: str, num_experts: int, hidden: int = H, max_tokens: int = MAX_TOKENS, dtype: torch.dtype = F32, **kwargs
+):
+    return DISPATCHERS.get(path).fn(None, num_experts, hidden, max_tokens, dtype, "cpu", **kwargs)
 
 
 # ---- layout problems: provenance in the rows ---------------------------------------------------------
 
 
-def layout_problem(tokens_per_rank, num_experts, top_k, seed, integer):
+def layout_problem(tokens_per_rank, num_experts, top_k, seed, integer, dtype=F32):
     """Tokens of every rank [N, H] (column 0 = source rank, 1 = token index), topk_ids [N, K] (distinct
-    per token; int32 for even seeds), topk_weights [N, K] (ones when integer) and a shared_out [N, H]."""
+    per token; int32 for even seeds), topk_weights [N, K] (ones when integer) and a shared_out [N, H], in
+    dtype. Drawn in float64 and rounded: float64 weights use all 53 bits, so a float32 hop loses some."""
     g = torch.Generator().manual_seed(seed)
     W, N = len(tokens_per_rank), sum(tokens_per_rank)
     src = torch.repeat_interleave(torch.arange(W), torch.tensor(tokens_per_rank, dtype=torch.int64))
     if integer:
-        x = torch.randint(-8, 9, (N, H), generator=g).to(F32)
+        x = torch.randint(-8, 9, (N, H), generator=g).to(F64)
     else:
-        x = torch.randn(N, H, generator=g)
-    x[:, 0] = src.to(F32)
-    x[:, 1] = torch.cat([torch.arange(T) for T in tokens_per_rank]).to(F32) if N else x[:, 1]
+        x = torch.randn(N, H, generator=g, dtype=F64)
+    x[:, 0] = src.to(F64)
+    x[:, 1] = torch.cat([torch.arange(T) for T in tokens_per_rank]).to(F64) if N else x[:, 1]
     scores = torch.rand(N, num_experts, generator=g)
     scores[:, 0] += 0.5 * (src == W - 1)  # skew: the last rank's tokens favour expert 0
     ids = scores.argsort(dim=1, descending=True)[:, :top_k].to(torch.int32 if seed % 2 == 0 else torch.int64)
-    weights = torch.ones(N, top_k) if integer else torch.rand(N, top_k, generator=g) + 0.1
-    shared = torch.randint(-3, 4, (N, H), generator=g).to(F32) if integer else torch.randn(N, H, generator=g)
-    return x, ids, weights, shared
+    weights = torch.ones(N, top_k, dtype=F64) if integer else torch.rand(N, top_k, generator=g, dtype=F64) + 0.1
+    shared = torch.randint(-3, 4, (N, H), generator=g).to(F64) if integer else torch.randn(N, H, generator=g, dtype=F64)
+    return x.to(dtype), ids, weights.to(dtype), shared.to(dtype)
 
 
 def rank_slice(tokens_per_rank, rank) -> slice:
@@ -98,18 +102,19 @@ def repeat_scenarios(world_size: int, seed: int) -> list[tuple]:
     return out
 
 
-def problem_of(scenario):
+def problem_of(scenario, dtype=F32):
     _, tokens, num_experts, top_k, seed, integer, _ = scenario
     if scenario[0] == "all-to-rank-0-experts":  # every token picks expert 0 (owned by rank 0)
-        x, ids, w, shared = layout_problem(tokens, num_experts, top_k, seed, integer)
+        x, ids, w, shared = layout_problem(tokens, num_experts, top_k, seed, integer, dtype)
         return x, torch.zeros_like(ids), w, shared
-    return layout_problem(tokens, num_experts, top_k, seed, integer)
+    return layout_problem(tokens, num_experts, top_k, seed, integer, dtype)
 
 
 def run_layout(dispatcher, scenario, rank: int, use_async: bool) -> dict:
-    """Dispatch this rank's tokens of the scenario, combine with identity experts; what the rank saw."""
+    """Dispatch this rank's tokens of the scenario (in the dispatcher's dtype), combine with identity experts;
+    what the rank saw."""
     tokens, with_shared = scenario[1], scenario[6]
-    x, ids, w, shared = (t[rank_slice(tokens, rank)] for t in problem_of(scenario))
+    x, ids, w, shared = (t[rank_slice(tokens, rank)] for t in problem_of(scenario, dispatcher.dtype))
     shared_out = shared if with_shared else None
     if use_async:
         recv_x, meta, handle = dispatcher.dispatch_wait(dispatcher.dispatch_async(x, ids, w))
@@ -139,6 +144,7 @@ def run_layout(dispatcher, scenario, rank: int, use_async: bool) -> dict:
         "rows_on_the_wire": dispatcher.rows_on_the_wire,
         "path": dispatcher.name,
         "capacity": getattr(dispatcher, "capacity", None),
+        "dtype": dispatcher.dtype,
     }
 
 
@@ -197,6 +203,9 @@ def rank_main(rank: int, world_size: int, seed: int) -> dict:
         for i, s in enumerate(repeat_scenarios(world_size, seed)):
             got = run_layout(reused, s, rank, use_async=i % 2 == 0)
             record(checks, f"repeat/{path}/{s[0]}", check_layout, got, s, world_size, rank)
+        for i, s in enumerate(layout_scenarios(world_size, seed)):
+            got = run_layout(make_dispatcher(path, s[2], dtype=F64), s, rank, use_async=i % 2 == 0)
+            record(checks, f"float64/{path}/{s[0]}", check_layout, got, s, world_size, rank)
         for scenario in ep_scenarios(world_size, seed):
             problem = ep_problem(scenario)
             d = make_dispatcher(path, problem.config.num_experts, hidden=problem.config.hidden_size)
@@ -250,7 +259,63 @@ def rank_main(rank: int, world_size: int, seed: int) -> dict:
     got = run_layout(dropping, over, rank, use_async=False)
     got["dropped"], got["dropped_total"] = dropping.last_dropped, dropping.last_dropped_total
     record(checks, "symmetric-capacity/drop", check_dropping, got, over, world_size, rank, CAPACITY)
-    return {"checks": checks, "errors": errors}
+    drops = capacity_edges(checks, errors, rank, world_size, seed)
+    return {"checks": checks, "errors": errors, "drops": drops}
+
+
+# ---- exactly at a capacity, and one above it -------------------------------------------------------
+
+EDGE_TOP_K = 2
+
+
+def edge_experts(world_size: int) -> int:
+    """E for the edge routings: at least 2K - 1 = 3, and expert 2 on another rank when there is one."""
+    return max(2 * world_size, 4)
+
+
+def edge_step(dispatcher, routing, seed: int):
+    """Dispatch random rows [T, H] with this rank's routing, combine with identity experts -> (y, sum_k w_k x)
+    over the pairs a capacity of CAPACITY keeps (kept_pairs: dropped only on the rank above it, "drop" mode)."""
+    ids, w = routing
+    x = torch.randn(ids.shape[0], H, generator=torch.Generator().manual_seed(seed))
+    recv_x, _, handle = dispatcher.dispatch(x, ids, w)
+    y = dispatcher.combine(recv_x, handle)
+    over = getattr(dispatcher, "overflow", None) == "drop" and ids.shape[0] > CAPACITY
+    kept = kept_pairs(routing, dropped=over)
+    return y, ((w * kept).double()[:, :, None] * x.double()[:, None, :]).sum(1)
+
+
+def capacity_edges(checks: dict, errors: dict, rank: int, world_size: int, seed: int) -> dict:
+    """Every path with a capacity at exactly CAPACITY (passes, nothing dropped) and one pair above it (raises on
+    every rank, or drops exactly that pair and counts it); every path at max_tokens and max_tokens + 1.
+    Returns the (last_dropped, last_dropped_total) each capped step left."""
+    drops = {}
+    E, K, last = edge_experts(world_size), EDGE_TOP_K, world_size - 1
+    at = routing_at_capacity(world_size, E, K, CAPACITY, seed=seed)[rank]
+    one_over = routing_at_capacity(world_size, E, K, CAPACITY, over_rank=last, seed=seed)[rank]
+    capped = {
+        "padded": dict(capacity=CAPACITY),
+        "symmetric-raise": dict(capacity=CAPACITY, overflow="raise"),
+        "symmetric-drop": dict(capacity=CAPACITY, overflow="drop"),
+    }
+    for name, kwargs in capped.items():
+        d = make_dispatcher(name.split("-")[0], E, **kwargs)
+        y, expected = edge_step(d, at, seed + rank)
+        record(checks, f"edge/{name}/at-capacity", assert_close_to_reference, y, expected, F32, name)
+        drops[f"{name}/at-capacity"] = (getattr(d, "last_dropped", 0), getattr(d, "last_dropped_total", 0))
+        if name == "symmetric-drop":
+            y, expected = edge_step(d, one_over, seed + rank)
+            record(checks, f"edge/{name}/one-over", assert_close_to_reference, y, expected, F32, name)
+            drops[f"{name}/one-over"] = (d.last_dropped, d.last_dropped_total)
+        else:
+            errors[f"edge/{name}/one-over"] = caught(edge_step, d, one_over, seed + rank)
+    for path in paths_for(world_size):  # max_tokens = CAPACITY: the receive buffers' bound (symmetric: C)
+        d = make_dispatcher(path, E, max_tokens=CAPACITY)
+        y, expected = edge_step(d, at, seed + rank)
+        record(checks, f"edge/max_tokens/{path}/at-max", assert_close_to_reference, y, expected, F32, path)
+        above = routing_at_capacity(world_size, E, K, CAPACITY + 1, seed=seed)[rank]  # every rank: one token more
+        errors[f"edge/max_tokens/{path}/one-over"] = caught(edge_step, d, above, seed + rank)
+    return drops
 
 
 def check_dropping(got: dict, scenario, world_size: int, q: int, capacity: int) -> None:
@@ -288,9 +353,11 @@ def world(world_size: int) -> list[dict]:
 # ---- independent expectations --------------------------------------------------------------------
 
 
-def expected_receive(scenario, world_size: int, q: int) -> dict:
-    """What rank q should receive: rows grouped by its local experts, then source rank, then token."""
-    x, ids, w, _ = problem_of(scenario)
+def expected_receive(scenario, world_size: int, q: int, dtype=F32) -> dict:
+    """What rank q should receive: rows grouped by its local experts, then source rank, then token; the router
+    weights at the precision they travel at (float64 for float64 rows, float32 otherwise)."""
+    x, ids, w, _ = problem_of(scenario, dtype)
+    weight_dtype = torch.promote_types(dtype, F32)
     e_local = scenario[2] // world_size
     rows, src_rank, src_token, weight, counts = [], [], [], [], []
     for e in range(q * e_local, (q + 1) * e_local):
@@ -300,15 +367,15 @@ def expected_receive(scenario, world_size: int, q: int) -> dict:
                 rows.append(x[t])
                 src_rank.append(int(x[t, 0]))
                 src_token.append(int(x[t, 1]))
-                weight.append(float(w[t, k]))
+                weight.append(w[t, k])
                 n += 1
         counts.append(n)
     return {
-        "recv_x": torch.stack(rows) if rows else torch.empty(0, H),
+        "recv_x": torch.stack(rows) if rows else torch.empty(0, H, dtype=dtype),
         "counts": torch.tensor(counts, dtype=torch.int64),
         "src_rank": torch.tensor(src_rank, dtype=torch.int64),
         "src_token": torch.tensor(src_token, dtype=torch.int64),
-        "weight": torch.tensor(weight, dtype=F32),
+        "weight": torch.stack(weight).to(weight_dtype) if weight else torch.empty(0, dtype=weight_dtype),
     }
 
 
@@ -326,13 +393,15 @@ def count_matrix(scenario, world_size: int, rows_on_the_wire: str = "token") -> 
 
 
 def check_layout(got: dict, scenario, world_size: int, q: int) -> None:
-    """Rank q's result of one layout scenario against the single-process expectation."""
+    """Rank q's result of one layout scenario against the single-process expectation, in got's dtype."""
     _, tokens, num_experts, _, _, integer, with_shared = scenario
-    x, ids, w, shared = problem_of(scenario)
+    dtype = got["dtype"]
+    x, ids, w, shared = problem_of(scenario, dtype)
     matrix = count_matrix(scenario, world_size, got["rows_on_the_wire"])
-    want = expected_receive(scenario, world_size, q)
+    want = expected_receive(scenario, world_size, q, dtype)
     assert torch.equal(got["recv_x"], want["recv_x"]), "received rows differ"
     for key in ("counts", "src_rank", "src_token", "weight"):
+        assert got[key].dtype == want[key].dtype, f"{key} is {got[key].dtype}, expected {want[key].dtype}"
         assert torch.equal(got[key], want[key]), f"{key} differs: {got[key].tolist()} != {want[key].tolist()}"
     assert torch.equal(got["offsets"], torch.cat([torch.zeros(1, dtype=torch.int64), want["counts"].cumsum(0)]))
     # on the wire: each token once per destination rank (or once per expert), no more
@@ -348,9 +417,9 @@ def check_layout(got: dict, scenario, world_size: int, q: int) -> None:
     if with_shared:
         expected = expected + shared[mine].double()
     if integer:
-        assert torch.equal(got["y"], expected.to(F32)), "identity combine is not exact"
+        assert torch.equal(got["y"], expected.to(dtype)), "identity combine is not exact"
     else:
-        assert_close_to_reference(got["y"], expected, F32, "identity combine")
+        assert_close_to_reference(got["y"], expected, dtype, "identity combine")
     if got["path"] == "padded":  # M slots per pair of ranks: the fixed capacity, else the largest count
         assert got["slots_per_peer"] == (got["capacity"] if got["capacity"] is not None else int(matrix.max()))
     if got["path"] == "symmetric":  # capacity slots per (source rank, expert)
@@ -414,6 +483,13 @@ def test_layout_and_identity_combine(world_size, path):
 
 
 @pytest.mark.parametrize(("world_size", "path"), CASES, ids=IDS)
+def test_float64_dispatch_carries_float64_router_weights(world_size, path):
+    """Every weight received and every identity combine at float64's tolerance: a float32 hop on the wire (the
+    weights' 53 bits cut to 24) moves the combine by ~1e-8, far above it."""
+    assert failures(world_size, f"float64/{path}/") == {}
+
+
+@pytest.mark.parametrize(("world_size", "path"), CASES, ids=IDS)
 def test_repeated_calls_reuse_buffers_without_stale_rows(world_size, path):
     assert failures(world_size, f"repeat/{path}/") == {}
 
@@ -459,6 +535,33 @@ def test_padded_fixed_capacity_raises_on_every_rank_instead_of_dropping(world_si
         message = result["errors"]["capacity overflow"]
         assert message.startswith("ValueError") and f"capacity {CAPACITY}" in message, f"rank {q}: {message}"
     assert failures(world_size, "capacity/") == {}
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_capacity_holds_exactly_capacity_and_refuses_one_pair_more(world_size):
+    """At exactly the capacity nothing is dropped or refused; one pair more (one (rank, rank) pair for padded, one
+    (rank, expert) for symmetric) raises on every rank, naming the rank, or drops exactly that pair and counts it."""
+    last, over = world_size - 1, CAPACITY + 1
+    assert failures(world_size, "edge/padded/") == failures(world_size, "edge/symmetric-") == {}
+    for q, result in enumerate(world(world_size)):
+        for name in ("padded", "symmetric-raise", "symmetric-drop"):
+            assert result["drops"][f"{name}/at-capacity"] == (0, 0), f"rank {q} {name}"
+        assert result["drops"]["symmetric-drop/one-over"] == (int(q == last), 1), f"rank {q}"
+        message = result["errors"]["edge/padded/one-over"]
+        assert message.startswith("ValueError"), f"rank {q}: {message}"
+        assert f"rank {last} would send {over} tokens to rank 0, above the fixed capacity {CAPACITY}" in message
+        message = result["errors"]["edge/symmetric-raise/one-over"]
+        assert message.startswith("ValueError"), f"rank {q}: {message}"
+        assert f"rank {last} routed {over} tokens to expert 0, above the capacity {CAPACITY}" in message
+
+
+@pytest.mark.parametrize(("world_size", "path"), CASES, ids=IDS)
+def test_max_tokens_holds_exactly_max_tokens_and_refuses_one_more(world_size, path):
+    assert failures(world_size, f"edge/max_tokens/{path}/") == {}
+    for q, result in enumerate(world(world_size)):
+        message = result["errors"][f"edge/max_tokens/{path}/one-over"]
+        assert message.startswith("ValueError"), f"rank {q}: {message}"
+        assert f"{CAPACITY + 1} tokens, above max_tokens={CAPACITY}" in message, f"rank {q}: {message}"
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
