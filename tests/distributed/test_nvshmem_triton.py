@@ -201,7 +201,8 @@ def test_simulated_group_dispatch_combine(device, dtype, dispatcher_cls, case):
 
 @pytest.mark.parametrize("few_programs", [False, True])
 def test_fixed_edge_cases(device, dtype, dispatcher_cls, few_programs, monkeypatch):
-    """K = E, all tokens on one expert, a rank with no tokens, odd sizes: one step each on 3 ranks. Rows are
+    """K = E, all tokens on one expert, a rank with no tokens, every rank's max_tokens to one rank, odd sizes: one
+    step each on 3 ranks. Rows are
     moved 8 columns at a time (3 column blocks), by a few programs per token block or slot (the decode
     launches), or, with the kernels' program budget at 1, by one that walks every column block."""
     from moekit.kernels import peer_puts
@@ -210,7 +211,9 @@ def test_fixed_edge_cases(device, dtype, dispatcher_cls, few_programs, monkeypat
     if few_programs:
         monkeypatch.setattr(peer_puts, "_ENOUGH_PROGRAMS", 1)
     g = torch.Generator().manual_seed(7)
-    for E, K, tokens, skew_to in [(3, 3, [5, 0, 7], None), (6, 2, [MAX_TOKENS, 3, 1], 4), (3, 1, [0, 0, 0], None)]:
+    cases = [(3, 3, [5, 0, 7], None), (6, 2, [MAX_TOKENS, 3, 1], 4), (3, 1, [0, 0, 0], None)]
+    cases.append((6, 2, [MAX_TOKENS] * 3, 0))  # max_tokens from every rank to rank 0: its receive buffers full
+    for E, K, tokens, skew_to in cases:
         group = SimulatedGroup(3, device)
         dispatchers = [dispatcher_cls(None, E, H, MAX_TOKENS, dtype, device, heap=group.rank(p)) for p in range(3)]
         run_step(dispatchers, device, dtype, E, K, tokens, skew_to, True, g)

@@ -13,6 +13,8 @@ from moekit.ep import DISPATCHERS
 from moekit.ep.padded import PaddedDispatcher
 from moekit.ep.padded_triton import PaddedTritonDispatcher
 from moekit.kernels.availability import triton_support
+from moekit.testing.capacity_edges import routing_at_capacity
+from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.simulated_heap import SimulatedGroup
 
 H, E, K, MAX_TOKENS = 16, 4, 2, 10
@@ -47,6 +49,23 @@ def test_one_rank_equals_padded(device, dtype, capacity):
         out = (got_x * 3).to(dtype)
         assert torch.equal(triton_path.combine(out, got_handle, shared), padded.combine(out, want_handle, shared))
         assert triton_path._epochs == [moved, moved], "the put kernel ran (dispatch and combine) when M > 0"
+
+
+def test_fixed_capacity_holds_exactly_capacity_and_refuses_one_token_more(device, dtype):
+    """capacity C: C tokens to one rank move (M = C) and combine as padded does; C + 1 raise before any put."""
+    C = 3
+    heap = SimulatedGroup(1, device).rank(0)
+    d = PaddedTritonDispatcher(None, E, H, MAX_TOKENS, dtype, device, capacity=C, heap=heap)
+    (ids, w), = routing_at_capacity(1, E, K, C)
+    x = torch.randn(C, H).to(device, dtype)
+    recv_x, meta, handle = d.dispatch(x, ids.to(device), w.to(device))
+    assert handle.slots_per_peer == C and torch.equal(meta.local_expert_counts.cpu(), torch.tensor([C, C, 0, 0]))
+    y = d.combine(recv_x, handle)
+    assert_close_to_reference(y.cpu(), w.sum(1, dtype=torch.float64)[:, None] * x.cpu().double(), dtype, "combine")
+    (ids, w), = routing_at_capacity(1, E, K, C, over_rank=0)
+    with pytest.raises(ValueError, match=f"rank 0 would send {C + 1} tokens to rank 0, above the fixed capacity {C}"):
+        d.dispatch(torch.randn(C + 1, H).to(device, dtype), ids.to(device), w.to(device))
+    assert d._epochs == [1, 1], "nothing was put for the refused step"
 
 
 def test_errors_and_where_it_runs(device):

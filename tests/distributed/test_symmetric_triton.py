@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moekit.ep.symmetric_triton import RING, SymmetricTritonDispatcher, SymmetricTritonGraphDispatcher
+from moekit.testing.capacity_edges import routing_at_capacity
 from moekit.testing.numerics import assert_close_to_reference
 from moekit.testing.simulated_heap import SimulatedGroup
 
@@ -170,6 +171,70 @@ def test_overflow_raises_on_every_rank_and_the_next_step_runs(device, dtype):
     assert all(k.all() for k in kept)
     check_received(dispatchers, fits, kept, received)
     check_combined(dispatchers, fits, kept, combine(dispatchers, fits, received))
+
+
+def edge_step(routings, device, dtype, seed):
+    """Every rank's (x, topk_ids, topk_weights, shared_out) for the routings of moekit.testing.capacity_edges."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        tuple(t.to(device) for t in (torch.randn(ids.shape[0], H, generator=g).to(dtype), ids, w,
+                                     torch.randn(ids.shape[0], H, generator=g).to(dtype)))
+        for ids, w in routings
+    ]  # fmt: skip
+
+
+def run_step(dispatchers, step):
+    """Every rank's dispatch_async, then every rank's dispatch_wait (the ranks in lockstep)."""
+    pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, step)]
+    return [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+
+
+@pytest.mark.parametrize("W", [1, 3])
+def test_capacity_holds_exactly_capacity_and_one_pair_more_drops_or_raises(device, dtype, dispatcher_class, W):
+    """Exactly C pairs of one (rank, expert): all received, none dropped; C + 1 for one (rank, expert) only: that
+    one pair dropped and counted (overflow="drop"), or a ValueError on every rank ("raise", symmetric_triton)."""
+    E, K, C = max(2 * W, 4), 2, 3
+    overflows = ["drop"] if dispatcher_class.fixed_shapes else ["drop", "raise"]
+    for overflow in overflows:
+        dispatchers = make_group(W, E, C, overflow, dtype, device, dispatcher_class)
+        at = edge_step(routing_at_capacity(W, E, K, C, seed=W), device, dtype, seed=1)
+        received = run_step(dispatchers, at)
+        kept = kept_pairs(at, C)
+        assert all(k.all() for k in kept)
+        check_received(dispatchers, at, kept, received)
+        assert [(d.last_dropped, d.last_dropped_total) for d in dispatchers] == [(0, 0)] * W
+        check_combined(dispatchers, at, kept, combine(dispatchers, at, received))
+
+        one_over = edge_step(routing_at_capacity(W, E, K, C, over_rank=W - 1, seed=W), device, dtype, seed=2)
+        if overflow == "raise":
+            pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, one_over)]
+            for d, pending in zip(dispatchers, pendings):
+                with pytest.raises(ValueError, match=rf"rank {W - 1} routed {C + 1} tokens to expert 0, above the"):
+                    d.dispatch_wait(pending)
+            continue
+        received = run_step(dispatchers, one_over)
+        kept = kept_pairs(one_over, C)
+        assert sum(int((~k).sum()) for k in kept) == 1 and not kept[W - 1][-1, 0]  # the routing's promise
+        check_received(dispatchers, one_over, kept, received)
+        assert [(d.last_dropped, d.last_dropped_total) for d in dispatchers] == [(int(p == W - 1), 1) for p in range(W)]
+        check_combined(dispatchers, one_over, kept, combine(dispatchers, one_over, received))
+
+
+def test_max_tokens_holds_exactly_max_tokens_and_refuses_one_more(device, dtype, dispatcher_class):
+    """The default capacity is max_tokens: every rank's MAX_TOKENS tokens on expert 0 fit, nothing dropped; one
+    token more is refused on every rank before anything is stored."""
+    W, E, K = 2, 4, 2
+    dispatchers = make_group(W, E, None, "drop", dtype, device, dispatcher_class)
+    at = edge_step(routing_at_capacity(W, E, K, MAX_TOKENS), device, dtype, seed=3)
+    received = run_step(dispatchers, at)
+    kept = kept_pairs(at, MAX_TOKENS)
+    check_received(dispatchers, at, kept, received)
+    assert [(d.last_dropped, d.last_dropped_total) for d in dispatchers] == [(0, 0)] * W
+    check_combined(dispatchers, at, kept, combine(dispatchers, at, received))
+    above = edge_step(routing_at_capacity(W, E, K, MAX_TOKENS + 1), device, dtype, seed=4)
+    for d, (x, ids, w, _) in zip(dispatchers, above):
+        with pytest.raises(ValueError, match=rf"{MAX_TOKENS + 1} tokens, above max_tokens={MAX_TOKENS}"):
+            d.dispatch_async(x, ids, w)
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=6, deadline=None)
