@@ -37,6 +37,7 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, float32 on CPU")
     common.add_argument("--runs", type=int, default=20, help="timed runs per case (median reported)")
     common.add_argument("--json", type=Path, help="write the results here")
+    common.add_argument("--quiet", action="store_true", help="no progress bar on stderr (shown on a terminal only)")
     common.add_argument("--plot", type=Path, help="draw the results into this PNG (needs matplotlib)")
     common.add_argument(
         "--profile", type=Path, metavar="DIR", help="write a torch.profiler trace here, print top kernels"

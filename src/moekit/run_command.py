@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from moekit.bench.machine import machine_info
-from moekit.bench.tables import print_table
+from moekit.bench.progress import CaseProgress
+from moekit.bench.tables import NotRun, print_table
 from moekit.bench.timing import Timing, measure, time_once
 from moekit.experts import EXPERT_BACKENDS
 from moekit.models import MODELS, DecoderConfig, build_model
@@ -229,9 +229,9 @@ def run_command(args, device: torch.device, dtype: torch.dtype) -> int:
         raise ValueError("--plot: moekit run draws no plot; --json writes its results")
     cases = [(n, b) for n in names for b in (backends[:1] if n in DENSE_MODELS else backends)]
     results = []
-    console = Console()
-    for name, backend in cases:
-        with console.status(f"timing {name} ({backend})"):
+    with CaseProgress(len(cases), quiet=args.quiet) as progress:
+        for name, backend in cases:
+            progress.case(f"{name} ({backend})")
             case = replace(config, expert_backend=backend)
             results.append(time_model(name, case, device, args.batch, args.seq_len, runs=args.runs, seed=args.seed))
     info = machine_info(device)
@@ -244,7 +244,14 @@ def run_command(args, device: torch.device, dtype: torch.dtype) -> int:
         title,
         ["model", "backend", "parameters", "ms", "tokens/s", "runs"],
         [
-            [r.model, r.backend, f"{r.params:,}", r.median_ms or r.status, r.tokens_per_s or "-", r.runs]
+            [
+                r.model,
+                r.backend,
+                f"{r.params:,}",
+                r.median_ms if r.median_ms is not None else NotRun(f"{r.model} ({r.backend})", r.status),
+                r.tokens_per_s or "-",
+                r.runs,
+            ]
             for r in results
         ],
     )
@@ -257,12 +264,12 @@ def run_command(args, device: torch.device, dtype: torch.dtype) -> int:
             export_config = replace(config, dtype=torch.float32)
             print(f"exporting in float32: ONNX Runtime's CPU kernels cannot run the exported graph in {dtype}")
         args.export_onnx_dir.mkdir(exist_ok=True)
-        for name in names:
-            with console.status(f"exporting {name} to ONNX"):
-                export = export_model(
-                    name, export_config, args.export_onnx_dir, args.batch, args.seq_len, seed=args.seed
+        with CaseProgress(len(names), quiet=args.quiet) as progress:
+            for name in names:
+                progress.case(f"exporting {name} to ONNX")
+                exports.append(
+                    export_model(name, export_config, args.export_onnx_dir, args.batch, args.seq_len, seed=args.seed)
                 )
-            exports.append(export)
         _print_exports(exports)
     if args.json:
         payload = {

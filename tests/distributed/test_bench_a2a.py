@@ -10,7 +10,7 @@ from moekit.ep import DISPATCHERS
 TWO_RANK_PATHS = [impl.name for impl in DISPATCHERS if impl.fn.supports(2, "cpu")[0]]
 
 
-def test_bench_a2a_sweep_writes_json_and_plot(tmp_path, capsys):
+def test_bench_a2a_sweep_writes_json_and_plot(tmp_path, capfd):
     out, png = tmp_path / "a2a.json", tmp_path / "a2a.png"
     args = [
         "bench",
@@ -29,8 +29,9 @@ def test_bench_a2a_sweep_writes_json_and_plot(tmp_path, capsys):
         str(png),
     ]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()
     assert "batch=8" in printed and "batch=32" in printed
+    assert "case 1 of" not in printed + errors and "━" not in errors  # the ranks' stderr is no terminal
     results = json.loads(out.read_text())["results"]
     assert {(r["config"], r["path"]) for r in results} == {
         (c, p) for c in ("batch=8", "batch=32") for p in TWO_RANK_PATHS

@@ -1,19 +1,29 @@
 """`moekit bench journey` and `moekit bench experts` end to end on the CPU, small."""
 
 import json
+import os
+import re
+import sys
+import time
 
 import pytest
 
 from moekit.cli import main
 from moekit.experts import JOURNEY
 
+TINY_JOURNEY = "bench journey --device cpu --tokens 64 --scale 32,64 --hidden 32 --ffn 48 --runs 2".split()
 
-def test_journey_prints_every_level_and_writes_json_and_plot(tmp_path, capsys):
+
+def shows_no_progress(out: str, err: str) -> bool:
+    """No CaseProgress text, no rich bar on stderr (the tables on stdout draw with the bar's line)."""
+    return "case 1 of" not in out + err and "━" not in err
+
+
+def test_journey_prints_every_level_and_writes_json_and_plot(tmp_path, capfd):
     out, png = tmp_path / "journey.json", tmp_path / "journey.png"
-    args = "bench journey --device cpu --tokens 64 --scale 32,64 --hidden 32 --ffn 48 --runs 2".split()
-    args += ["--json", str(out), "--plot", str(png)]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
+    assert main([*TINY_JOURNEY, "--json", str(out), "--plot", str(png)]) == 0
+    printed, errors = capfd.readouterr()
+    assert shows_no_progress(printed, errors)  # not a terminal
     payload = json.loads(out.read_text())
     levels = payload["levels"]
     assert [t["backend"] for t in levels] == list(JOURNEY)
@@ -25,13 +35,45 @@ def test_journey_prints_every_level_and_writes_json_and_plot(tmp_path, capsys):
     assert levels[0]["status"] == "ok"  # level 0 always runs
     assert set(payload["scale"]) == {"32", "64"}
     assert png.stat().st_size > 1000
+    # a level that cannot run on the CPU: n/a in its cells, the reason once under each table
+    assert re.search(r"│ compiled\s*│\s*n/a\s*│\s*n/a\s*│", printed), printed  # the scale table, not "uns"
+    assert printed.count("n/a  compiled: unsupported: compiled is checked on GPU") == 2
+    assert max(len(line) for line in printed.splitlines() if line.startswith("│")) < 100
 
 
-def test_experts_runs_each_shape_and_backend(tmp_path, capsys):
+@pytest.mark.parametrize("quiet", [False, True])
+def test_journey_shows_progress_on_a_terminal_unless_quiet(quiet, capsys, monkeypatch):
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    args = "bench journey --device cpu --tokens 16 --scale 16 --hidden 16 --ffn 16 --runs 1".split()
+    assert main(args + ["--quiet"] * quiet) == 0
+    out, err = capsys.readouterr()
+    if quiet:
+        assert shows_no_progress(out, err)
+    else:
+        assert f"case 1 of {len(JOURNEY)}: naive at T=16" in err and "━" in err and "case 1 of" not in out
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton interpreter's default sizes")
+def test_journey_under_the_interpreter_takes_small_defaults_and_says_why(tmp_path, capsys):
+    out = tmp_path / "journey.json"
+    start = time.perf_counter()
+    assert main(["bench", "journey", "--device", "cpu", "--runs", "1", "--json", str(out)]) == 0
+    assert time.perf_counter() - start < 60  # over 15 minutes at the CPU's default sizes
+    assert "TRITON_INTERPRET=1: the levels with Triton kernels run in the Triton interpreter" in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["tokens"] == 32 and "hidden_size=32" in payload["config"] and "ffn_size=64" in payload["config"]
+    assert {t["backend"]: t["status"] for t in payload["levels"]}["triton_grouped"] == "ok"
+
+
+def test_experts_runs_each_shape_and_backend(tmp_path, capfd):
     out = tmp_path / "experts.json"
     args = "bench experts --device cpu --shapes mixtral,qwen3 --shrink 64 --tokens-list 4,16 --runs 2".split()
     args += ["--backends", "grouped_loop,grouped_mm", "--json", str(out)]
     assert main(args) == 0
+    printed, errors = capfd.readouterr()
+    assert "mixtral" in printed and "qwen3" in printed
+    assert shows_no_progress(printed, errors)
     results = json.loads(out.read_text())["results"]
     assert {(r["shape"], r["backend"], r["tokens"]) for r in results} == {
         (s, b, t) for s in ("mixtral", "qwen3") for b in ("grouped_loop", "grouped_mm") for t in (4, 16)
@@ -46,6 +88,9 @@ def test_experts_reports_sizes_a_backend_cannot_take(tmp_path, capsys):
     loop, grouped = json.loads(out.read_text())["results"]
     assert loop["status"] == "ok" and loop["ms"] > 0
     assert grouped["status"] == "unsupported: H and F must be multiples of 4, got 8 and 3" and grouped["ms"] is None
+    printed = capsys.readouterr().out
+    assert re.search(r"│ grouped_mm\s*│\s*4\s*│\s*n/a\s*│", printed), printed
+    assert printed.count("n/a  grouped_mm: unsupported: H and F must be multiples of 4, got 8 and 3") == 1
 
 
 def test_experts_rejects_unknown_names():

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -34,6 +36,13 @@ def test_run_times_every_model_and_writes_json(tmp_path, capsys):
     assert payload["config"]["d_model"] == 32 and payload["exports"] == []
 
 
+def test_run_through_pipes_prints_the_table_and_no_progress():
+    command = [sys.executable, "-m", "moekit", *TINY, "--model", "moe_layer"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "forward passes on" in result.stdout
+    assert "case 1 of" not in result.stdout + result.stderr and "━" not in result.stderr
+
+
 def test_run_times_each_expert_backend_asked_for(capsys):
     args = [*TINY, "--model", "decoder_moe", "--expert-backend", "naive", "--expert-backend", "masked_matmul"]
     assert main(args) == 0
@@ -49,7 +58,8 @@ def test_a_backend_out_of_memory_is_a_row_not_a_crash(tmp_path, capsys, monkeypa
     path = tmp_path / "run.json"
     args = [*TINY, "--model", "decoder_moe", "--expert-backend", "batched", "--expert-backend", "naive"]
     assert main([*args, "--json", str(path)]) == 0
-    assert "OOM: CUDA out of memory" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.count("n/a  decoder_moe (batched): OOM: CUDA out of memory") == 1  # under the table
     batched, naive = json.loads(path.read_text())["results"]
     assert batched["status"].startswith("OOM") and batched["median_ms"] is None and batched["tokens_per_s"] is None
     assert naive["status"] == "ok" and naive["median_ms"] > 0

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
+from moekit.bench.progress import CaseProgress
 from moekit.bench.timing import as_cuda_graph, time_once
 from moekit.ep import DISPATCHERS
 from moekit.ep.symmetric import SymmetricLayout
@@ -144,10 +145,19 @@ def time_path(config: A2AConfig, path: str, device: torch.device, runs: int, see
     return A2ATiming(config.name, path, d_us, c_us, gbps, prepared.padding_fraction)
 
 
-def run_ranks(rank: int, world_size: int, configs: list[A2AConfig], paths: list[str], runs: int, backend: str):
-    """Entry point of each spawned rank: every config x path, results from every rank agree."""
+def run_ranks(
+    rank: int, world_size: int, configs: list[A2AConfig], paths: list[str], runs: int, backend: str, quiet: bool
+) -> list[A2ATiming]:
+    """Entry point of each spawned rank: every config x path, results from every rank agree; rank 0 shows
+    the progress (unless quiet)."""
     device = rank_device(rank, backend)
-    return [time_path(c, p, device, runs, seed=17) for c in configs for p in paths]
+    cases = [(c, p) for c in configs for p in paths]
+    timings = []
+    with CaseProgress(len(cases), quiet=quiet or rank != 0) as progress:
+        for config, path in cases:
+            progress.case(f"{config.name} {path}")
+            timings.append(time_path(config, path, device, runs, seed=17))
+    return timings
 
 
 def sweep_configs(base: A2AConfig, sweep: str, values: list[int]) -> list[A2AConfig]:

@@ -52,6 +52,7 @@ def run_a2a_command(args, device: torch.device, dtype: torch.dtype) -> int:
         paths,
         args.runs,
         "nccl" if gpu else "gloo",
+        args.quiet,
         backend="nccl" if gpu else "gloo",
         timeout_s=600,
     )[0]

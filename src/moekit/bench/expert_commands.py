@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
 from moekit.bench.ceilings import measure_ceilings
 from moekit.bench.forward import SHAPES, time_forward
-from moekit.bench.journey import journey_rows, run_journey
+from moekit.bench.journey import journey_rows, run_journey, scale_rows
 from moekit.bench.machine import machine_info
-from moekit.bench.tables import print_table
+from moekit.bench.progress import CaseProgress
+from moekit.bench.tables import NotRun, print_table
 from moekit.config import MoEConfig
-from moekit.experts import EXPERT_BACKENDS
+from moekit.experts import EXPERT_BACKENDS, JOURNEY
 from moekit.problem import make_problem
 from moekit.routing import ROUTERS
 
 FAST_BACKENDS = ["grouped_loop", "grouped_mm", "grouped_mm_fused", "triton_grouped", "cuda_graph"]
+# the journey's default (T of the level table, T of the scale table, H, F) on GPU, on the CPU, and on the CPU
+# with TRITON_INTERPRET=1, where the levels with Triton kernels run in the Triton interpreter: small, so that
+# it takes seconds, and each level timed over at most INTERPRETER_RUNS runs after one warm-up
+JOURNEY_SIZES = {
+    "gpu": (8192, [2048, 8192, 16384, 32768], 4096, 14336),
+    "cpu": (512, [128, 256, 512, 1024], 256, 512),
+    "interpreter": (32, [16, 32, 64], 32, 64),
+}
+INTERPRETER_RUNS = 3
 
 
 def _router(device: torch.device) -> str:
@@ -28,12 +39,14 @@ def _router(device: torch.device) -> str:
 
 def add_journey_parser(sub, common) -> None:
     p = sub.add_parser("journey", parents=[common], help="expert compute level by level, then over token counts")
-    p.add_argument("--tokens", type=int, help="T of the level table (default 8192 on GPU, 512 on CPU)")
+    p.add_argument(
+        "--tokens", type=int, help="T of the level table (default 8192 on GPU, 512 on CPU, 32 with TRITON_INTERPRET=1)"
+    )
     p.add_argument("--scale", help="comma-separated T of the scale table (default 2048,8192,16384,32768 on GPU)")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--hidden", type=int, help="H (default 4096 on GPU, 256 on CPU)")
-    p.add_argument("--ffn", type=int, help="F (default 14336 on GPU, 512 on CPU)")
+    p.add_argument("--hidden", type=int, help="H (default 4096 on GPU, 256 on CPU, 32 with TRITON_INTERPRET=1)")
+    p.add_argument("--ffn", type=int, help="F (default 14336 on GPU, 512 on CPU, 64 with TRITON_INTERPRET=1)")
     p.set_defaults(run=run_journey_command)
 
 
@@ -53,20 +66,34 @@ def _ints(text: str | None, default: list[int]) -> list[int]:
 
 
 def run_journey_command(args, device: torch.device, dtype: torch.dtype) -> int:
-    gpu = device.type == "cuda"
+    place = "gpu" if device.type == "cuda" else "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
+    default_tokens, default_scale, default_hidden, default_ffn = JOURNEY_SIZES[place]
+    runs, warmup = (min(args.runs, INTERPRETER_RUNS), 1) if place == "interpreter" else (args.runs, 3)
+    if place == "interpreter":
+        print(
+            f"TRITON_INTERPRET=1: the levels with Triton kernels run in the Triton interpreter, thousands of times "
+            f"slower than compiled, so the sizes default small (T={default_tokens}, scale "
+            f"{','.join(map(str, default_scale))}, H={default_hidden}, F={default_ffn}) and each level is timed "
+            f"over at most {INTERPRETER_RUNS} runs"
+        )
     config = MoEConfig(
-        hidden_size=args.hidden or (4096 if gpu else 256),
-        ffn_size=args.ffn or (14336 if gpu else 512),
+        hidden_size=args.hidden or default_hidden,
+        ffn_size=args.ffn or default_ffn,
         num_experts=args.experts,
         top_k=args.topk,
         router=_router(device),
         dtype=dtype,
     )
-    tokens = args.tokens or (8192 if gpu else 512)
-    scale = _ints(args.scale, [2048, 8192, 16384, 32768] if gpu else [128, 256, 512, 1024])
+    tokens = args.tokens or default_tokens
+    scale = _ints(args.scale, default_scale)
     ceilings = measure_ceilings(device)
     info = machine_info(device)
-    levels = run_journey(config, tokens, device, ceilings, args.runs)
+    token_counts = list(dict.fromkeys([tokens, *scale]))
+    with CaseProgress(len(token_counts) * len(JOURNEY), quiet=args.quiet) as progress:
+        by_tokens = {
+            t: run_journey(config, t, device, ceilings, progress, runs=runs, warmup=warmup) for t in token_counts
+        }
+    levels = by_tokens[tokens]
     head = (
         f"on {info['device']} ({info['kind']}), E={config.num_experts} K={config.top_k} H={config.hidden_size} "
         f"F={config.ffn_size} {dtype}, router {config.router}; dense matmul {ceilings.matmul_tflops:.3g} TFLOP/s"
@@ -76,13 +103,11 @@ def run_journey_command(args, device: torch.device, dtype: torch.dtype) -> int:
         ["level", "backend", "ms", "x level 0", "x previous", "TFLOP/s", "% matmul"],
         journey_rows(levels),
     )
-    by_tokens = {t: (levels if t == tokens else run_journey(config, t, device, ceilings, args.runs)) for t in scale}
-    rows = [
-        [level.backend]
-        + [by_tokens[t][i].ms if by_tokens[t][i].ms is not None else by_tokens[t][i].status[:3] for t in scale]
-        for i, level in enumerate(levels)
-    ]
-    print_table(f"journey scale (ms) {head}", ["backend"] + [f"T={t}" for t in scale], rows)
+    print_table(
+        f"journey scale (ms) {head}",
+        ["backend"] + [f"T={t}" for t in scale],
+        scale_rows({t: by_tokens[t] for t in scale}),
+    )
     payload = {
         "machine": info,
         "ceilings": vars(ceilings),
@@ -110,46 +135,52 @@ def run_experts_command(args, device: torch.device, dtype: torch.dtype) -> int:
     backends = args.backends.split(",") if args.backends else FAST_BACKENDS
     for name in backends:
         EXPERT_BACKENDS.get(name)  # unknown names fail before anything runs
-    ceilings = measure_ceilings(device)
-    info = machine_info(device)
-    results = []
-    for shape in args.shapes.split(","):
+    shapes = args.shapes.split(",")
+    for shape in shapes:
         if shape not in SHAPES:
             raise ValueError(f"--shapes: unknown shape {shape!r}; expected some of {list(SHAPES)}")
-        sizes = dict(SHAPES[shape])
-        sizes["hidden_size"] //= args.shrink
-        sizes["ffn_size"] //= args.shrink
-        config = MoEConfig(**sizes, router=_router(device), dtype=dtype)
-        rows = []
-        for tokens in token_counts:
-            problem = make_problem(
-                config,
-                tokens,
-                seed=0,
-                device=device,
-                skew_experts=args.skew_experts,
-                skew_amount=args.skew_bias if args.skew_experts else 0.0,
-            )
-            for backend in backends:
-                t = time_forward(problem, backend, ceilings, runs=args.runs)
-                results.append({"shape": shape, "skew_experts": args.skew_experts, **t.as_dict()})
-                rows.append(
-                    [
-                        backend,
-                        tokens,
-                        t.ms if t.ms is not None else t.status,
-                        t.tflops or "-",
-                        t.pct_of_matmul or "-",
-                        t.weight_gbps or "-",
-                        t.pct_of_copy or "-",
-                    ]
+    ceilings = measure_ceilings(device)
+    info = machine_info(device)
+    results, tables = [], []
+    with CaseProgress(len(shapes) * len(token_counts) * len(backends), quiet=args.quiet) as progress:
+        for shape in shapes:
+            sizes = dict(SHAPES[shape])
+            sizes["hidden_size"] //= args.shrink
+            sizes["ffn_size"] //= args.shrink
+            config = MoEConfig(**sizes, router=_router(device), dtype=dtype)
+            rows = []
+            for tokens in token_counts:
+                problem = make_problem(
+                    config,
+                    tokens,
+                    seed=0,
+                    device=device,
+                    skew_experts=args.skew_experts,
+                    skew_amount=args.skew_bias if args.skew_experts else 0.0,
                 )
-            del problem
-        title = (
-            f"{shape} {sizes} {dtype} on {info['kind']}, routing "
-            f"{'skewed' if args.skew_experts else 'uniform'} ({config.router}); dense "
-            f"{ceilings.matmul_tflops:.3g} TFLOP/s, copy {ceilings.copy_gbps:.3g} GB/s"
-        )
+                for backend in backends:
+                    progress.case(f"{shape} T={tokens} {backend}")
+                    t = time_forward(problem, backend, ceilings, runs=args.runs)
+                    results.append({"shape": shape, "skew_experts": args.skew_experts, **t.as_dict()})
+                    rows.append(
+                        [
+                            backend,
+                            tokens,
+                            t.ms if t.ms is not None else NotRun(backend, t.status),
+                            t.tflops or "-",
+                            t.pct_of_matmul or "-",
+                            t.weight_gbps or "-",
+                            t.pct_of_copy or "-",
+                        ]
+                    )
+                del problem
+            title = (
+                f"{shape} {sizes} {dtype} on {info['kind']}, routing "
+                f"{'skewed' if args.skew_experts else 'uniform'} ({config.router}); dense "
+                f"{ceilings.matmul_tflops:.3g} TFLOP/s, copy {ceilings.copy_gbps:.3g} GB/s"
+            )
+            tables.append((title, rows))
+    for title, rows in tables:
         print_table(title, ["backend", "T", "ms", "TFLOP/s", "% matmul", "weight GB/s", "% copy"], rows)
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "ceilings": vars(ceilings), "results": results}, indent=2))
