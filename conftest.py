@@ -56,18 +56,46 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
-@pytest.fixture
-def skip_unless_triton_runs(device):
-    """skip_unless_triton_runs(dtype): skips the test where moekit's Triton kernels cannot run on `device` in
-    dtype, and the CUDA run under TRITON_INTERPRET=1 (the CPU run again, with copies; the GPU run compiles)."""
+def _triton_skip_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why moekit's Triton kernels do not run here on `device` in dtype, or None when they do: they cannot
+    (triton_support's reason), or it is the CUDA run under TRITON_INTERPRET=1 (the CPU run again, with
+    copies; the GPU run compiles)."""
     from moekit.kernels.availability import triton_support
 
+    ok, reason = triton_support(device, dtype)
+    if not ok:
+        return reason
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "under TRITON_INTERPRET=1 a CUDA run is the CPU run with copies; the GPU run compiles"
+    return None
+
+
+@pytest.fixture
+def dtype() -> torch.dtype:
+    """float32, where a test does not parametrize dtype (a parametrization of dtype overrides this)."""
+    return torch.float32
+
+
+@pytest.fixture
+def triton_device(device, dtype) -> torch.device:
+    """`device`, or a skip saying why moekit's Triton kernels do not run on it in `dtype` (parametrized, or
+    float32). A fixture, so the skip comes at setup: before Hypothesis runs an example, whose log would
+    otherwise read 'Failing explicit example' above a test that only skipped. The test takes dtype as a
+    pytest parameter, not as a drawn value."""
+    if reason := _triton_skip_reason(device, dtype):
+        pytest.skip(reason)
+    return device
+
+
+@pytest.fixture
+def skip_unless_triton_runs(device):
+    """skip_unless_triton_runs(dtype): skips the test where moekit's Triton kernels do not run on `device`
+    in dtype (_triton_skip_reason). Called in a test body it skips inside Hypothesis: a @given test takes
+    triton_device instead."""
+
     def check(dtype: torch.dtype) -> None:
-        ok, reason = triton_support(device, dtype)
-        if not ok:
+        if reason := _triton_skip_reason(device, dtype):
             pytest.skip(reason)
-        if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-            pytest.skip("under TRITON_INTERPRET=1 a CUDA run is the CPU run with copies; the GPU run compiles")
 
     return check
 

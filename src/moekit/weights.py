@@ -76,18 +76,25 @@ def _mm_has_float32_out(device_index: int) -> bool:
     return True
 
 
-def _split_bf16_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [T, H] bf16, w [E, H] float32 -> x @ w.T [T, E] float32, on the tensor cores: w = hi + mid + lo in three
-    bf16 parts (3 x 8 significant bits: float32's 24), one bf16 GEMM over the [3E, H] stack with float32
-    accumulation and output, and the three partial logits summed. Each product is exact (x is bf16 already);
-    a float32 GEMM of the same values runs on the CUDA cores, an order of magnitude slower, after a float32
-    copy of x (0.9 ms of a DeepSeek-V3 layer's 15 at 8K tokens on an H200)."""
+def _bf16_parts(w: torch.Tensor) -> torch.Tensor:
+    """w [E, H] float32 -> [3E, H] bf16, the stack of hi, mid, lo with hi + mid + lo = w (3 x 8 significant
+    bits: float32's 24). Two parts (16 bits) leave ~2^-17 of each weight out: ~2.4e-6 of the logits."""
     hi = w.to(torch.bfloat16)
     rest = w - hi.float()
     mid = rest.to(torch.bfloat16)
     lo = (rest - mid.float()).to(torch.bfloat16)
-    parts = torch.mm(x, torch.cat([hi, mid, lo]).T, out_dtype=torch.float32)
-    return parts.view(x.shape[0], 3, w.shape[0]).sum(dim=1)
+    return torch.cat([hi, mid, lo])
+
+
+def _split_bf16_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, H] bf16, w [E, H] float32 -> x @ w.T [T, E] float32, on the tensor cores: w split in three bf16
+    parts (_bf16_parts), one bf16 GEMM over the [3E, H] stack with float32 accumulation and output, and the
+    three partial logits summed. Each product is exact (x is bf16 already); a float32 GEMM of the same values
+    runs on the CUDA cores, an order of magnitude slower, after a float32 copy of x (0.9 ms of a DeepSeek-V3
+    layer's 15 at 8K tokens on an H200)."""
+    parts = _bf16_parts(w)
+    logits = torch.mm(x, parts.T, out_dtype=torch.float32)
+    return logits.view(x.shape[0], parts.shape[0] // w.shape[0], w.shape[0]).sum(dim=1)
 
 
 def router_logits(x: torch.Tensor, weights: MoEWeights) -> torch.Tensor:

@@ -6,30 +6,20 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moekit.kernels.availability import KERNEL_DTYPES
 from moekit.kernels.grouped_gemm import grouped_gemm
 from moekit.testing import assert_close_to_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def runnable(device: torch.device) -> torch.device:
-    """The device, or a skip: Triton needs the interpreter for CPU tensors and a GPU without it.
-
-    A plain function rather than a fixture so the Hypothesis test can use it before drawing (Hypothesis
-    refuses function-scoped fixtures; `device` is session-scoped)."""
-    if device.type == "cpu" and not INTERPRET:
-        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
-    if device.type == "cuda" and INTERPRET:
-        pytest.skip("under TRITON_INTERPRET=1 a CUDA run is the CPU run with copies; the GPU run compiles")
-    return device
-
-
 @pytest.fixture
-def dev(device):
-    return runnable(device)
+def dev(triton_device):
+    """The device, or conftest's triton_device skip (checked in float32; these tests loop over dtypes_for)."""
+    return triton_device
 
 
 def dtypes_for(device: torch.device) -> list[torch.dtype]:
@@ -105,12 +95,14 @@ def row_counts(draw):
     return draw(st.lists(st.integers(0, 40), min_size=E, max_size=E))
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # triton_device only skips
 @given(data=st.data())
-def test_grouped_gemm_matches_float64_loop(device, data):
-    dev = runnable(device)
+def test_grouped_gemm_matches_float64_loop(triton_device, dtype, data):
+    """Drawn shapes in each kernel dtype; the dtype is a parameter, so a skip comes before Hypothesis runs."""
     check(
-        dev,
-        data.draw(st.sampled_from(dtypes_for(dev)), label="dtype"),
+        triton_device,
+        dtype,
         data.draw(row_counts(), label="counts"),
         data.draw(st.integers(0, 3), label="pad"),
         data.draw(st.integers(1, 48), label="K"),

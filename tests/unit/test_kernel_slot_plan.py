@@ -4,7 +4,8 @@ plan_pairs against moekit.ep.symmetric.pair_slots and pair_summary: every pair's
 capacity), token and (token, weight bits), and the signal counts, for routings Hypothesis draws (T = 0,
 duplicate experts in a token, all pairs on one expert, K = E, more pairs than one program ranks).
 receive_rows against a listing in Python of random arrivals in a ring slot, with padding rows after them.
-On the CPU under TRITON_INTERPRET=1, on CUDA compiled.
+On the CPU under TRITON_INTERPRET=1, on CUDA compiled; conftest's triton_device skips elsewhere, before
+Hypothesis runs an example.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def routings(draw):
 @SETTINGS
 @example(routing=(torch.randint(0, 6, (100, 6)), torch.rand(100, 6), 6, 2, 50))  # 600 pairs: ten programs
 @given(routing=routings())
-def test_plan_pairs_matches_pair_slots(device, skip_unless_triton_runs, routing):
+def test_plan_pairs_matches_pair_slots(triton_device, routing):
     from moekit.kernels.slot_plan import plan_pairs
 
-    skip_unless_triton_runs(torch.float32)
+    device = triton_device
     ids, weights, E, W, C = routing
     T, K = ids.shape
     done = torch.zeros(1, dtype=torch.int32, device=device)
@@ -73,11 +74,11 @@ def test_plan_pairs_matches_pair_slots(device, skip_unless_triton_runs, routing)
     padding=st.sampled_from([0, 1, 300]),
     seed=st.integers(0, 2**16),
 )
-def test_receive_rows_lists_arrivals_by_expert_then_source(device, skip_unless_triton_runs, W, E_local, C,
-                                                           ring_slots, epoch, padding, seed):  # fmt: skip
+def test_receive_rows_lists_arrivals_by_expert_then_source(triton_device, W, E_local, C, ring_slots, epoch,
+                                                           padding, seed):  # fmt: skip
     from moekit.kernels.slot_plan import receive_rows
 
-    skip_unless_triton_runs(torch.float32)
+    device = triton_device
     g = torch.Generator().manual_seed(seed)
     first_count = 3
     flags = torch.randint(-5, 5, (ring_slots, W, first_count + E_local), generator=g, dtype=torch.int32)

@@ -14,8 +14,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture
-def kernels(skip_unless_triton_runs, dtype):
-    skip_unless_triton_runs(dtype)
+def kernels(triton_device):
+    """The kernel modules, or triton_device's skip (at setup, before Hypothesis runs an example)."""
     from moekit.kernels import permute, swiglu
 
     return permute, swiglu

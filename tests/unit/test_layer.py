@@ -12,18 +12,26 @@ from moekit.testing import assert_close_to_reference
 from moekit.testing.strategies import moe_cases
 
 
-@pytest.mark.parametrize("backend", EXPERT_BACKENDS.names())
-@pytest.mark.parametrize("router", ROUTERS.names())
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=8)
-@given(data=st.data())
-def test_layer_matches_oracle(router, backend, device, data):
-    dtype = torch.float32
+@pytest.fixture
+def runnable_pair(router, backend, device):
+    """(router, backend), or a skip saying why they cannot run here in float32: at setup, before Hypothesis
+    runs an example (a skip inside one reads 'Failing explicit example' in the log)."""
     for impl in (ROUTERS.get(router), EXPERT_BACKENDS.get(backend)):
-        ok, reason = impl.supports(device, dtype)
+        ok, reason = impl.supports(device, torch.float32)
         if not ok:
             pytest.skip(reason)
     if backend == "compiled":
         pytest.skip("compiled recompiles per drawn shape; held to fixed shapes in test_experts")
+    return router, backend
+
+
+@pytest.mark.parametrize("backend", EXPERT_BACKENDS.names())
+@pytest.mark.parametrize("router", ROUTERS.names())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=8)  # runnable_pair only skips
+@given(data=st.data())
+def test_layer_matches_oracle(runnable_pair, device, data):
+    router, backend = runnable_pair
+    dtype = torch.float32
     multiple = EXPERT_BACKENDS.get(backend).size_multiple(dtype)
     case = data.draw(moe_cases(routers=(router,), dtypes=(dtype,), min_hidden=8, size_multiple=multiple))
     problem = case.problem(device)
