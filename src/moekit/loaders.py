@@ -14,6 +14,9 @@ Two state-dict layouts are read:
       experts.{i}.gate_proj / up_proj / down_proj .weight (Qwen3-MoE, DeepSeek-V3): [F, H], [F, H], [H, F].
 Both: gate.weight [E, H] (the router); DeepSeek-V3 also gate.e_score_correction_bias [E] and
 shared_experts.{gate,up,down}_proj.weight [Fs, H], [Fs, H], [H, Fs] (one shared MLP of Fs = F * n_shared_experts).
+FP8 checkpoints (DeepSeek-V3's): per-expert .weight in float8_e4m3fn beside .weight_scale_inv [ceil(N/128),
+ceil(K/128)] float32; quantized_weights_from_hf_state_dict loads them as they are (QuantizedMoEWeights, "block"),
+and weights_from_hf_state_dict refuses them rather than read the e4m3 values without their scales.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Mapping
 import torch
 
 from moekit.config import MoEConfig
+from moekit.quantize import BLOCK_SIZE, FP8, QuantizedMoEWeights, QuantizedTensor, scale_shape
 from moekit.validation import check_tensor
 from moekit.weights import MoEWeights
 
@@ -114,10 +118,7 @@ def _stack_per_expert(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-expert [F, H] gate, [F, H] up, [H, F] down -> w_gate_up [E, 2F, H], w_down [E, H, F] in config.dtype."""
     E, H, F = config.num_experts, config.hidden_size, config.ffn_size
-    index = re.compile(re.escape(prefix) + r"experts\.(\d+)\.")
-    for key in expert_keys:
-        if int(index.match(key).group(1)) >= E:
-            raise ValueError(f"unexpected key {key!r}: the config has num_experts={E} (experts 0 .. {E - 1})")
+    _check_expert_indices(expert_keys, prefix, E)
     gate_name, up_name, down_name = _per_expert_names(expert_keys, prefix)
     first = _get(state_dict, f"{prefix}experts.0.{gate_name}.weight", (F, H), "expert 0's gate projection")
     w_gate_up = torch.empty((E, 2 * F, H), dtype=config.dtype, device=first.device)
@@ -148,8 +149,13 @@ def weights_from_hf_state_dict(
     """
     E, H, F = config.num_experts, config.hidden_size, config.ffn_size
     fused_keys = [k for k in (f"{prefix}experts.gate_up_proj", f"{prefix}experts.down_proj") if k in state_dict]
-    per_expert = re.compile(re.escape(prefix) + r"experts\.\d+\.")
-    expert_keys = [k for k in state_dict if k.startswith(prefix) and per_expert.match(k)]
+    expert_keys = _expert_keys(state_dict, prefix)
+    scales = [k for k in expert_keys if k.endswith(".weight_scale_inv")]
+    if scales:
+        raise ValueError(
+            f"{scales[0]!r}: the experts are FP8 with block scales; load them with "
+            "quantized_weights_from_hf_state_dict (their values mean nothing without the scales)"
+        )
     if fused_keys and expert_keys:
         raise ValueError(
             f"state dict mixes the fused layout ({fused_keys[0]!r}) with the per-expert layout "
@@ -163,6 +169,26 @@ def weights_from_hf_state_dict(
         down = _get(state_dict, f"{prefix}experts.down_proj", (E, H, F), "the fused down projections")
         w_gate_up, w_down = gate_up.to(config.dtype), down.to(config.dtype)
 
+    return MoEWeights(w_gate_up=w_gate_up, w_down=w_down, **_router_and_shared(state_dict, config, prefix))
+
+
+def _expert_keys(state_dict: Mapping[str, torch.Tensor], prefix: str) -> list[str]:
+    per_expert = re.compile(re.escape(prefix) + r"experts\.\d+\.")
+    return [k for k in state_dict if k.startswith(prefix) and per_expert.match(k)]
+
+
+def _check_expert_indices(expert_keys: list[str], prefix: str, num_experts: int) -> None:
+    index = re.compile(re.escape(prefix) + r"experts\.(\d+)\.")
+    for key in expert_keys:
+        if int(index.match(key).group(1)) >= num_experts:
+            raise ValueError(
+                f"unexpected key {key!r}: the config has num_experts={num_experts} (experts 0 .. {num_experts - 1})"
+            )
+
+
+def _router_and_shared(state_dict: Mapping[str, torch.Tensor], config: MoEConfig, prefix: str) -> dict:
+    """The MoEWeights fields besides the routed experts: router_weight, score_correction_bias, shared experts."""
+    E, H = config.num_experts, config.hidden_size
     router_weight = _get(state_dict, f"{prefix}gate.weight", (E, H), "the router weight").to(torch.float32)
 
     bias_key = f"{prefix}gate.e_score_correction_bias"
@@ -189,9 +215,7 @@ def weights_from_hf_state_dict(
     elif shared_keys:
         raise ValueError(f"unexpected key {shared_keys[0]!r}: the config has num_shared_experts=0")
 
-    return MoEWeights(
-        w_gate_up=w_gate_up,
-        w_down=w_down,
+    return dict(
         router_weight=router_weight,
         score_correction_bias=score_correction_bias,
         shared_gate_up=shared_gate_up,
@@ -199,4 +223,55 @@ def weights_from_hf_state_dict(
     )
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "weights_from_hf_state_dict"]
+def _fp8_projection(state_dict: Mapping[str, torch.Tensor], key: str, shape: tuple[int, int], what: str):
+    """(values [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] float32) of one FP8 projection."""
+    values = _get(state_dict, f"{key}.weight", shape, what)
+    check_tensor(f"{key}.weight", values, dtypes=(FP8,))
+    scale_key = f"{key}.weight_scale_inv"
+    _, *scale = scale_shape((1, *shape), "block")
+    if scale_key not in state_dict:
+        raise ValueError(f"missing key {scale_key!r}: expected {what}'s block scales, shape {_shape_text(scale)}")
+    scale_tensor = state_dict[scale_key].detach()
+    check_tensor(scale_key, scale_tensor, shape=scale, dtypes=(torch.float32,))
+    return values, scale_tensor
+
+
+def quantized_weights_from_hf_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: MoEConfig, *, prefix: str = ""
+) -> QuantizedMoEWeights:
+    """QuantizedMoEWeights ("block", 128) from a DeepSeek-V3-style FP8 MoE block: per-expert gate_proj / up_proj /
+    down_proj .weight in float8_e4m3fn with .weight_scale_inv, stacked as they are (no dequantize round trip);
+    the router and shared experts as weights_from_hf_state_dict reads them. F must be a multiple of 128, so the
+    gate's and the up projection's blocks stay whole in w_gate_up [E, 2F, H]. Raises ValueError naming the key
+    for a missing key, a wrong shape or dtype, or an expert index >= E."""
+    E, H, F = config.num_experts, config.hidden_size, config.ffn_size
+    if F % BLOCK_SIZE:
+        raise ValueError(
+            f"ffn_size ({F}) must be a multiple of the {BLOCK_SIZE}-row scale block: the gate's last block and the "
+            "up projection's first would share one block of w_gate_up's rows"
+        )
+    expert_keys = _expert_keys(state_dict, prefix)
+    _check_expert_indices(expert_keys, prefix, E)
+    gate_up, gate_up_scale, down, down_scale = [], [], [], []
+    for i in range(E):
+        base = f"{prefix}experts.{i}."
+        gate = _fp8_projection(state_dict, f"{base}gate_proj", (F, H), f"expert {i}'s gate projection")
+        up = _fp8_projection(state_dict, f"{base}up_proj", (F, H), f"expert {i}'s up projection")
+        values, scale = _fp8_projection(state_dict, f"{base}down_proj", (H, F), f"expert {i}'s down projection")
+        gate_up.append(torch.cat([gate[0], up[0]]))
+        gate_up_scale.append(torch.cat([gate[1], up[1]]))
+        down.append(values)
+        down_scale.append(scale)
+    return QuantizedMoEWeights(
+        QuantizedTensor(torch.stack(gate_up), torch.stack(gate_up_scale), "block"),
+        QuantizedTensor(torch.stack(down), torch.stack(down_scale), "block"),
+        **_router_and_shared(state_dict, config, prefix),
+    )
+
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "config_from_hf",
+    "quantized_weights_from_hf_state_dict",
+    "weights_from_hf_state_dict",
+]
