@@ -228,12 +228,9 @@ def _fp8_projection(state_dict: Mapping[str, torch.Tensor], key: str, shape: tup
     values = _get(state_dict, f"{key}.weight", shape, what)
     check_tensor(f"{key}.weight", values, dtypes=(FP8,))
     scale_key = f"{key}.weight_scale_inv"
-    _, *scale = scale_shape((1, *shape), "block")
-    if scale_key not in state_dict:
-        raise ValueError(f"missing key {scale_key!r}: expected {what}'s block scales, shape {_shape_text(scale)}")
-    scale_tensor = state_dict[scale_key].detach()
-    check_tensor(scale_key, scale_tensor, shape=scale, dtypes=(torch.float32,))
-    return values, scale_tensor
+    scale = _get(state_dict, scale_key, scale_shape((1, *shape), "block")[1:], f"{what}'s block scales")
+    check_tensor(scale_key, scale, dtypes=(torch.float32,))
+    return values, scale
 
 
 def quantized_weights_from_hf_state_dict(

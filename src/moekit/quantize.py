@@ -25,9 +25,11 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 BLOCK_SIZE = 128  # DeepSeek-V3's block
 
 
-def _check_scheme(scheme: str) -> None:
+def _check_scheme_and_block(scheme: str, block_size: int) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
 
 
 def scale_shape(shape: tuple[int, int, int], scheme: str, block_size: int = BLOCK_SIZE) -> tuple[int, int, int]:
@@ -48,9 +50,7 @@ class QuantizedTensor:
     block_size: int = BLOCK_SIZE
 
     def __post_init__(self) -> None:
-        _check_scheme(self.scheme)
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1, got {self.block_size!r}")
+        _check_scheme_and_block(self.scheme, self.block_size)
         check_tensor("values", self.values, ndim=3, dtypes=(FP8,))
         expected = scale_shape(tuple(self.values.shape), self.scheme, self.block_size)
         check_tensor(f"scale ({self.scheme} scheme)", self.scale, shape=expected, dtypes=(torch.float32,))
@@ -74,16 +74,14 @@ class QuantizedTensor:
 def quantize(w: torch.Tensor, scheme: str, block_size: int = BLOCK_SIZE) -> QuantizedTensor:
     """w [E, N, K] (floating) -> QuantizedTensor: each group's amax / FP8_MAX is its scale (1 for an all-zero
     group), values = w / scale rounded to e4m3 (saturated at +-FP8_MAX)."""
-    _check_scheme(scheme)
+    _check_scheme_and_block(scheme, block_size)
     check_tensor("w", w, ndim=3, floating=True)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     w32 = w.float()
     E, N, K = w32.shape
     if scheme == "row":
         amax = w32.abs().amax(dim=2, keepdim=True) if K else w32.new_zeros(E, N, 1)
     else:
-        nb, kb = math.ceil(N / block_size), math.ceil(K / block_size)
+        _, nb, kb = scale_shape((E, N, K), "block", block_size)
         padded = torch.nn.functional.pad(w32.abs(), (0, kb * block_size - K, 0, nb * block_size - N))
         amax = padded.view(E, nb, block_size, kb, block_size).amax(dim=(2, 4))
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
@@ -132,14 +130,15 @@ class QuantizedMoEWeights:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> MoEWeights:
         """The MoEWeights these stand for, the routed experts as values * scale in dtype (the oracle's input)."""
-        others = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("w_gate_up", "w_down")}
-        return MoEWeights(self.w_gate_up.dequantize(dtype), self.w_down.dequantize(dtype), **others)
+        return MoEWeights(self.w_gate_up.dequantize(dtype), self.w_down.dequantize(dtype), **_besides_experts(self))
+
+
+def _besides_experts(weights: MoEWeights | QuantizedMoEWeights) -> dict:
+    """Every field but the routed experts' w_gate_up and w_down: the router and the shared experts."""
+    return {f.name: getattr(weights, f.name) for f in fields(weights) if f.name not in ("w_gate_up", "w_down")}
 
 
 def quantize_weights(weights: MoEWeights, scheme: str, block_size: int = BLOCK_SIZE) -> QuantizedMoEWeights:
     """MoEWeights -> QuantizedMoEWeights: the routed experts quantized once under scheme ("block" or "row")."""
-    _check_scheme(scheme)
-    others = {f.name: getattr(weights, f.name) for f in fields(weights) if f.name not in ("w_gate_up", "w_down")}
-    return QuantizedMoEWeights(
-        quantize(weights.w_gate_up, scheme, block_size), quantize(weights.w_down, scheme, block_size), **others
-    )
+    gate_up, down = (quantize(w, scheme, block_size) for w in (weights.w_gate_up, weights.w_down))
+    return QuantizedMoEWeights(gate_up, down, **_besides_experts(weights))
