@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from moekit.bench.machine import machine_info
-from moekit.bench.progress import CaseProgress
+from moekit.bench.progress import each_case
 from moekit.bench.tables import NotRun, print_table
 from moekit.bench.timing import Timing, measure, time_once
 from moekit.experts import EXPERT_BACKENDS
@@ -228,12 +228,15 @@ def run_command(args, device: torch.device, dtype: torch.dtype) -> int:
     if args.plot:
         raise ValueError("--plot: moekit run draws no plot; --json writes its results")
     cases = [(n, b) for n in names for b in (backends[:1] if n in DENSE_MODELS else backends)]
-    results = []
-    with CaseProgress(len(cases), quiet=args.quiet) as progress:
-        for name, backend in cases:
-            progress.case(f"{name} ({backend})")
-            case = replace(config, expert_backend=backend)
-            results.append(time_model(name, case, device, args.batch, args.seq_len, runs=args.runs, seed=args.seed))
+    results = each_case(
+        cases,
+        lambda case: time_model(
+            case[0], replace(config, expert_backend=case[1]), device, args.batch, args.seq_len, runs=args.runs,
+            seed=args.seed,
+        ),
+        lambda case: f"{case[0]} ({case[1]})",
+        quiet=args.quiet,
+    )  # fmt: skip
     info = machine_info(device)
     title = (
         f"forward passes on {info['device']} ({info['kind']}): B={args.batch} S={args.seq_len} V={config.vocab_size} "
@@ -264,12 +267,13 @@ def run_command(args, device: torch.device, dtype: torch.dtype) -> int:
             export_config = replace(config, dtype=torch.float32)
             print(f"exporting in float32: ONNX Runtime's CPU kernels cannot run the exported graph in {dtype}")
         args.export_onnx_dir.mkdir(exist_ok=True)
-        with CaseProgress(len(names), quiet=args.quiet) as progress:
-            for name in names:
-                progress.case(f"exporting {name} to ONNX")
-                exports.append(
-                    export_model(name, export_config, args.export_onnx_dir, args.batch, args.seq_len, seed=args.seed)
-                )
+        out_dir = args.export_onnx_dir
+        exports = each_case(
+            names,
+            lambda name: export_model(name, export_config, out_dir, args.batch, args.seq_len, seed=args.seed),
+            lambda name: f"exporting {name} to ONNX",
+            quiet=args.quiet,
+        )
         _print_exports(exports)
     if args.json:
         payload = {

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
-from moekit.bench.progress import CaseProgress
+from moekit.bench.progress import each_case
 from moekit.bench.timing import as_cuda_graph, time_once
 from moekit.ep import DISPATCHERS
 from moekit.ep.symmetric import SymmetricLayout
@@ -151,13 +151,12 @@ def run_ranks(
     """Entry point of each spawned rank: every config x path, results from every rank agree; rank 0 shows
     the progress (unless quiet)."""
     device = rank_device(rank, backend)
-    cases = [(c, p) for c in configs for p in paths]
-    timings = []
-    with CaseProgress(len(cases), quiet=quiet or rank != 0) as progress:
-        for config, path in cases:
-            progress.case(f"{config.name} {path}")
-            timings.append(time_path(config, path, device, runs, seed=17))
-    return timings
+    return each_case(
+        [(c, p) for c in configs for p in paths],
+        lambda case: time_path(*case, device, runs, seed=17),
+        lambda case: f"{case[0].name} {case[1]}",
+        quiet=quiet or rank != 0,
+    )
 
 
 def sweep_configs(base: A2AConfig, sweep: str, values: list[int]) -> list[A2AConfig]:

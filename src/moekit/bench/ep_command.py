@@ -18,7 +18,7 @@ from moekit.bench.ceilings import measure_ceilings
 from moekit.bench.ep import PHASES, EPCase, EPResult, as_dict, eta_overlap, slowest, study_rank
 from moekit.bench.flops import expert_weight_bytes, layer_flops
 from moekit.bench.machine import machine_info
-from moekit.bench.progress import CaseProgress
+from moekit.bench.progress import each_case
 from moekit.bench.tables import print_table
 from moekit.config import MoEConfig
 from moekit.ep import DISPATCHERS
@@ -138,24 +138,23 @@ def _run_ranks(args, cases: list[EPCase], check: bool) -> list[list[EPResult]] |
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
         dist.init_process_group(backend, timeout=timedelta(seconds=600))
         try:
-            mine = []
-            with CaseProgress(len(cases), quiet=args.quiet or rank != 0) as progress:
-                for case in cases:
-                    progress.case(_case_name(case))
-                    mine.append(study_rank(rank, world, case, args.runs, check, backend))
+            mine = each_case(
+                cases,
+                lambda case: study_rank(rank, world, case, args.runs, check, backend),
+                _case_name,
+                quiet=args.quiet or rank != 0,
+            )
             every = [None] * world
             dist.all_gather_object(every, mine)
         finally:
             dist.destroy_process_group()
         return [[every[q][i] for q in range(world)] for i in range(len(cases))] if rank == 0 else None
-    per_case = []
-    with CaseProgress(len(cases), quiet=args.quiet) as progress:
-        for case in cases:
-            progress.case(_case_name(case))
-            per_case.append(
-                spawn_ranks(study_rank, world, case, args.runs, check, backend, backend=backend, timeout_s=600)
-            )
-    return per_case
+    return each_case(
+        cases,
+        lambda case: spawn_ranks(study_rank, world, case, args.runs, check, backend, backend=backend, timeout_s=600),
+        _case_name,
+        quiet=args.quiet,
+    )
 
 
 def _load_skew(results: list[EPResult], world: int) -> dict[str, float]:

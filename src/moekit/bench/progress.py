@@ -8,9 +8,14 @@ print their tables after the loop.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+Case = TypeVar("Case")
+Result = TypeVar("Result")
 
 
 class CaseProgress:
@@ -43,3 +48,15 @@ class CaseProgress:
         self.started += 1
         description = f"case {self.started} of {self.total}: {name}"
         self._bar.update(self._task, completed=self.started - 1, description=description, refresh=True)
+
+
+def each_case(
+    cases: Sequence[Case], run: Callable[[Case], Result], name: Callable[[Case], str], *, quiet: bool
+) -> list[Result]:
+    """[run(case) for case in cases], each shown by name(case) as it starts."""
+    results = []
+    with CaseProgress(len(cases), quiet=quiet) as progress:
+        for case in cases:
+            progress.case(name(case))
+            results.append(run(case))
+    return results
