@@ -99,6 +99,12 @@ def check_received(dispatchers, step, kept, received):
         assert handle.recv_counts.tolist() == [sum(1 for r in want if r[1] == p) for p in range(W)]
 
 
+def run_step(dispatchers, step):
+    """Every rank's dispatch_async, then every rank's dispatch_wait (the ranks in lockstep)."""
+    pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, step)]
+    return [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+
+
 def combine(dispatchers, step, received):
     """Every rank's combine_async of expert_out = (1 + local expert) * recv_x, then every rank's combine_wait."""
     pendings = []
@@ -143,8 +149,7 @@ def test_simulated_group_dispatch_combine_drops_and_counts(device, dtype, dispat
     for tokens, skew_to in steps:  # more steps than the ring has slots
         step = draw_step(W, E, K, tokens, skew_to, g, device, dtype)
         kept = kept_pairs(step, capacity)
-        pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, step)]
-        received = [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+        received = run_step(dispatchers, step)
         check_received(dispatchers, step, kept, received)
         dropped = [int((~k).sum()) for k in kept]
         slots = W * E * capacity
@@ -165,8 +170,7 @@ def test_overflow_raises_on_every_rank_and_the_next_step_runs(device, dtype):
         with pytest.raises(ValueError, match=rf"rank 0 routed {MAX_TOKENS} tokens to expert 1, above the capacity 3"):
             d.dispatch_wait(pending)
     fits = draw_step(W, E, K, [capacity, 1], 1, g, device, dtype)
-    pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, fits)]
-    received = [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+    received = run_step(dispatchers, fits)
     kept = kept_pairs(fits, capacity)
     assert all(k.all() for k in kept)
     check_received(dispatchers, fits, kept, received)
@@ -181,12 +185,6 @@ def edge_step(routings, device, dtype, seed):
                                      torch.randn(ids.shape[0], H, generator=g).to(dtype)))
         for ids, w in routings
     ]  # fmt: skip
-
-
-def run_step(dispatchers, step):
-    """Every rank's dispatch_async, then every rank's dispatch_wait (the ranks in lockstep)."""
-    pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, step)]
-    return [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
 
 
 @pytest.mark.parametrize("W", [1, 3])
@@ -251,8 +249,7 @@ def test_fused_combine_stores_the_down_projection_where_combine_sends_it(device,
     E_local = E // W
     for tokens, skew_to in steps:
         step = draw_step(W, E, K, tokens, skew_to, g, device, dtype)
-        pendings = [d.dispatch_async(x, ids, w) for d, (x, ids, w, _) in zip(dispatchers, step)]
-        received = [d.dispatch_wait(p) for d, p in zip(dispatchers, pendings)]
+        received = run_step(dispatchers, step)
         combines = []
         for q, (d, (recv_x, meta, handle), (_, _, _, shared)) in enumerate(zip(dispatchers, received, step)):
             mine = slice(q * E_local, (q + 1) * E_local)
