@@ -7,6 +7,9 @@ Two schemes, each a scale per group of one weight's elements, the group's amax m
   "row":   one scale per output row; scale [E, N, 1].
 The scale is the dequantization multiplier (w ~= values * scale, as DeepSeek-V3's checkpoints store it). An
 all-zero group gets scale 1: its values are 0 and dequantize to 0, never NaN or inf.
+
+Activations (token rows [M, K]) are quantized the same way per 1 x block_size tile ("block", DeepSeek-V3's
+recipe for activations) or per row ("row"): QuantizedRows, quantize_rows.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 BLOCK_SIZE = 128  # DeepSeek-V3's block
 
 
-def _check_scheme_and_block(scheme: str, block_size: int) -> None:
+def check_scheme_and_block(scheme: str, block_size: int) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -50,7 +53,7 @@ class QuantizedTensor:
     block_size: int = BLOCK_SIZE
 
     def __post_init__(self) -> None:
-        _check_scheme_and_block(self.scheme, self.block_size)
+        check_scheme_and_block(self.scheme, self.block_size)
         check_tensor("values", self.values, ndim=3, dtypes=(FP8,))
         expected = scale_shape(tuple(self.values.shape), self.scheme, self.block_size)
         check_tensor(f"scale ({self.scheme} scheme)", self.scale, shape=expected, dtypes=(torch.float32,))
@@ -74,7 +77,7 @@ class QuantizedTensor:
 def quantize(w: torch.Tensor, scheme: str, block_size: int = BLOCK_SIZE) -> QuantizedTensor:
     """w [E, N, K] (floating) -> QuantizedTensor: each group's amax / FP8_MAX is its scale (1 for an all-zero
     group), values = w / scale rounded to e4m3 (saturated at +-FP8_MAX)."""
-    _check_scheme_and_block(scheme, block_size)
+    check_scheme_and_block(scheme, block_size)
     check_tensor("w", w, ndim=3, floating=True)
     w32 = w.float()
     E, N, K = w32.shape
@@ -87,6 +90,49 @@ def quantize(w: torch.Tensor, scheme: str, block_size: int = BLOCK_SIZE) -> Quan
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     values = (w32 / _expand(scale, scheme, block_size, (E, N, K))).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return QuantizedTensor(values, scale, scheme, block_size)
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Token rows in FP8: values [M, K] float8_e4m3fn; scale float32 [M, ceil(K / block_size)] ("block": one per
+    1 x block_size tile of a row) or [M, 1] ("row")."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    scheme: str
+    block_size: int = BLOCK_SIZE
+
+    def __post_init__(self) -> None:
+        check_scheme_and_block(self.scheme, self.block_size)
+        check_tensor("values", self.values, ndim=2, dtypes=(FP8,))
+        M, K = self.values.shape
+        expected = (M, math.ceil(K / self.block_size) if self.scheme == "block" else 1)
+        check_tensor(f"scale ({self.scheme} scheme)", self.scale, shape=expected, dtypes=(torch.float32,))
+        if self.scale.device != self.values.device:
+            raise ValueError(f"scale must be on the values' device {self.values.device}, got {self.scale.device}")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """values * scale [M, K] in dtype (computed in float32, or float64 for float64)."""
+        acc = torch.promote_types(dtype, torch.float32)
+        K = self.values.shape[1]
+        scale = self.scale if self.scheme == "row" else self.scale.repeat_interleave(self.block_size, dim=1)[:, :K]
+        return (self.values.to(acc) * scale.to(acc)).to(dtype)
+
+
+def quantize_rows(x: torch.Tensor, scheme: str, block_size: int = BLOCK_SIZE) -> QuantizedRows:
+    """x [M, K] (floating) -> QuantizedRows: per 1 x block_size tile ("block") or per row ("row"), with quantize's
+    rule (scale = amax / FP8_MAX, 1 for an all-zero group)."""
+    check_scheme_and_block(scheme, block_size)
+    check_tensor("x", x, ndim=2, floating=True)
+    M, K = x.shape
+    if scheme == "row":
+        q = quantize(x[None], "row")
+        return QuantizedRows(q.values[0], q.scale[0], "row", block_size)
+    tiles = math.ceil(K / block_size)  # each tile a row of its own: zero padding leaves every amax as it is
+    padded = torch.nn.functional.pad(x.float(), (0, tiles * block_size - K)).view(1, M * tiles, block_size)
+    q = quantize(padded, "row")
+    values = q.values.view(M, tiles * block_size)[:, :K].contiguous()
+    return QuantizedRows(values, q.scale.view(M, tiles), "block", block_size)
 
 
 def _expand(scale: torch.Tensor, scheme: str, block_size: int, shape: tuple[int, int, int]) -> torch.Tensor:

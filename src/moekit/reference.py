@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.config import MoEConfig
+from moekit.quantize import QuantizedMoEWeights, quantize_rows
 from moekit.weights import MoEWeights
 
 
@@ -117,6 +118,34 @@ def reference_experts(
     return y
 
 
+def reference_experts_fp8(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    weights: QuantizedMoEWeights,
+    activation_scheme: str = "block",
+) -> torch.Tensor:
+    """The FP8 recipe's routed experts, in float64 (CPU) on the dequantized values: x [T, H] quantized as the
+    weights' scheme says (per 1 x 128 tile or per row, moekit.quantize.quantize_rows), each expert's gate/up and
+    SwiGLU, that activation quantized under activation_scheme, then down; the weighted top-k sum [T, H].
+
+    An FP8 backend computes the same values: what remains between the two is the order of the float32 sums.
+    """
+    block = weights.w_gate_up.block_size
+    x = quantize_rows(x, weights.scheme, block).dequantize(torch.float64).cpu()
+    w_gate_up, w_down = (w.dequantize(torch.float64).cpu() for w in (weights.w_gate_up, weights.w_down))
+    topk_ids, topk_weights = topk_ids.long().cpu(), topk_weights.double().cpu()
+    y = torch.zeros_like(x)
+    for e in range(w_gate_up.shape[0]):
+        token_idx, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        if token_idx.numel() == 0:
+            continue
+        gate, up = (x[token_idx] @ w_gate_up[e].T).chunk(2, dim=-1)
+        activation = quantize_rows(F.silu(gate) * up, activation_scheme, block).dequantize(torch.float64)
+        y.index_add_(0, token_idx, (activation @ w_down[e].T) * topk_weights[token_idx, slot, None])
+    return y
+
+
 def reference_shared_experts(x: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
     """x [T, H] -> sum over shared experts of expert_mlp(x) [T, H] float64 (zeros without any)."""
     x = x.double().cpu()
@@ -156,6 +185,7 @@ __all__ = [
     "ReferenceRouting",
     "expert_mlp",
     "reference_experts",
+    "reference_experts_fp8",
     "reference_logits",
     "reference_moe",
     "reference_route",

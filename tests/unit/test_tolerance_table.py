@@ -7,9 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moekit import EXPERT_BACKENDS, MoEConfig, make_problem, route
-from moekit.reference import reference_experts
+from moekit import EXPERT_BACKENDS, MoEConfig, make_problem, quantize_weights, route
+from moekit.quantize import SCHEMES, QuantizedTensor
+from moekit.reference import reference_experts, reference_experts_fp8
 from moekit.testing import TOLERANCE, relative_error
+from moekit.testing.fp8_cases import with_spread_blocks
 
 
 def _tf32(t: torch.Tensor) -> torch.Tensor:
@@ -27,7 +29,7 @@ WEAKER = {
 }
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("dtype", [d for d in TOLERANCE if d != torch.float8_e4m3fn], ids=str)
 def test_tolerance_sits_between_the_dtype_and_its_weaker_twin(dtype):
     """The naive backend on the CPU (64 tokens, H 256, F 128, 8 experts, K 2) in dtype, then on the same
     values converted by WEAKER[dtype]: the first error is under TOLERANCE[dtype], the second over it."""
@@ -46,3 +48,33 @@ def test_tolerance_sits_between_the_dtype_and_its_weaker_twin(dtype):
     assert error < TOLERANCE[dtype] < twin_error, (
         f"{dtype} {error:.2e}, {name} twin {twin_error:.2e}: TOLERANCE {TOLERANCE[dtype]:.1e} is to lie between"
     )
+
+
+def _neighbour_block_scales(q: QuantizedTensor) -> QuantizedTensor:
+    """q with each block read with the next block's scale along K (the last with the first): a kernel's
+    off-by-one in the scale index."""
+    return QuantizedTensor(q.values, q.scale.roll(1, dims=2).contiguous(), q.scheme, q.block_size)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fp8_tolerance_sits_between_the_recipe_and_a_scale_from_the_wrong_block(scheme):
+    """The FP8 recipe (reference_experts_fp8, H 256, F 320, blocks of spread magnitude) against the oracle on
+    the original weights: under TOLERANCE[float8_e4m3fn]; the recipe with block scales read one block off along
+    K: over it (row scales have one scale along K, so a wrong expert's scales stand in)."""
+    config = MoEConfig(hidden_size=256, ffn_size=320, num_experts=4, top_k=2, dtype=torch.float32)
+    problem = make_problem(config, 64, seed=0)
+    weights = with_spread_blocks(problem.weights, seed=1)
+    routing = route(problem.router_logits(), config)
+    expected = reference_experts(problem.x, routing.topk_ids, routing.topk_weights, weights)
+    q = quantize_weights(weights, scheme)
+    error = relative_error(reference_experts_fp8(problem.x, routing.topk_ids, routing.topk_weights, q), expected)
+    if scheme == "block":
+        wrong = replace(q, w_gate_up=_neighbour_block_scales(q.w_gate_up), w_down=_neighbour_block_scales(q.w_down))
+    else:
+        roll = {k: QuantizedTensor(t.values, t.scale.roll(1, dims=0).contiguous(), scheme) for k, t in
+                (("w_gate_up", q.w_gate_up), ("w_down", q.w_down))}  # fmt: skip
+        wrong = replace(q, **roll)
+    twin = reference_experts_fp8(problem.x, routing.topk_ids, routing.topk_weights, wrong)
+    twin_error = relative_error(twin, expected)
+    tolerance = TOLERANCE[torch.float8_e4m3fn]
+    assert error < tolerance < twin_error, f"{scheme}: recipe {error:.2e}, wrong scales {twin_error:.2e}"

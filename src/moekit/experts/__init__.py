@@ -5,7 +5,8 @@ The first ten are the levels of the optimisation journey (`moekit bench journey`
 
 from moekit.experts import naive, batched, fused_act, memeff, grouped_loop, grouped_mm  # noqa: F401
 from moekit.experts import grouped_mm_fused, triton_grouped, cuda_graph, compiled, masked_matmul  # noqa: F401
-from moekit.experts.registry import EXPERT_BACKENDS
+from moekit.experts import triton_grouped_fp8, scaled_grouped_mm  # noqa: F401
+from moekit.experts.registry import EXPERT_BACKENDS, FP8_EXPERT_BACKENDS
 
 JOURNEY = (
     "naive",
@@ -20,4 +21,4 @@ JOURNEY = (
     "compiled",
 )
 
-__all__ = ["EXPERT_BACKENDS", "JOURNEY"]
+__all__ = ["EXPERT_BACKENDS", "FP8_EXPERT_BACKENDS", "JOURNEY"]

@@ -9,6 +9,10 @@ fn(rows [M, H] grouped by expert, expert_offsets [E + 1] int64 on the rows' devi
 each row through its expert's MLP once, unweighted (expert e owns rows offsets[e]:offsets[e + 1]). An
 expert-parallel rank receives its rows already grouped that way, so it skips the routing, the permute and
 the unpermute (moekit.ep.local_experts).
+
+FP8 backends sit in a registry of their own, FP8_EXPERT_BACKENDS: fn(x [T, H], topk_ids, topk_weights,
+weights: QuantizedMoEWeights) -> y [T, H] in x.dtype, computing on the e4m3 weights and e4m3 activations, with
+supports(device, dtype, scheme) -> (ok, reason) for x's dtype and the weights' scheme ("block" or "row").
 """
 
 from collections.abc import Callable
@@ -16,6 +20,10 @@ from collections.abc import Callable
 from moekit.registry import Registry
 
 EXPERT_BACKENDS = Registry("expert backend")
+FP8_EXPERT_BACKENDS = Registry("FP8 expert backend")
+# how each FP8 backend quantizes the SwiGLU activation for its down projection: "block" (per 1 x 128 tile) or
+# "row"; moekit.reference.reference_experts_fp8 follows the same recipe
+FP8_ACTIVATION_SCHEMES: dict[str, str] = {}
 SORTED_ROWS: dict[str, Callable] = {}
 
 

@@ -36,3 +36,14 @@ def triton_on_cuda(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a path with a torch-ops twin takes its Triton kernel: on CUDA only (on the CPU the torch ops
     run, and define the result)."""
     return device.type == "cuda" and triton_support(device, dtype)[0]
+
+
+def fp8_triton_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """(ok, reason) for a moekit FP8 Triton kernel with activations of dtype: triton_support, and on CUDA FP8
+    tensor cores (compute capability 8.9 or newer)."""
+    ok, reason = triton_support(device, dtype)
+    if ok and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return False, f"FP8 tensor cores need compute capability 8.9 or newer, {device} has " + ".".join(
+            map(str, torch.cuda.get_device_capability(device))
+        )
+    return ok, reason

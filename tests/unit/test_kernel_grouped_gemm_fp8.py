@@ -1,0 +1,160 @@
+"""The FP8 kernels apart from quantization error: grouped_gemm_fp8 against a float64 per-expert loop on the
+dequantized operands (what remains is float32 accumulation), its re-quantized epilogue and quantize_rows_triton
+bit for bit against moekit.quantize.quantize_rows. Under TRITON_INTERPRET=1 the e4m3 loads and products run in
+the interpreter and only the conversion to e4m3 is torch's (the interpreter converts wrongly: see
+moekit.kernels.quantize_rows); on the GPU all of it is compiled."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moekit.kernels.availability import fp8_triton_support
+from moekit.kernels.grouped_gemm_fp8 import grouped_gemm_fp8
+from moekit.kernels.quantize_rows import quantize_rows_triton
+from moekit.permute import expert_layout
+from moekit.quantize import SCHEMES, quantize, quantize_rows
+from moekit.testing import assert_close_to_reference
+from moekit.testing.fp8_cases import spread_blocks
+
+
+@pytest.fixture
+def dev(triton_device):
+    ok, reason = fp8_triton_support(triton_device, torch.float32)
+    if not ok:
+        pytest.skip(reason)
+    return triton_device
+
+
+def out_dtypes(device: torch.device) -> list[torch.dtype]:
+    # the interpreter computes bfloat16 wrongly, so bf16 output is checked where the kernel is compiled
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+
+
+@st.composite
+def problems(draw):
+    """Expert row counts (empty experts, every row on one), K and N around and off the 128 block, both scale
+    forms of each operand, outlier rows (amax 1e4 times the rest) and all-zero blocks."""
+    E = draw(st.integers(1, 4))
+    counts = draw(st.one_of(st.lists(st.integers(0, 24), min_size=E, max_size=E),
+                            st.just([0] * (E - 1) + [29])))  # fmt: skip
+    K, N = draw(st.integers(1, 300)), 2 * draw(st.integers(1, 150))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    M = sum(counts) + draw(st.integers(0, 3))  # padding rows past offsets[E]
+    a = torch.randn(M, K, generator=g) * torch.exp(torch.randn(M, 1, generator=g))
+    b = spread_blocks(torch.randn(E, N, K, generator=g), g)
+    if M and draw(st.booleans()):
+        a[draw(st.integers(0, M - 1))] *= 1e4
+    if draw(st.booleans()):
+        b[0, :128, :128] = 0
+    # amax 1: the products stay inside float16's range (the scales make any magnitude the same to the kernel)
+    a, b = (t / t.abs().amax().clamp(min=1e-30) if t.numel() else t for t in (a, b))
+    return counts, a, b, draw(st.sampled_from(SCHEMES)), draw(st.sampled_from(SCHEMES))
+
+
+def offsets_of(counts, device):
+    return torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64, device=device)
+
+
+def expert_products(a, b, offsets):
+    """float64 a[rows of e] @ b[e].T for the rows [0, offsets[E])."""
+    bounds = offsets.tolist()
+    return torch.cat([a[bounds[e] : bounds[e + 1]] @ b[e].T for e in range(b.shape[0])])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems(), swiglu=st.booleans(), with_row_scale=st.booleans(), data=st.data())
+def test_grouped_gemm_fp8_is_the_float64_product_of_the_dequantized_operands(dev, problem, swiglu, with_row_scale,
+                                                                             data):  # fmt: skip
+    counts, a, b, a_scheme, b_scheme = problem
+    out_dtype = data.draw(st.sampled_from(out_dtypes(dev)))
+    qa, qb = quantize_rows(a, a_scheme), quantize(b, b_scheme)
+    offsets = offsets_of(counts, "cpu")
+    row_scale = torch.rand(a.shape[0]) + 0.5 if with_row_scale else None
+    out, out_scale = grouped_gemm_fp8(
+        qa.values.to(dev), qa.scale.to(dev), qb.values.to(dev), qb.scale.to(dev), offsets.to(dev),
+        out_dtype=out_dtype, swiglu=swiglu, row_scale=None if row_scale is None else row_scale.to(dev),
+    )  # fmt: skip
+    assert out_scale is None and out.dtype == out_dtype
+    expected = expert_products(qa.dequantize(torch.float64), qb.dequantize(torch.float64), offsets)
+    if swiglu:
+        gate, up = expected.chunk(2, dim=1)
+        expected = F.silu(gate) * up
+    if row_scale is not None:
+        expected = expected * row_scale[: offsets[-1]].double()[:, None]
+    what = f"a {a_scheme}, b {b_scheme}, swiglu {swiglu}, row scale {with_row_scale}, counts {counts}"
+    assert_close_to_reference(out[: offsets[-1]], expected, out_dtype, what)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems())
+def test_the_requantized_epilogue_is_quantize_rows_of_the_activation(dev, problem):
+    """quantize_out gives, bit for bit, quantize_rows(.., "block") of the same kernel's float32 activation."""
+    counts, a, b, a_scheme, b_scheme = problem
+    qa, qb = quantize_rows(a, a_scheme), quantize(b, b_scheme)
+    operands = (qa.values.to(dev), qa.scale.to(dev), qb.values.to(dev), qb.scale.to(dev), offsets_of(counts, dev))
+    used = sum(counts)
+    activation, _ = grouped_gemm_fp8(*operands, out_dtype=torch.float32, swiglu=True)
+    values, scale = grouped_gemm_fp8(*operands, swiglu=True, quantize_out=True)
+    expected = quantize_rows(activation[:used], "block")
+    assert scale.shape == (a.shape[0], -(-b.shape[1] // 2 // 128))
+    assert torch.equal(values[:used].float(), expected.values.float())
+    assert torch.equal(scale[:used], expected.scale)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    T=st.integers(0, 20), H=st.integers(0, 400), K=st.integers(1, 4), E=st.integers(1, 6),
+    pad_to=st.sampled_from([1, 8]), scheme=st.sampled_from(SCHEMES),
+    dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 99),
+)  # fmt: skip
+def test_quantize_rows_triton_is_quantize_rows_permuted(dev, T, H, K, E, pad_to, scheme, dtype, seed):
+    """Each token's e4m3 values and scales land, bit-equal to quantize_rows', in its K rows; padding rows hold 0
+    with scale 1. Rows span outliers (amax 1e4 times the rest), zeros and fp16's whole range."""
+    K = min(K, E)
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, H, generator=g) * torch.exp(3 * torch.randn(T, 1, generator=g))).clamp(-6e4, 6e4)
+    if T:
+        x[0] = 0
+        x[-1, : H // 2] *= 1e-4
+    x = x.to(dtype)
+    topk_ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :K].to(torch.int32)
+    layout = expert_layout(topk_ids.to(dev), E, pad_to=pad_to)
+    got = quantize_rows_triton(x.to(dev), scheme, layout)
+    expected = quantize_rows(x, scheme)
+    rows = layout.assignment_rows.cpu().view(T, K)
+    for k in range(K):
+        assert torch.equal(got.values.cpu()[rows[:, k]].float(), expected.values.float())
+        assert torch.equal(got.scale.cpu()[rows[:, k]], expected.scale)
+    padding = torch.ones(layout.num_rows, dtype=torch.bool)
+    padding[rows.flatten()] = False
+    assert bool((got.values.cpu()[padding].float() == 0).all()) and bool((got.scale.cpu()[padding] == 1).all())
+    plain = quantize_rows_triton(x.to(dev), scheme)
+    assert torch.equal(plain.values.cpu().float(), expected.values.float())
+    assert torch.equal(plain.scale.cpu(), expected.scale)
+
+
+def test_bad_input_is_refused_before_the_kernel(dev):
+    qa = quantize_rows(torch.randn(10, 300), "block")
+    qb = quantize(torch.randn(2, 64, 300), "block")
+    offsets = torch.tensor([0, 4, 10], device=dev)
+    a, a_scale, b, b_scale = (t.to(dev) for t in (qa.values, qa.scale, qb.values, qb.scale))
+    with pytest.raises(TypeError, match=r"a must have dtype in \['torch.float8_e4m3fn'\]"):
+        grouped_gemm_fp8(a.float(), a_scale, b, b_scale, offsets)
+    with pytest.raises(ValueError, match=r"a_scale must have shape \(10, 3\) \(one scale per 1 x 128 tile"):
+        grouped_gemm_fp8(a, a_scale[:, :2], b, b_scale, offsets)
+    with pytest.raises(ValueError, match=r"b_scale must have shape \(2, 1, 3\) \(one scale per 128 x 128 block"):
+        grouped_gemm_fp8(a, a_scale, b, b_scale.repeat(1, 2, 1), offsets)
+    with pytest.raises(TypeError, match=r"b_scale must have dtype in \['torch.float32'\]"):
+        grouped_gemm_fp8(a, a_scale, b, b_scale.double(), offsets)
+    with pytest.raises(ValueError, match=r"b must be contiguous along K"):
+        grouped_gemm_fp8(a, a_scale, b.transpose(1, 2).contiguous().transpose(1, 2), b_scale, offsets)
+    with pytest.raises(ValueError, match=r"expert_offsets must have shape \(3,\)"):
+        grouped_gemm_fp8(a, a_scale, b, b_scale, offsets[:2])
+    with pytest.raises(TypeError, match=r"out_dtype must be one of"):
+        grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, out_dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"quantize_rows_triton's block scheme takes block_size 128, got 64"):
+        quantize_rows_triton(torch.randn(3, 8, device=dev), "block", block_size=64)
+    with pytest.raises(ValueError, match=r"scheme must be one of \('block', 'row'\), got 'tensor'"):
+        quantize_rows_triton(torch.randn(3, 8, device=dev), "tensor")
