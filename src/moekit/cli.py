@@ -19,7 +19,13 @@ from moekit.config import MoEConfig
 from moekit.routing import ROUTERS
 from moekit.run_command import add_run_parser
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8": torch.float8_e4m3fn,  # bench experts only: e4m3 weights (--quant) and activations
+}
 
 
 def _device(name: str) -> torch.device:

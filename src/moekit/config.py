@@ -77,8 +77,11 @@ class MoEConfig:
             raise ValueError(f"sinkhorn_temperature must be > 0, got {self.sinkhorn_temperature}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
-        if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point) or self.dtype.itemsize < 2:
+            raise TypeError(
+                f"dtype must be a floating torch.dtype of 16 bits or more, got {self.dtype!r} (FP8 weights: "
+                "moekit.quantize_weights, or MoELayer(quantization=...))"
+            )
 
     @property
     def experts_per_group(self) -> int:

@@ -14,11 +14,13 @@ from moekit.bench.machine import machine_info
 from moekit.bench.progress import CaseProgress
 from moekit.bench.tables import NotRun, print_table
 from moekit.config import MoEConfig
-from moekit.experts import EXPERT_BACKENDS, JOURNEY
+from moekit.experts import EXPERT_BACKENDS, FP8_EXPERT_BACKENDS, JOURNEY
 from moekit.problem import make_problem
+from moekit.quantize import FP8, SCHEMES, quantize_weights
 from moekit.routing import ROUTERS
 
 FAST_BACKENDS = ["grouped_loop", "grouped_mm", "grouped_mm_fused", "triton_grouped", "cuda_graph"]
+BEST_BF16 = "cuda_graph"  # the bf16 row beside the FP8 ones (on the CPU: triton_grouped, or grouped_loop)
 # the journey's default (T of the level table, T of the scale table, H, F) on GPU, on the CPU, and on the CPU
 # with TRITON_INTERPRET=1, where the levels with Triton kernels run in the Triton interpreter: small, so that
 # it takes seconds, and each level timed over at most INTERPRETER_RUNS runs after one warm-up
@@ -58,6 +60,7 @@ def add_experts_parser(sub, common) -> None:
     p.add_argument("--skew-experts", type=int, default=0, help="skewed routing: bias the first N experts")
     p.add_argument("--skew-bias", type=float, default=2.0)
     p.add_argument("--shrink", type=int, default=1, help="divide H and F by this (CPU runs of the GPU shapes)")
+    p.add_argument("--quant", choices=SCHEMES, help="with --dtype fp8: the weights' scales (default block)")
     p.set_defaults(run=run_experts_command)
 
 
@@ -129,20 +132,44 @@ def run_journey_command(args, device: torch.device, dtype: torch.dtype) -> int:
     return 0
 
 
+def _fp8_cases(args, device: torch.device) -> list[tuple[str, bool, bool]]:
+    """(backend, fp8, graph) per row of an FP8 table: each FP8 backend eager and (on GPU) replayed as a CUDA
+    graph, then the best bf16 backend."""
+    names = args.backends.split(",") if args.backends else FP8_EXPERT_BACKENDS.names()
+    for name in names:
+        FP8_EXPERT_BACKENDS.get(name)
+    graphs = [False, True] if device.type == "cuda" else [False]
+    best = BEST_BF16 if device.type == "cuda" else "triton_grouped"
+    return [(n, True, g) for n in names for g in graphs] + [(best, False, False)]
+
+
+def _bf16_of(fp8_rows: list, best: dict) -> list:
+    """The 'x best bf16' cell of each row: the bf16 row's ms over this row's."""
+    return [f"{best['ms'] / r['ms']:.2f}" if best.get("ms") and r.get("ms") else "-" for r in fp8_rows]
+
+
 def run_experts_command(args, device: torch.device, dtype: torch.dtype) -> int:
     gpu = device.type == "cuda"
     token_counts = _ints(args.tokens_list, [16, 128, 4096, 8192, 16384] if gpu else [16, 128])
-    backends = args.backends.split(",") if args.backends else FAST_BACKENDS
-    for name in backends:
-        EXPERT_BACKENDS.get(name)  # unknown names fail before anything runs
+    fp8 = dtype == FP8
+    if args.quant and not fp8:
+        raise ValueError("--quant chooses the FP8 weights' scales: pass --dtype fp8 with it")
+    if fp8:  # e4m3 weights and activations; the tokens come in bf16 (float32 on the CPU) as a layer's would
+        scheme, dtype = args.quant or "block", torch.bfloat16 if gpu else torch.float32
+        cases = _fp8_cases(args, device)
+    else:
+        names = args.backends.split(",") if args.backends else FAST_BACKENDS
+        for name in names:
+            EXPERT_BACKENDS.get(name)  # unknown names fail before anything runs
+        cases = [(n, False, False) for n in names]
     shapes = args.shapes.split(",")
     for shape in shapes:
         if shape not in SHAPES:
             raise ValueError(f"--shapes: unknown shape {shape!r}; expected some of {list(SHAPES)}")
-    ceilings = measure_ceilings(device)
+    ceilings = measure_ceilings(device, fp8=fp8)
     info = machine_info(device)
     results, tables = [], []
-    with CaseProgress(len(shapes) * len(token_counts) * len(backends), quiet=args.quiet) as progress:
+    with CaseProgress(len(shapes) * len(token_counts) * len(cases), quiet=args.quiet) as progress:
         for shape in shapes:
             sizes = dict(SHAPES[shape])
             sizes["hidden_size"] //= args.shrink
@@ -158,30 +185,38 @@ def run_experts_command(args, device: torch.device, dtype: torch.dtype) -> int:
                     skew_experts=args.skew_experts,
                     skew_amount=args.skew_bias if args.skew_experts else 0.0,
                 )
-                for backend in backends:
-                    progress.case(f"{shape} T={tokens} {backend}")
-                    t = time_forward(problem, backend, ceilings, runs=args.runs)
-                    results.append({"shape": shape, "skew_experts": args.skew_experts, **t.as_dict()})
-                    rows.append(
-                        [
-                            backend,
-                            tokens,
-                            t.ms if t.ms is not None else NotRun(backend, t.status),
-                            t.tflops or "-",
-                            t.pct_of_matmul or "-",
-                            t.weight_gbps or "-",
-                            t.pct_of_copy or "-",
-                        ]
+                quantized = quantize_weights(problem.weights, scheme) if fp8 else None
+                timed = []
+                for backend, on_fp8, graph in cases:
+                    progress.case(f"{shape} T={tokens} {backend}{'+graph' if graph else ''}")
+                    t = time_forward(
+                        problem, backend, ceilings, runs=args.runs, quantized=quantized if on_fp8 else None, graph=graph
                     )
-                del problem
+                    timed.append(t)
+                    results.append({"shape": shape, "skew_experts": args.skew_experts, "fp8": on_fp8, **t.as_dict()})
+                    ms = t.ms if t.ms is not None else NotRun(t.backend, t.status)
+                    row = [t.backend, tokens, ms, t.tflops or "-"]
+                    if fp8:
+                        row.append(t.pct_of_fp8_matmul or "-")
+                    rows.append(row + [t.pct_of_matmul or "-", t.weight_gbps or "-", t.pct_of_copy or "-"])
+                if fp8:  # each row's speed-up over the bf16 row of its T
+                    speedups = _bf16_of([x.as_dict() for x in timed], timed[-1].as_dict())
+                    for row, speedup in zip(rows[-len(timed) :], speedups):
+                        row.append(speedup)
+                del problem, quantized
+            what = f"FP8 e4m3 ({scheme} scales), tokens in {dtype}" if fp8 else str(dtype)
             title = (
-                f"{shape} {sizes} {dtype} on {info['kind']}, routing "
+                f"{shape} {sizes} {what} on {info['kind']}, routing "
                 f"{'skewed' if args.skew_experts else 'uniform'} ({config.router}); dense "
                 f"{ceilings.matmul_tflops:.3g} TFLOP/s, copy {ceilings.copy_gbps:.3g} GB/s"
+                + (f", FP8 dense {ceilings.fp8_matmul_tflops:.4g} TFLOP/s" if ceilings.fp8_matmul_tflops else "")
             )
             tables.append((title, rows))
+    columns = ["backend", "T", "ms", "TFLOP/s", "% FP8 dense", "% matmul", "weight GB/s", "% copy", "x best bf16"]
+    if not fp8:
+        columns = [c for c in columns if c not in ("% FP8 dense", "x best bf16")]
     for title, rows in tables:
-        print_table(title, ["backend", "T", "ms", "TFLOP/s", "% matmul", "weight GB/s", "% copy"], rows)
+        print_table(title, columns, rows)
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "ceilings": vars(ceilings), "results": results}, indent=2))
     if args.plot:

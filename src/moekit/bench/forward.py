@@ -14,9 +14,10 @@ import torch
 from moekit.bench.ceilings import Ceilings
 from moekit.bench.flops import routed_expert_flops
 from moekit.bench.timing import as_cuda_graph, measure
-from moekit.experts import EXPERT_BACKENDS
+from moekit.experts import EXPERT_BACKENDS, FP8_EXPERT_BACKENDS
 from moekit.experts.cuda_graph import best_eager_path
 from moekit.problem import MoEProblem
+from moekit.quantize import QuantizedMoEWeights
 from moekit.routing import route
 from moekit.validation import trusted_values
 
@@ -39,6 +40,7 @@ class ForwardTiming:
     pct_of_matmul: float | None = None
     weight_gbps: float | None = None
     pct_of_copy: float | None = None
+    pct_of_fp8_matmul: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,20 +58,38 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def active_weight_bytes(topk_ids: torch.Tensor, problem: MoEProblem) -> int:
-    """Bytes of the expert weights the batch touches: each active expert's gate, up and down once."""
-    c = problem.config
+def active_weight_bytes(topk_ids: torch.Tensor, weights) -> int:
+    """Bytes of the expert weights the batch touches: each active expert's gate, up and down once (FP8: the
+    e4m3 values and their float32 scales)."""
     active = int(torch.unique(topk_ids).numel())
-    return active * 3 * c.hidden_size * c.ffn_size * problem.weights.w_down.element_size()
+    if isinstance(weights, QuantizedMoEWeights):
+        tensors = [t for w in (weights.w_gate_up, weights.w_down) for t in (w.values, w.scale)]
+    else:
+        tensors = [weights.w_gate_up, weights.w_down]
+    return active * sum(t[0].numel() * t.element_size() for t in tensors)
 
 
 def time_forward(
-    problem: MoEProblem, backend: str, ceilings: Ceilings, *, runs: int = 20, warmup: int = 3
+    problem: MoEProblem,
+    backend: str,
+    ceilings: Ceilings,
+    *,
+    runs: int = 20,
+    warmup: int = 3,
+    quantized: QuantizedMoEWeights | None = None,
+    graph: bool = False,
 ) -> ForwardTiming:
-    """Time logits -> route -> backend on problem.x; OOM and unsupported backends become a status."""
+    """Time logits -> route -> backend on problem.x; OOM and unsupported backends become a status.
+
+    quantized: the FP8 weights an FP8_EXPERT_BACKENDS backend runs on (problem.weights otherwise); graph: time
+    replays of the whole forward captured in a CUDA graph (backend "cuda_graph" always is)."""
     device, T = problem.x.device, problem.num_tokens
-    impl = EXPERT_BACKENDS.get(backend)
-    ok, reason = impl.supports(device, problem.x.dtype)
+    if quantized is None:
+        impl = EXPERT_BACKENDS.get(backend)
+        ok, reason = impl.supports(device, problem.x.dtype)
+    else:
+        impl = FP8_EXPERT_BACKENDS.get(backend)
+        ok, reason = impl.supports(device, problem.x.dtype, quantized.scheme)
     if not ok:
         return ForwardTiming(backend, T, f"unsupported: {reason}")
     multiple = impl.size_multiple(problem.x.dtype)
@@ -78,7 +98,7 @@ def time_forward(
         return ForwardTiming(backend, T, f"unsupported: H and F must be multiples of {multiple}, got {H} and {F}")
     if backend == "batched" and batched_bytes(problem) > 0.8 * free_memory(device):
         return ForwardTiming(backend, T, f"OOM: needs {batched_bytes(problem) / 2**30:.0f} GiB of weight copies")
-    weights, config = problem.weights, problem.config
+    weights, config = quantized or problem.weights, problem.config
 
     def whole_forward(experts):  # the hot path as MoELayer(check_values=False) runs it: no host synchronisation
         def forward():
@@ -92,6 +112,8 @@ def time_forward(
         if backend == "cuda_graph":
             # the whole forward, routing included, in one graph, as a serving engine replays a decode step
             forward = as_cuda_graph(whole_forward(best_eager_path(problem.x, config.top_k, weights)))
+        elif graph:
+            forward = as_cuda_graph(whole_forward(impl.fn))
         else:
             forward = whole_forward(impl.fn)
         ms = measure(forward, device, runs=runs, warmup=warmup).median_ms
@@ -100,7 +122,16 @@ def time_forward(
         return ForwardTiming(backend, T, f"OOM: {str(error).splitlines()[0][:80]}")
     tflops = routed_expert_flops(T, config) / ms / 1e9
     routing = route(problem.router_logits(), config, weights.score_correction_bias)
-    gbps = active_weight_bytes(routing.topk_ids, problem) / ms / 1e6
+    gbps = active_weight_bytes(routing.topk_ids, weights) / ms / 1e6
+    fp8_pct = 100 * tflops / ceilings.fp8_matmul_tflops if ceilings.fp8_matmul_tflops else None
     return ForwardTiming(
-        backend, T, "ok", ms, tflops, 100 * tflops / ceilings.matmul_tflops, gbps, 100 * gbps / ceilings.copy_gbps
+        backend + ("+graph" if graph else ""),
+        T,
+        "ok",
+        ms,
+        tflops,
+        100 * tflops / ceilings.matmul_tflops,
+        gbps,
+        100 * gbps / ceilings.copy_gbps,
+        fp8_pct,
     )
