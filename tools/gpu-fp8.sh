@@ -8,7 +8,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 run() { echo "### ${*:2}" >> "$out/summary.txt"; timeout "$1" "${@:2}" >> "$out/summary.txt" 2>&1; echo "rc=$?" >> "$out/summary.txt"; }
 if [ "${1:-}" != bench-only ]; then
-  MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run 420 python -m pytest -q -x -p no:cacheprovider \
+  MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run 420 python -m pytest -q -p no:cacheprovider -n 4 \
     tests/unit/test_kernel_grouped_gemm_fp8.py tests/unit/test_experts_fp8.py tests/unit/test_tolerance_table.py \
     tests/unit/test_quantize.py -W ignore::RuntimeWarning
 fi

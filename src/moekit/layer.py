@@ -4,6 +4,8 @@ dispatcher. Router -> routed experts (locally, or dispatch -> local experts -> c
 Weights use one layout on every path: w_gate_up [E, 2F, H] (gate rows first), w_down [E, H, F],
 router_weight [E, H] (float32), shared_gate_up [S, 2Fs, H], shared_down [S, H, Fs]. With a dispatcher,
 every rank holds the router and the shared experts; the routed experts a rank does not own are not read.
+With quantization ("block" or "row") the routed experts are held in FP8 (moekit.quantize): e4m3 values and float32
+scales as buffers, run by an FP8_EXPERT_BACKENDS backend; the router and the shared experts stay as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from moekit.ep import DISPATCHERS, ep_forward
 from moekit.ep.base import group_size_and_rank
 from moekit.ep.forward import check_fused_combine, chunk_bounds, shared_experts
 from moekit.ep.local_experts import check_backend_fits
-from moekit.experts import EXPERT_BACKENDS
+from moekit.experts import EXPERT_BACKENDS, FP8_EXPERT_BACKENDS
+from moekit.quantize import SCHEMES, QuantizedMoEWeights, QuantizedTensor, quantize_weights
 from moekit.routing import ROUTERS, route
 from moekit.validation import check_tensor, trusted_values
 from moekit.weights import MoEWeights, init_weights, router_logits
@@ -43,7 +46,9 @@ def agree_across_ranks(group, **settings) -> None:
 class MoELayer(nn.Module):
     """x [T, H] -> y [T, H] in config.dtype.
 
-    backend: a name in EXPERT_BACKENDS. dispatcher: None (one device, nothing leaves it) or a name in
+    backend: a name in EXPERT_BACKENDS (default grouped_loop), or with quantization ("block" or "row": FP8 routed
+    experts quantized once here, unless weights are QuantizedMoEWeights already) in FP8_EXPERT_BACKENDS (default
+    triton_grouped_fp8). dispatcher: None (one device, nothing leaves it) or a name in
     DISPATCHERS, set up on `group` for at most max_tokens tokens per call, with dispatcher_options (e.g.
     {"capacity": 64, "overflow": "drop"} for "symmetric"). With a dispatcher, shared_overlap, chunks and
     own_first choose the overlap, fused_combine the fused down projection (moekit.ep.ep_forward); every
@@ -59,11 +64,12 @@ class MoELayer(nn.Module):
         self,
         config: MoEConfig,
         *,
-        backend: str = "grouped_loop",
+        backend: str | None = None,
         dispatcher: str | None = None,
         group=None,
         max_tokens: int = 8192,
-        weights: MoEWeights | None = None,
+        weights: MoEWeights | QuantizedMoEWeights | None = None,
+        quantization: str | None = None,
         seed: int = 0,
         device: torch.device | str = "cpu",
         dispatcher_options: dict | None = None,
@@ -75,12 +81,31 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.backend = EXPERT_BACKENDS.get(backend)
+        if isinstance(weights, QuantizedMoEWeights):
+            if quantization not in (None, weights.scheme):
+                raise ValueError(f"quantization={quantization!r} disagrees with the weights' scheme {weights.scheme!r}")
+            quantization = weights.scheme
+        if quantization is not None and quantization not in SCHEMES:
+            raise ValueError(f"quantization must be None or one of {SCHEMES}, got {quantization!r}")
+        if quantization is not None and dispatcher is not None:
+            raise ValueError("quantization with a dispatcher: FP8 expert parallelism is not built yet (issue #22)")
+        self.quantization = quantization
+        if quantization is None:
+            self.backend = EXPERT_BACKENDS.get(backend or "grouped_loop")
+        else:
+            self.backend = FP8_EXPERT_BACKENDS.get(backend or "triton_grouped_fp8")
         ROUTERS.get(config.router)  # an unknown router fails here, not at the first forward
         weights = weights if weights is not None else init_weights(config, seed=seed, device=device)
-        for f in fields(MoEWeights):
-            tensor = getattr(weights, f.name)
-            self.register_parameter(f.name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
+        if quantization is not None and not isinstance(weights, QuantizedMoEWeights):
+            weights = quantize_weights(weights, quantization)  # once, at build time
+        for f in fields(weights):
+            value = getattr(weights, f.name)
+            if isinstance(value, QuantizedTensor):  # e4m3 values and scales: buffers, like any quantized state
+                self.register_buffer(f"{f.name}_values", value.values)
+                self.register_buffer(f"{f.name}_scale", value.scale)
+            else:
+                self.register_parameter(f.name, None if value is None else nn.Parameter(value, requires_grad=False))
+        self.block_size = weights.w_gate_up.block_size if quantization is not None else None
         chunk_bounds(0, chunks)  # validates chunks
         self.shared_overlap, self.chunks, self.own_first = shared_overlap, chunks, own_first
         self.fused_combine = fused_combine
@@ -90,13 +115,13 @@ class MoELayer(nn.Module):
             raise ValueError("fused_combine fuses the combine of a dispatcher: pass dispatcher='symmetric_triton'")
         if dispatcher is not None:
             cls = DISPATCHERS.get(dispatcher).fn
-            check_backend_fits(cls, backend, own_first)  # here, not at the first forward
+            check_backend_fits(cls, self.backend.name, own_first)  # here, not at the first forward
             if fused_combine:
-                check_fused_combine(cls, backend, own_first)
+                check_fused_combine(cls, self.backend.name, own_first)
             agree_across_ranks(
                 group,
                 config=config,
-                backend=backend,
+                backend=self.backend.name,
                 dispatcher=dispatcher,
                 max_tokens=max_tokens,
                 dispatcher_options=dispatcher_options,
@@ -117,8 +142,17 @@ class MoELayer(nn.Module):
         self.group = group
 
     @property
-    def weights(self) -> MoEWeights:
-        return MoEWeights(**{f.name: getattr(self, f.name) for f in fields(MoEWeights)})
+    def weights(self) -> MoEWeights | QuantizedMoEWeights:
+        if self.quantization is None:
+            return MoEWeights(**{f.name: getattr(self, f.name) for f in fields(MoEWeights)})
+        experts = {
+            name: QuantizedTensor(
+                getattr(self, f"{name}_values"), getattr(self, f"{name}_scale"), self.quantization, self.block_size
+            )
+            for name in ("w_gate_up", "w_down")
+        }
+        rest = {f.name: getattr(self, f.name) for f in fields(QuantizedMoEWeights) if f.name not in experts}
+        return QuantizedMoEWeights(**experts, **rest)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, shape=(None, self.config.hidden_size), dtypes=(self.config.dtype,))

@@ -79,6 +79,16 @@ def quantize(w: torch.Tensor, scheme: str, block_size: int = BLOCK_SIZE) -> Quan
     group), values = w / scale rounded to e4m3 (saturated at +-FP8_MAX)."""
     check_scheme_and_block(scheme, block_size)
     check_tensor("w", w, ndim=3, floating=True)
+    E, N, K = w.shape
+    values = torch.empty(w.shape, dtype=FP8, device=w.device)
+    scale = torch.empty(scale_shape((E, N, K), scheme, block_size), dtype=torch.float32, device=w.device)
+    for e in range(E):  # one expert at a time: float32 copies of all of DeepSeek-V3's experts would take 90 GB
+        values[e], scale[e] = _quantize_one(w[e : e + 1], scheme, block_size)
+    return QuantizedTensor(values, scale, scheme, block_size)
+
+
+def _quantize_one(w: torch.Tensor, scheme: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [1, N, K] -> (values [N, K] e4m3, scale) under quantize's rule."""
     w32 = w.float()
     E, N, K = w32.shape
     if scheme == "row":
@@ -89,7 +99,7 @@ def quantize(w: torch.Tensor, scheme: str, block_size: int = BLOCK_SIZE) -> Quan
         amax = padded.view(E, nb, block_size, kb, block_size).amax(dim=(2, 4))
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     values = (w32 / _expand(scale, scheme, block_size, (E, N, K))).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return QuantizedTensor(values, scale, scheme, block_size)
+    return values[0], scale[0]
 
 
 @dataclass(frozen=True)

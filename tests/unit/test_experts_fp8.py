@@ -14,6 +14,7 @@ from moekit.quantize import SCHEMES
 from moekit.reference import reference_experts, reference_experts_fp8
 from moekit.testing import assert_close_to_reference
 from moekit.testing.fp8_cases import with_spread_blocks
+from moekit.testing.numerics import fp8_kernel_tolerance
 from moekit.testing.strategies import MoECase, moe_cases
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -38,7 +39,8 @@ def check(impl, case: MoECase, scheme: str, device, *, against_exact: bool = Fal
     assert out.dtype == dtype and out.shape == problem.x.shape and out.device == problem.x.device
     args = (problem.x, routing.topk_ids, routing.topk_weights)
     recipe = reference_experts_fp8(*args, q, FP8_ACTIVATION_SCHEMES[impl.name])
-    assert_close_to_reference(out, recipe, dtype, f"{impl.name} ({scheme}) against the FP8 recipe")
+    what = f"{impl.name} ({scheme}) against the FP8 recipe"
+    assert_close_to_reference(out, recipe, dtype, what, fp8_kernel_tolerance(dtype))
     if against_exact:
         exact = reference_experts(*args, weights)
         assert_close_to_reference(out, exact, torch.float8_e4m3fn, f"{impl.name} ({scheme}) against the oracle")
