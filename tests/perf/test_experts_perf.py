@@ -3,9 +3,11 @@ on GPU grouped_mm, which never waits on the host, so the ratio follows the GPU a
 
 import pytest
 
-from moekit import EXPERT_BACKENDS, MoEConfig, make_problem, route
+from moekit import EXPERT_BACKENDS, MoEConfig, make_problem, quantize_weights, route
 from moekit.bench.flops import routed_expert_flops
 from moekit.bench.forward import batched_bytes, free_memory
+from moekit.experts import FP8_EXPERT_BACKENDS
+from moekit.quantize import SCHEMES
 from moekit.validation import trusted_values
 
 from sizes import DTYPE, EXPERT_SHAPE, EXPERT_TOKENS, GPU
@@ -50,5 +52,24 @@ def test_expert_backend(backend, perf, routed_problem, perf_device):
         hot_path(reference, args),
         reference_name=REFERENCE,
         host_bound=backend in HOST_WAITING_BACKENDS or REFERENCE in HOST_WAITING_BACKENDS,
+        flops=routed_expert_flops(EXPERT_TOKENS, CONFIG),
+    )
+
+
+@pytest.mark.benchmark(group="experts")
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("backend", FP8_EXPERT_BACKENDS.names())
+def test_fp8_expert_backend(backend, scheme, perf, routed_problem, perf_device):
+    """An FP8 backend on e4m3 weights against the bf16 reference on the original ones, same tokens."""
+    ok, reason = FP8_EXPERT_BACKENDS.get(backend).supports(perf_device, DTYPE, scheme)
+    if not ok:
+        pytest.skip(reason)
+    problem, routing = routed_problem
+    routed = (problem.x, routing.topk_ids, routing.topk_weights)
+    perf(
+        hot_path(FP8_EXPERT_BACKENDS.get(backend).fn, (*routed, quantize_weights(problem.weights, scheme))),
+        hot_path(EXPERT_BACKENDS.get(REFERENCE).fn, (*routed, problem.weights)),
+        reference_name=REFERENCE,
+        host_bound=REFERENCE in HOST_WAITING_BACKENDS,
         flops=routed_expert_flops(EXPERT_TOKENS, CONFIG),
     )
