@@ -133,14 +133,15 @@ def run_journey_command(args, device: torch.device, dtype: torch.dtype) -> int:
 
 
 def _fp8_cases(args, device: torch.device) -> list[tuple[str, bool, bool]]:
-    """(backend, fp8, graph) per row of an FP8 table: each FP8 backend eager and (on GPU) replayed as a CUDA
-    graph, then the best bf16 backend."""
+    """(backend, fp8, graph) per row of an FP8 table: each FP8 backend, on GPU scaled_grouped_mm replayed as a
+    CUDA graph too (the peer of cuda_graph_fp8 at decode sizes), then the best bf16 backend."""
     names = args.backends.split(",") if args.backends else FP8_EXPERT_BACKENDS.names()
     for name in names:
         FP8_EXPERT_BACKENDS.get(name)
-    graphs = [False, True] if device.type == "cuda" else [False]
-    best = BEST_BF16 if device.type == "cuda" else "triton_grouped"
-    return [(n, True, g) for n in names for g in graphs] + [(best, False, False)]
+    cases = [(n, True, False) for n in names]
+    if device.type == "cuda" and "scaled_grouped_mm" in names:
+        cases.append(("scaled_grouped_mm", True, True))
+    return cases + [(BEST_BF16 if device.type == "cuda" else "triton_grouped", False, False)]
 
 
 def _bf16_of(fp8_rows: list, best: dict) -> list:

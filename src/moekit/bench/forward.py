@@ -82,7 +82,7 @@ def time_forward(
     """Time logits -> route -> backend on problem.x; OOM and unsupported backends become a status.
 
     quantized: the FP8 weights an FP8_EXPERT_BACKENDS backend runs on (problem.weights otherwise); graph: time
-    replays of the whole forward captured in a CUDA graph (backend "cuda_graph" always is)."""
+    replays of the whole forward captured in a CUDA graph (backends "cuda_graph" and "cuda_graph_fp8" always are)."""
     device, T = problem.x.device, problem.num_tokens
     if quantized is None:
         impl = EXPERT_BACKENDS.get(backend)
@@ -112,6 +112,8 @@ def time_forward(
         if backend == "cuda_graph":
             # the whole forward, routing included, in one graph, as a serving engine replays a decode step
             forward = as_cuda_graph(whole_forward(best_eager_path(problem.x, config.top_k, weights)))
+        elif backend == "cuda_graph_fp8":  # the same for FP8: its captured path, routing included
+            forward = as_cuda_graph(whole_forward(FP8_EXPERT_BACKENDS.get("triton_grouped_fp8").fn))
         elif graph:
             forward = as_cuda_graph(whole_forward(impl.fn))
         else:

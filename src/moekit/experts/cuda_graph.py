@@ -51,9 +51,8 @@ def best_eager_path(x: torch.Tensor, top_k: int, weights: MoEWeights):
     return triton_grouped
 
 
-def _capture(x, topk_ids, topk_weights, weights) -> _Captured:
+def _capture(path, x, topk_ids, topk_weights, weights) -> _Captured:
     static = [t.clone() for t in (x, topk_ids, topk_weights)]
-    path = best_eager_path(x, topk_ids.shape[1], weights)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compile and autotune the kernels outside the capture
@@ -72,7 +71,15 @@ def cuda_graph(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     One graph per (shapes, dtypes, device, weight storage); weights must not be reallocated in between.
     """
     check_routing(topk_ids, topk_weights, weights.w_gate_up.shape[0])
+    path = best_eager_path(x, topk_ids.shape[1], weights)
+    return replay_captured(path, x, topk_ids, topk_weights, weights, (weights.w_gate_up, weights.w_down))
+
+
+def replay_captured(path, x, topk_ids, topk_weights, weights, weight_tensors) -> torch.Tensor:
+    """path(x, topk_ids, topk_weights, weights) -> y, replayed from a graph captured on the first call with these
+    shapes and weight_tensors (the tensors the graph's kernels read at their addresses): y is a new tensor."""
     key = (
+        path.__name__,
         x.shape,
         x.dtype,
         topk_ids.shape,
@@ -81,9 +88,9 @@ def cuda_graph(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
         x.device,
         # the graph's kernels read the weights at these addresses with these shapes and strides: a new weight
         # that reuses a freed one's memory with another shape must not replay the old graph
-        *((w.data_ptr(), tuple(w.shape), w.stride()) for w in (weights.w_gate_up, weights.w_down)),
+        *((w.data_ptr(), tuple(w.shape), w.stride()) for w in weight_tensors),
     )
-    captured = _graphs.pop(key, None) or _capture(x, topk_ids, topk_weights, weights)
+    captured = _graphs.pop(key, None) or _capture(path, x, topk_ids, topk_weights, weights)
     _graphs[key] = captured
     while len(_graphs) > MAX_GRAPHS:
         _graphs.popitem(last=False)
