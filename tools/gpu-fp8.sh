@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # On the GPU machine: the FP8 tests compiled, then the FP8 expert figures of issue #22, into $OUT.
-#   PYTHONPATH=src tools/gpu-fp8.sh [bench-only]
+#   tools/gpu-fp8.sh [tests|block|row]...   (default: all three)
 set -uo pipefail
 out=${OUT:-out}
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 run() { echo "### ${*:2}" >> "$out/summary.txt"; timeout "$1" "${@:2}" >> "$out/summary.txt" 2>&1; echo "rc=$?" >> "$out/summary.txt"; }
-if [ "${1:-}" != bench-only ]; then
-  MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run 420 python -m pytest -q -p no:cacheprovider -n 4 \
-    tests/unit/test_kernel_grouped_gemm_fp8.py tests/unit/test_experts_fp8.py tests/unit/test_tolerance_table.py \
-    tests/unit/test_quantize.py -W ignore::RuntimeWarning
-fi
-for quant in block row; do
-  run 300 python -m moekit bench experts --dtype fp8 --quant $quant --runs 10 --tokens-list 16,128,4096,8192 \
-    --quiet --json "$out/experts-fp8-$quant.json"
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests block row)
+for part in "${parts[@]}"; do
+  case $part in
+    tests) MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run 240 python -m pytest -q -p no:cacheprovider -n 4 \
+      tests/unit/test_kernel_grouped_gemm_fp8.py tests/unit/test_experts_fp8.py tests/unit/test_layer_fp8.py \
+      tests/unit/test_tolerance_table.py tests/unit/test_quantize.py -W ignore::RuntimeWarning ;;
+    block|row) run 330 python -m moekit bench experts --dtype fp8 --quant "$part" --runs 10 \
+      --tokens-list "${TOKENS:-16,128,4096,8192}" --quiet --json "$out/experts-fp8-$part.json" ;;
+  esac
 done
