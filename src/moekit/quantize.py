@@ -121,12 +121,16 @@ class QuantizedRows:
         if self.scale.device != self.values.device:
             raise ValueError(f"scale must be on the values' device {self.values.device}, got {self.scale.device}")
 
+    def element_scale(self) -> torch.Tensor:
+        """Each value's scale: [M, K] ("block") or [M, 1] ("row"), float32."""
+        if self.scheme == "row":
+            return self.scale
+        return self.scale.repeat_interleave(self.block_size, dim=1)[:, : self.values.shape[1]]
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """values * scale [M, K] in dtype (computed in float32, or float64 for float64)."""
         acc = torch.promote_types(dtype, torch.float32)
-        K = self.values.shape[1]
-        scale = self.scale if self.scheme == "row" else self.scale.repeat_interleave(self.block_size, dim=1)[:, :K]
-        return (self.values.to(acc) * scale.to(acc)).to(dtype)
+        return (self.values.to(acc) * self.element_scale().to(acc)).to(dtype)
 
 
 def quantize_rows(x: torch.Tensor, scheme: str, block_size: int = BLOCK_SIZE) -> QuantizedRows:

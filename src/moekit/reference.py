@@ -132,18 +132,24 @@ def reference_experts_fp8(
     An FP8 backend computes the same values: what remains between the two is the order of the float32 sums.
     """
     block = weights.w_gate_up.block_size
-    x = quantize_rows(x, weights.scheme, block).dequantize(torch.float64).cpu()
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for token_idx, slot, activation, w_down in fp8_recipe_activations(x, topk_ids, weights):
+        activation = quantize_rows(activation, activation_scheme, block).dequantize(torch.float64)
+        y.index_add_(0, token_idx, (activation @ w_down.T) * topk_weights.double().cpu()[token_idx, slot, None])
+    return y
+
+
+def fp8_recipe_activations(x: torch.Tensor, topk_ids: torch.Tensor, weights: QuantizedMoEWeights):
+    """Per expert with tokens: (token_idx [n], slot [n], the SwiGLU activation [n, F] before its quantization,
+    w_down [H, F] dequantized), float64 on the CPU, from x quantized as the weights' scheme says."""
+    x = quantize_rows(x, weights.scheme, weights.w_gate_up.block_size).dequantize(torch.float64).cpu()
     w_gate_up, w_down = (w.dequantize(torch.float64).cpu() for w in (weights.w_gate_up, weights.w_down))
-    topk_ids, topk_weights = topk_ids.long().cpu(), topk_weights.double().cpu()
-    y = torch.zeros_like(x)
+    topk_ids = topk_ids.long().cpu()
     for e in range(w_gate_up.shape[0]):
         token_idx, slot = torch.nonzero(topk_ids == e, as_tuple=True)
-        if token_idx.numel() == 0:
-            continue
-        gate, up = (x[token_idx] @ w_gate_up[e].T).chunk(2, dim=-1)
-        activation = quantize_rows(F.silu(gate) * up, activation_scheme, block).dequantize(torch.float64)
-        y.index_add_(0, token_idx, (activation @ w_down[e].T) * topk_weights[token_idx, slot, None])
-    return y
+        if token_idx.numel():
+            gate, up = (x[token_idx] @ w_gate_up[e].T).chunk(2, dim=-1)
+            yield token_idx, slot, F.silu(gate) * up, w_down[e]
 
 
 def reference_shared_experts(x: torch.Tensor, weights: MoEWeights) -> torch.Tensor:

@@ -5,8 +5,8 @@ unpermute. Rowwise weights only: the op has no 128 x 128 block scales."""
 
 import torch
 
-from moekit.experts.grouped_mm import sixteen_byte_rows
 from moekit.experts.registry import FP8_ACTIVATION_SCHEMES, FP8_EXPERT_BACKENDS
+from moekit.experts.triton_grouped import sixteen
 from moekit.experts.triton_grouped_fp8 import check_fp8_weights
 from moekit.kernels.availability import fp8_triton_support
 from moekit.permute import expert_layout
@@ -29,7 +29,8 @@ def scaled_grouped_mm_support(device: torch.device, dtype: torch.dtype, scheme: 
     return fp8_triton_support(device, dtype)  # the Triton permute, SwiGLU and unpermute
 
 
-@FP8_EXPERT_BACKENDS.register("scaled_grouped_mm", supports=scaled_grouped_mm_support, size_multiple=sixteen_byte_rows)
+# sixteen: the op wants 16-byte e4m3 rows (H and F multiples of 16), not bf16's 8 elements
+@FP8_EXPERT_BACKENDS.register("scaled_grouped_mm", supports=scaled_grouped_mm_support, size_multiple=sixteen)
 def scaled_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights):
     """x [T, H] bf16 -> y [T, H] bf16."""
     from moekit.kernels.permute import unpermute_reduce_triton

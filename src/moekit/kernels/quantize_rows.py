@@ -31,8 +31,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def quantize_tile(values, amax, FP8_MAX: tl.constexpr):
     """(scale, scaled values): the dequantization scale of a group with this amax, and values / scale saturated
     to +-FP8_MAX (still float32: the caller converts)."""
-    scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
-    scaled = tl.math.div_rn(values, scale)  # IEEE division, as torch's: the default one is approximate
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)  # IEEE division, as torch's
+    scaled = tl.math.div_rn(values, scale)  # the default division is approximate
     return scale, tl.clamp(scaled, -FP8_MAX, FP8_MAX)
 
 

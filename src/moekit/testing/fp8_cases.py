@@ -1,6 +1,7 @@
-"""FP8 test data: weights whose 128 x 128 blocks differ in magnitude, as trained weights' do, so that a scale read
-from the wrong block moves a result far past e4m3's own error (on i.i.d. random weights every block's amax is
-about the same, and such a bug would hide inside the tolerance)."""
+"""FP8 test data and error bounds: weights whose 128 x 128 blocks differ in magnitude, as trained weights' do, so
+that a scale read from the wrong block moves a result far past e4m3's own error (on i.i.d. random weights every
+block's amax is about the same, and such a bug would hide inside the tolerance); and the error a kernel's
+re-quantized activation may add by rounding to the neighbouring e4m3 value."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import replace
 
 import torch
 
-from moekit.quantize import BLOCK_SIZE
+from moekit.quantize import BLOCK_SIZE, FP8, FP8_MAX, QuantizedMoEWeights, quantize_rows
+from moekit.reference import fp8_recipe_activations, reference_experts_fp8
 from moekit.weights import MoEWeights
 
 
@@ -31,3 +33,36 @@ def with_spread_blocks(weights: MoEWeights, seed: int) -> MoEWeights:
         w_gate_up=spread_blocks(weights.w_gate_up, g),
         w_down=spread_blocks(weights.w_down, g),
     )
+
+
+def requantization_flip_error(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    weights: QuantizedMoEWeights,
+    activation_scheme: str,
+    margin: float,
+) -> float:
+    """How far from the FP8 recipe (relative to its norm) a kernel may land only because its SwiGLU activation,
+    off the float64 one by up to `margin` relative, rounds to a neighbouring e4m3 value when re-quantized.
+
+    Every activation element within margin of a rounding boundary is taken to flip by the step to the value it
+    would reach; their effects on y are summed as independent errors (root of the sum of squares). Zero for an
+    exact kernel with margin 0; on Hopper's FP8 tensor cores the activation is off by FP8_MMA_TOLERANCE or so,
+    and one flipped element moves a whole token's output, so small problems see errors of a few percent.
+    """
+    block = weights.w_gate_up.block_size
+    variance = torch.zeros(x.shape, dtype=torch.float64)
+    y = reference_experts_fp8(x, topk_ids, topk_weights, weights, activation_scheme)
+    for token_idx, slot, activation, w_down in fp8_recipe_activations(x, topk_ids, weights):
+        q = quantize_rows(activation, activation_scheme, block)
+        scale = q.element_scale().double()
+        nearest = q.values.double()
+        step = torch.zeros_like(activation)
+        for factor in (1 - margin, 1 + margin):
+            reached = (activation * factor / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).double()
+            step = torch.maximum(step, (reached - nearest).abs() * scale)
+        router_weight = topk_weights.double().cpu()[token_idx, slot, None]
+        variance.index_add_(0, token_idx, (step**2 @ (w_down**2).T) * router_weight**2)
+    norm = float(torch.linalg.vector_norm(y))
+    return float(variance.sum().sqrt()) / norm if norm > 0 else 0.0
