@@ -9,8 +9,8 @@ from moekit.quantize import FP8
 out_dir = os.environ.get("OUT", "out")
 dev = torch.device("cuda")
 T = 8192
-models = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8), "deepseek_v3": (7168, 2048, 256, 8)}
-cfgs = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 8, 4)]
+models = {"mixtral": (4096, 14336, 8, 2), "deepseek_v3": (7168, 2048, 256, 8), "qwen3": (2048, 768, 128, 8)}
+cfgs = [(64, 128, 4, 4), (64, 256, 8, 3), (64, 256, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (128, 128, 4, 4)]
 results = []
 def fp8(*shape):
     return (torch.randn(*shape, device=dev) * 0.5).to(FP8)
@@ -21,7 +21,7 @@ for name, (H, F, E, K) in models.items():
         Kd, N = (H, 2 * F) if gemm == "gate_up" else (F, H)
         a = fp8(M, Kd); b = fp8(E, N, Kd)
         flops = 2 * M * N * Kd
-        for scheme in ("block", "row"):
+        for scheme in (("block", "row") if name == "mixtral" else ("block",)):
             a_blocked = scheme == "block" or gemm == "down"
             a_scale = torch.rand(M, triton.cdiv(Kd, 128) if a_blocked else 1, device=dev) + 0.5
             b_scale = torch.rand(E, *((triton.cdiv(N, 128), triton.cdiv(Kd, 128)) if scheme == "block" else (N, 1)), device=dev) + 0.5
@@ -30,7 +30,6 @@ for name, (H, F, E, K) in models.items():
             out_scale = torch.ones(M, triton.cdiv(n_out, 128), device=dev)
             row_scale = torch.rand(M, device=dev)
             for bm, bn, w, s in cfgs:
-                if swiglu and bn != 128: continue
                 if bm * bn * (2 if swiglu else 1) > 128 * 32 * w: continue
                 def call():
                     g8._grouped_gemm_fp8_kernel.fn[(132,)](
@@ -61,7 +60,7 @@ from moekit.experts.registry import FP8_EXPERT_BACKENDS
 from moekit.problem import make_problem
 from moekit.quantize import quantize_weights
 from moekit.config import MoEConfig
-for name in ("mixtral", "deepseek_v3"):
+for name in ("mixtral",):
     H, F, E, K = models[name]
     cfg = MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=K, dtype=torch.bfloat16)
     problem = make_problem(cfg, T, device=dev)
