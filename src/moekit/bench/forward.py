@@ -84,6 +84,7 @@ def time_forward(
     quantized: the FP8 weights an FP8_EXPERT_BACKENDS backend runs on (problem.weights otherwise); graph: time
     replays of the whole forward captured in a CUDA graph (backends "cuda_graph" and "cuda_graph_fp8" always are)."""
     device, T = problem.x.device, problem.num_tokens
+    name = backend + ("+graph" if graph else "")
     if quantized is None:
         impl = EXPERT_BACKENDS.get(backend)
         ok, reason = impl.supports(device, problem.x.dtype)
@@ -91,13 +92,13 @@ def time_forward(
         impl = FP8_EXPERT_BACKENDS.get(backend)
         ok, reason = impl.supports(device, problem.x.dtype, quantized.scheme)
     if not ok:
-        return ForwardTiming(backend, T, f"unsupported: {reason}")
+        return ForwardTiming(name, T, f"unsupported: {reason}")
     multiple = impl.size_multiple(problem.x.dtype)
     H, F = problem.config.hidden_size, problem.config.ffn_size
     if H % multiple or F % multiple:
-        return ForwardTiming(backend, T, f"unsupported: H and F must be multiples of {multiple}, got {H} and {F}")
+        return ForwardTiming(name, T, f"unsupported: H and F must be multiples of {multiple}, got {H} and {F}")
     if backend == "batched" and batched_bytes(problem) > 0.8 * free_memory(device):
-        return ForwardTiming(backend, T, f"OOM: needs {batched_bytes(problem) / 2**30:.0f} GiB of weight copies")
+        return ForwardTiming(name, T, f"OOM: needs {batched_bytes(problem) / 2**30:.0f} GiB of weight copies")
     weights, config = quantized or problem.weights, problem.config
 
     def whole_forward(experts):  # the hot path as MoELayer(check_values=False) runs it: no host synchronisation
@@ -121,13 +122,13 @@ def time_forward(
         ms = measure(forward, device, runs=runs, warmup=warmup).median_ms
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
-        return ForwardTiming(backend, T, f"OOM: {str(error).splitlines()[0][:80]}")
+        return ForwardTiming(name, T, f"OOM: {str(error).splitlines()[0][:80]}")
     tflops = routed_expert_flops(T, config) / ms / 1e9
     routing = route(problem.router_logits(), config, weights.score_correction_bias)
     gbps = active_weight_bytes(routing.topk_ids, weights) / ms / 1e6
     fp8_pct = 100 * tflops / ceilings.fp8_matmul_tflops if ceilings.fp8_matmul_tflops else None
     return ForwardTiming(
-        backend + ("+graph" if graph else ""),
+        name,
         T,
         "ok",
         ms,
