@@ -9,7 +9,7 @@ from moekit.validation import check_routing
 from moekit.weights import MoEWeights
 
 
-@EXPERT_BACKENDS.register("batched")
+@EXPERT_BACKENDS.register("batched", trains=True)
 def batched(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
     """x [T, H] -> y [T, H] through per-token weight copies [T, K, 2F, H] and [T, K, H, F]."""
     check_routing(topk_ids, topk_weights, weights.w_gate_up.shape[0])

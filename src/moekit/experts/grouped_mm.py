@@ -84,7 +84,7 @@ def grouped_mm_pipeline(
     return unpermute(out, layout, topk_weights)
 
 
-@EXPERT_BACKENDS.register("grouped_mm", supports=grouped_mm_support, size_multiple=sixteen_byte_rows)
+@EXPERT_BACKENDS.register("grouped_mm", supports=grouped_mm_support, size_multiple=sixteen_byte_rows, trains=True)
 def grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
     """x [T, H] -> y [T, H]: permute, grouped gate+up, SiLU * up, grouped down, weighted unpermute."""
     return grouped_mm_pipeline(

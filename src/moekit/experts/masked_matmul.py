@@ -17,7 +17,7 @@ def combine_matrix(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exper
     return dense.scatter_(1, topk_ids.long(), topk_weights)
 
 
-@EXPERT_BACKENDS.register("masked_matmul")
+@EXPERT_BACKENDS.register("masked_matmul", trains=True)
 def masked_matmul(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
     """x [T, H] -> y [T, H]: dense expert compute masked by the routing."""
     num_experts = weights.w_gate_up.shape[0]

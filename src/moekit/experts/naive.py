@@ -9,7 +9,7 @@ from moekit.validation import check_routing
 from moekit.weights import MoEWeights
 
 
-@EXPERT_BACKENDS.register("naive")
+@EXPERT_BACKENDS.register("naive", trains=True)
 def naive(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
     """x [T, H] -> y [T, H]: for each expert, select its tokens by mask, run it, add the weighted rows."""
     num_experts, two_f, _ = weights.w_gate_up.shape

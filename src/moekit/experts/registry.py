@@ -10,6 +10,10 @@ each row through its expert's MLP once, unweighted (expert e owns rows offsets[e
 expert-parallel rank receives its rows already grouped that way, so it skips the routing, the permute and
 the unpermute (moekit.ep.local_experts).
 
+A backend registered with trains=True backpropagates to x, topk_weights and the expert weights, its gradients
+held to the float64 oracle's (tests/unit/test_expert_gradients.py); any other refuses grad-requiring inputs in
+grad mode with an error that names the ones that train.
+
 FP8 backends sit in a registry of their own, FP8_EXPERT_BACKENDS: fn(x [T, H], topk_ids, topk_weights,
 weights: QuantizedMoEWeights) -> y [T, H] in x.dtype, computing on the e4m3 weights and e4m3 activations, with
 supports(device, dtype, scheme) -> (ok, reason) for x's dtype and the weights' scheme ("block" or "row").
@@ -19,8 +23,8 @@ from collections.abc import Callable
 
 from moekit.registry import Registry
 
-EXPERT_BACKENDS = Registry("expert backend")
-FP8_EXPERT_BACKENDS = Registry("FP8 expert backend")
+EXPERT_BACKENDS = Registry("expert backend", guard_training=True)
+FP8_EXPERT_BACKENDS = Registry("FP8 expert backend", guard_training=True)
 # how each FP8 backend quantizes the SwiGLU activation for its down projection: "block" (per 1 x 128 tile) or
 # "row"; moekit.reference.reference_experts_fp8 follows the same recipe
 FP8_ACTIVATION_SCHEMES: dict[str, str] = {}

@@ -12,8 +12,9 @@ partial sums are float32 throughout; otherwise the scales multiply the finished 
 
 Epilogues: SwiGLU (b holds gate rows then up rows, each half with its own scales), the router weight of each row,
 and re-quantization of the output per 1 x 128 tile (the SwiGLU activation becomes the next GEMM's e4m3 operand
-without touching memory in a wider type; an output tile is one or two such tiles per row). A per-row scale of that output would need the amax of every n-tile of
-the row, which no single tile knows; 1 x 128 tiles are what an epilogue can compute, and they are the finer scale.
+without touching memory in a wider type; an output tile holds one or two such tiles per row). A per-row scale of
+that output would need the amax of every n-tile of the row, which no single tile knows; 1 x 128 tiles are what an
+epilogue can compute, and they are the finer scale.
 """
 
 from __future__ import annotations

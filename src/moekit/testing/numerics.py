@@ -42,6 +42,14 @@ def fp8_kernel_tolerance(out_dtype: torch.dtype) -> float:
     return max(TOLERANCE[out_dtype], FP8_MMA_TOLERANCE)
 
 
+# A gradient against the oracle's: the backward rounds as many operands and products again as the forward (dy,
+# the transposed GEMMs), on top of the forward's own activations, and independent rounding errors add in quadrature:
+# sqrt(2) times the forward's bound (fp16 dW_down 4.04e-3 seen at H = F = 17 against TOLERANCE's 4e-3).
+def gradient_tolerance(dtype: torch.dtype) -> float:
+    """The tolerance of a gradient computed in dtype against the float64 oracle's."""
+    return math.sqrt(2) * TOLERANCE[dtype]
+
+
 # The same comparison for a result that is summed in float32 and rounded once to its storage dtype (no
 # matmul, no activation in between: the combine's slot sums): the storage dtype's unit roundoff bounds it
 # (2^-11 for float16, 2^-8 for bfloat16), and the twin one step weaker, adding in the storage dtype, lands
