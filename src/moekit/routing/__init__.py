@@ -13,6 +13,7 @@ from moekit.config import MoEConfig
 # registration order is table order, the naive baseline first (I001 is off for this file)
 from moekit.routing import softmax_topk, topk_softmax, grouped_topk, sinkhorn, fused_select  # noqa: F401
 from moekit.routing.load_stats import LoadStats, load_stats, tokens_per_expert
+from moekit.routing.losses import load_balancing_loss, router_z_loss, update_correction_bias
 from moekit.routing.registry import ROUTERS, Routing
 from moekit.routing.skew import apply_skew, skew_bias
 from moekit.validation import check_finite, check_tensor
@@ -23,10 +24,13 @@ __all__ = [
     "Routing",
     "apply_skew",
     "check_router_inputs",
+    "load_balancing_loss",
     "load_stats",
     "route",
+    "router_z_loss",
     "skew_bias",
     "tokens_per_expert",
+    "update_correction_bias",
 ]
 
 
