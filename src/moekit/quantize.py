@@ -25,6 +25,9 @@ from moekit.weights import MoEWeights
 SCHEMES = ("block", "row")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+# scale = amax times this float32 constant: one IEEE multiply, the same bits in torch on the CPU and the GPU and in
+# Triton (torch's CUDA division by a scalar multiplies by its reciprocal, so amax / 448 differs by place)
+SCALE_PER_AMAX = 1.0 / FP8_MAX
 BLOCK_SIZE = 128  # DeepSeek-V3's block
 
 
@@ -75,7 +78,7 @@ class QuantizedTensor:
 
 
 def quantize(w: torch.Tensor, scheme: str, block_size: int = BLOCK_SIZE) -> QuantizedTensor:
-    """w [E, N, K] (floating) -> QuantizedTensor: each group's amax / FP8_MAX is its scale (1 for an all-zero
+    """w [E, N, K] (floating) -> QuantizedTensor: each group's amax * SCALE_PER_AMAX is its scale (1 for an all-zero
     group), values = w / scale rounded to e4m3 (saturated at +-FP8_MAX)."""
     check_scheme_and_block(scheme, block_size)
     check_tensor("w", w, ndim=3, floating=True)
@@ -97,7 +100,7 @@ def _quantize_one(w: torch.Tensor, scheme: str, block_size: int) -> tuple[torch.
         _, nb, kb = scale_shape((E, N, K), "block", block_size)
         padded = torch.nn.functional.pad(w32.abs(), (0, kb * block_size - K, 0, nb * block_size - N))
         amax = padded.view(E, nb, block_size, kb, block_size).amax(dim=(2, 4))
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax * SCALE_PER_AMAX, torch.ones_like(amax))
     values = (w32 / _expand(scale, scheme, block_size, (E, N, K))).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return values[0], scale[0]
 
@@ -135,7 +138,7 @@ class QuantizedRows:
 
 def quantize_rows(x: torch.Tensor, scheme: str, block_size: int = BLOCK_SIZE) -> QuantizedRows:
     """x [M, K] (floating) -> QuantizedRows: per 1 x block_size tile ("block") or per row ("row"), with quantize's
-    rule (scale = amax / FP8_MAX, 1 for an all-zero group)."""
+    rule (scale = amax * SCALE_PER_AMAX, 1 for an all-zero group)."""
     check_scheme_and_block(scheme, block_size)
     check_tensor("x", x, ndim=2, floating=True)
     M, K = x.shape

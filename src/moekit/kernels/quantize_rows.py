@@ -3,7 +3,7 @@
 One program per (token, 1 x 128 tile) under "block", per token under "row" (a first sweep over the row finds its
 amax, a second writes the values). With a layout, each token's values and scales are written to the K rows of
 its assignments: one read of x gives the expert-sorted FP8 rows the grouped GEMM takes. The rule is
-moekit.quantize.quantize_rows' (scale = amax / 448, 1 for an all-zero group, values = x / scale rounded to
+moekit.quantize.quantize_rows' (scale = amax * (1 / 448), 1 for an all-zero group, values = x / scale rounded to
 nearest even and saturated), so the two agree bit for bit.
 
 Triton's interpreter loads and multiplies e4m3 correctly but converts to it wrongly (0.0156 came out as 0.0078,
@@ -31,8 +31,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def quantize_tile(values, amax, FP8_MAX: tl.constexpr):
     """(scale, scaled values): the dequantization scale of a group with this amax, and values / scale saturated
     to +-FP8_MAX (still float32: the caller converts)."""
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)  # IEEE division, as torch's
-    scaled = tl.math.div_rn(values, scale)  # the default division is approximate
+    scale = tl.where(amax > 0, amax * (1.0 / FP8_MAX), 1.0)  # moekit.quantize.SCALE_PER_AMAX
+    scaled = tl.math.div_rn(values, scale)  # IEEE division, as torch's tensor / tensor: the default is approximate
     return scale, tl.clamp(scaled, -FP8_MAX, FP8_MAX)
 
 
