@@ -6,6 +6,9 @@ router_weight [E, H] (float32), shared_gate_up [S, 2Fs, H], shared_down [S, H, F
 every rank holds the router and the shared experts; the routed experts a rank does not own are not read.
 With quantization ("block" or "row") the routed experts are held in FP8 (moekit.quantize): e4m3 values and float32
 scales as buffers, run by an FP8_EXPERT_BACKENDS backend; the router and the shared experts stay as they are.
+With quantization and a dispatcher that sends FP8 rows (nccl, skip_a2a) the tokens travel in FP8 too: each is
+quantized once on its rank, the receiving rank runs its experts on the e4m3 rows, and combine stays in
+config.dtype (moekit.ep.ep_forward).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from moekit.config import MoEConfig
 from moekit.ep import DISPATCHERS, ep_forward
 from moekit.ep.base import group_size_and_rank
 from moekit.ep.forward import check_fused_combine, chunk_bounds, shared_experts
-from moekit.ep.local_experts import check_backend_fits
+from moekit.ep.local_experts import check_backend_fits, check_fp8_fits
 from moekit.experts import EXPERT_BACKENDS, FP8_EXPERT_BACKENDS
 from moekit.quantize import SCHEMES, QuantizedMoEWeights, QuantizedTensor, quantize_weights
 from moekit.routing import ROUTERS, route
@@ -48,12 +51,12 @@ class MoELayer(nn.Module):
 
     backend: a name in EXPERT_BACKENDS (default grouped_loop), or with quantization ("block" or "row": FP8 routed
     experts quantized once here, unless weights are QuantizedMoEWeights already) in FP8_EXPERT_BACKENDS (default
-    triton_grouped_fp8). dispatcher: None (one device, nothing leaves it) or a name in
-    DISPATCHERS, set up on `group` for at most max_tokens tokens per call, with dispatcher_options (e.g.
-    {"capacity": 64, "overflow": "drop"} for "symmetric"). With a dispatcher, shared_overlap, chunks and
-    own_first choose the overlap, fused_combine the fused down projection (moekit.ep.ep_forward); every
-    rank must build the layer with the same arguments, which the constructor checks (a collective over the
-    group). check_values=False drops the
+    triton_grouped_fp8; with a dispatcher, one that sends FP8 rows: nccl or skip_a2a). dispatcher: None (one
+    device, nothing leaves it) or a name in DISPATCHERS, set up on `group` for at most max_tokens tokens per call,
+    with dispatcher_options (e.g. {"capacity": 64, "overflow": "drop"} for "symmetric"). With a dispatcher,
+    shared_overlap, chunks and own_first choose the overlap, fused_combine the fused down projection
+    (moekit.ep.ep_forward); every rank must build the layer with the same arguments, which the constructor
+    checks (a collective over the group). check_values=False drops the
     NaN check of the router logits, the one host synchronisation of a one-device forward, so the layer can
     be captured in a CUDA graph (the router's ids reach the experts unchecked either way: they are in range);
     with a fixed-shape dispatcher (nvshmem_triton_graph, symmetric_triton_graph) and backend triton_grouped, so can the
@@ -87,8 +90,6 @@ class MoELayer(nn.Module):
             quantization = weights.scheme
         if quantization is not None and quantization not in SCHEMES:
             raise ValueError(f"quantization must be None or one of {SCHEMES}, got {quantization!r}")
-        if quantization is not None and dispatcher is not None:
-            raise ValueError("quantization with a dispatcher: FP8 expert parallelism is not built yet (issue #22)")
         self.quantization = quantization
         if quantization is None:
             self.backend = EXPERT_BACKENDS.get(backend or "grouped_loop")
@@ -115,13 +116,17 @@ class MoELayer(nn.Module):
             raise ValueError("fused_combine fuses the combine of a dispatcher: pass dispatcher='symmetric_triton'")
         if dispatcher is not None:
             cls = DISPATCHERS.get(dispatcher).fn
-            check_backend_fits(cls, self.backend.name, own_first)  # here, not at the first forward
+            if quantization is not None:  # here, not at the first forward
+                check_fp8_fits(cls, self.backend.name, own_first, fused_combine)
+            else:
+                check_backend_fits(cls, self.backend.name, own_first)
             if fused_combine:
                 check_fused_combine(cls, self.backend.name, own_first)
             agree_across_ranks(
                 group,
                 config=config,
                 backend=self.backend.name,
+                quantization=quantization,
                 dispatcher=dispatcher,
                 max_tokens=max_tokens,
                 dispatcher_options=dispatcher_options,

@@ -47,5 +47,5 @@ def test_quantized_weights_are_taken_as_they_are_and_bad_settings_are_refused():
         MoELayer(CONFIG, weights=weights, quantization="int8")
     with pytest.raises(ValueError, match=r"unknown FP8 expert backend 'grouped_loop'"):
         MoELayer(CONFIG, weights=weights, quantization="block", backend="grouped_loop")
-    with pytest.raises(ValueError, match=r"FP8 expert parallelism is not built yet"):
-        MoELayer(CONFIG, weights=weights, quantization="block", dispatcher="nccl")
+    with pytest.raises(ValueError, match=r"dispatcher 'padded' cannot send FP8 rows.*the ones that can: \['nccl'"):
+        MoELayer(CONFIG, weights=weights, quantization="block", dispatcher="padded")

@@ -13,6 +13,15 @@ one (source rank, token) into one row, sends those back (one row per token per d
 and the source sums what comes back per token in float32 (or wider), adds shared_out and returns
 y [T, H] in the dispatcher's dtype.
 
+dispatch_quantized(x, topk_ids, topk_weights, scheme) is dispatch with the rows sent in FP8, as DeepEP sends
+them: each token quantized once on its source rank under scheme ("block": a float32 scale per 1 x 128 tile,
+"row": one per row), e4m3 values and scales on the wire (moekit.ep.quantized), recv_x handed back as
+QuantizedRows grouped as above; the metadata, the handle and combine are dispatch's (combine stays in the
+dispatcher's dtype). A path that can (sends_fp8 = True: nccl, and skip_a2a with it) implements
+dispatch_quantized_async, whose pending object its dispatch_wait takes; the others raise ValueError naming
+themselves and the paths that can. A separate method rather than an argument of dispatch_async: every path
+keeps its signature, and the one that quantizes says so by name.
+
 Every rank of the group must call dispatch and combine the same number of times, in the same order,
 with the same K. Argument errors are raised before any communication (so when every rank makes the
 same mistake, every rank raises; a mistake on one rank alone leaves its peers waiting until the
@@ -27,7 +36,9 @@ import torch
 import torch.distributed as dist
 
 from moekit.ep.handle import DispatchHandle, RecvMeta
+from moekit.ep.registry import DISPATCHERS
 from moekit.kernels.availability import triton_on_cuda
+from moekit.quantize import QuantizedRows
 from moekit.registry import Support
 from moekit.validation import INDEX_DTYPES, capturing_cuda_graph, check_ids_in_range, check_tensor
 
@@ -146,6 +157,11 @@ def expand_received(
     return Expansion(slot, meta)
 
 
+def fp8_dispatchers() -> list[str]:
+    """The names of the registered dispatchers that send rows in FP8 (sends_fp8)."""
+    return [impl.name for impl in DISPATCHERS if impl.fn.sends_fp8]
+
+
 @dataclass
 class PendingCombine:
     """A combine in flight: wait on works, then back [num_send_slots, H] holds the rows that came back.
@@ -178,6 +194,8 @@ class Dispatcher:
     # True: combine_down_async(hidden, w_down, meta, handle, shared_out) runs the experts' down projection and
     # stores its rows straight where combine sends them (ep_forward's fused_combine)
     fuses_down_projection = False
+    # True: dispatch_quantized_async sends the rows in FP8 (e4m3 values + float32 scales)
+    sends_fp8 = False
 
     def __init__(
         self,
@@ -333,9 +351,22 @@ class Dispatcher:
         """expert_out [R, H] (unweighted expert outputs, rows as dispatch returned them) -> y [T, H]."""
         return self.combine_wait(self.combine_async(expert_out, handle, shared_out))
 
+    def dispatch_quantized(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, scheme: str
+    ) -> tuple[QuantizedRows, RecvMeta, DispatchHandle]:
+        """x [T, H], topk_ids [T, K], topk_weights [T, K], scheme ("block" or "row") -> (recv_x QuantizedRows
+        [R, H], RecvMeta, DispatchHandle): dispatch with the rows in FP8; combine takes expert_out [R, H] in
+        the dispatcher's dtype as after dispatch."""
+        return self.dispatch_wait(self.dispatch_quantized_async(x, topk_ids, topk_weights, scheme))
+
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         """Check, plan and start the exchange; returns a pending object for dispatch_wait."""
         raise NotImplementedError
+
+    def dispatch_quantized_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, scheme):
+        """dispatch_async with the rows quantized under scheme; its dispatch_wait returns QuantizedRows. Paths
+        without sends_fp8 raise ValueError here, before any communication."""
+        raise ValueError(f"dispatcher {self.name!r} cannot send FP8 rows; the ones that can: {fp8_dispatchers()}")
 
     def dispatch_wait(self, pending) -> tuple[torch.Tensor, RecvMeta, DispatchHandle]:
         raise NotImplementedError

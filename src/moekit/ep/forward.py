@@ -1,4 +1,6 @@
-"""ep_forward: one MoE layer with expert parallelism: route here, dispatch, local experts, combine."""
+"""ep_forward: one MoE layer with expert parallelism: route here, dispatch, local experts, combine.
+With QuantizedMoEWeights the dispatch sends FP8 rows (dispatch_quantized, the weights' scheme), the local experts
+run the FP8 backend's sorted-rows form and combine stays in the dispatcher's dtype."""
 
 from __future__ import annotations
 
@@ -6,11 +8,12 @@ import torch
 
 from moekit.config import MoEConfig
 from moekit.ep.base import Dispatcher, group_size_and_rank
-from moekit.ep.local_experts import check_backend_fits, local_expert_forward, local_weights
+from moekit.ep.local_experts import check_backend_fits, check_fp8_fits, local_expert_forward, local_weights
 from moekit.ep.own_rank_first import expert_out_with_own_rows, own_rank_rows
 from moekit.ep.streams import join, on_stream, reused_side_stream
 from moekit.experts.mlp import swiglu_mlp
 from moekit.kernels.availability import triton_on_cuda
+from moekit.quantize import QuantizedMoEWeights
 from moekit.routing import route
 from moekit.validation import trusted_values
 from moekit.weights import MoEWeights, router_logits
@@ -84,7 +87,7 @@ def chunk_bounds(num_tokens: int, chunks: int) -> list[tuple[int, int]]:
 
 def ep_forward(
     x: torch.Tensor,
-    weights: MoEWeights,
+    weights: MoEWeights | QuantizedMoEWeights,
     config: MoEConfig,
     dispatcher: Dispatcher,
     backend_name: str,
@@ -100,7 +103,9 @@ def ep_forward(
     (+ shared experts, computed here on x). Every rank of the group calls this together.
 
     weights: the whole layer (every rank holds the router and the shared experts; only the local slice of
-    the routed experts is read). Overlap, each switchable so it can be measured against the synchronous
+    the routed experts is read). QuantizedMoEWeights: FP8 expert parallelism (a dispatcher with sends_fp8, an FP8
+    backend with a sorted-rows form; shared_overlap and chunks as below, own_first and fused_combine refused).
+    Overlap, each switchable so it can be measured against the synchronous
     layer (both off) in the same run:
       shared_overlap: the shared experts run while the routed tokens are in flight, in two pieces: beside
           the first dispatch (on CUDA on a side stream, issued first, so the host's waits inside the
@@ -118,7 +123,11 @@ def ep_forward(
     captured in a CUDA graph.
     """
     check_group_matches(dispatcher, config, weights, group)
-    check_backend_fits(dispatcher, backend_name, own_first)  # before any communication
+    quantized = isinstance(weights, QuantizedMoEWeights)
+    if quantized:  # before any communication
+        check_fp8_fits(dispatcher, backend_name, own_first, fused_combine)
+    else:
+        check_backend_fits(dispatcher, backend_name, own_first)
     if fused_combine:
         check_fused_combine(dispatcher, backend_name, own_first)
     bounds = chunk_bounds(x.shape[0], chunks)
@@ -129,8 +138,12 @@ def ep_forward(
     def start_dispatch(i: int):
         start, stop = bounds[i]
         ids = routing.topk_ids[start:stop]
+        args = (x[start:stop], ids, routing.topk_weights[start:stop])
         with trusted_values():  # the router's ids are in range: no host sync for the dispatch's range check
-            pending = dispatcher.dispatch_async(x[start:stop], ids, routing.topk_weights[start:stop])
+            if quantized:
+                pending = dispatcher.dispatch_quantized_async(*args, weights.scheme)
+            else:
+                pending = dispatcher.dispatch_async(*args)
         if own_first:  # while chunk i is on the wire
             own[i] = own_rank_rows(x[start:stop], ids, weights, dispatcher, backend_name)
         return pending

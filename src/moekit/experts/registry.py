@@ -29,15 +29,19 @@ FP8_EXPERT_BACKENDS = Registry("FP8 expert backend", guard_training=True)
 # "row"; moekit.reference.reference_experts_fp8 follows the same recipe
 FP8_ACTIVATION_SCHEMES: dict[str, str] = {}
 SORTED_ROWS: dict[str, Callable] = {}
+# an FP8 backend's sorted-rows form: fn(rows: QuantizedRows [M, H] grouped by expert, expert_offsets [E + 1],
+# weights: QuantizedMoEWeights of those E experts, out_dtype) -> [M, H] unweighted, as an FP8 dispatch delivers them
+FP8_SORTED_ROWS: dict[str, Callable] = {}
 
 
-def sorted_rows_form(backend_name: str):
-    """Decorator: register fn as the sorted-rows form of the backend of that name."""
+def sorted_rows_form(backend_name: str, fp8: bool = False):
+    """Decorator: register fn as the sorted-rows form of the backend of that name (an FP8 backend's: fp8=True)."""
+    forms = FP8_SORTED_ROWS if fp8 else SORTED_ROWS
 
     def decorate(fn: Callable) -> Callable:
-        if backend_name in SORTED_ROWS:
+        if backend_name in forms:
             raise ValueError(f"expert backend {backend_name!r} has a sorted-rows form already")
-        SORTED_ROWS[backend_name] = fn
+        forms[backend_name] = fn
         return fn
 
     return decorate

@@ -1,11 +1,12 @@
 """triton_grouped_fp8: triton_grouped on e4m3 weights and activations. The Triton permute quantizes each token as
 it copies it (per 1 x 128 tile under the "block" scheme, per row under "row"); the gate/up grouped GEMM takes the
 e4m3 rows and weights with their float32 scales, applies SwiGLU and re-quantizes the activation per 1 x 128 tile
-in its epilogue; the down GEMM applies each row's router weight; the Triton unpermute sums each token's K rows."""
+in its epilogue; the down GEMM applies each row's router weight; the Triton unpermute sums each token's K rows.
+Its sorted-rows form runs the two GEMMs on FP8 rows an expert-parallel rank received (moekit.ep.local_experts)."""
 
 import torch
 
-from moekit.experts.registry import FP8_ACTIVATION_SCHEMES, FP8_EXPERT_BACKENDS
+from moekit.experts.registry import FP8_ACTIVATION_SCHEMES, FP8_EXPERT_BACKENDS, sorted_rows_form
 from moekit.experts.triton_grouped import sixteen
 from moekit.kernels.availability import fp8_triton_support
 from moekit.permute import expert_layout
@@ -67,3 +68,13 @@ def sorted_rows_mlp_fp8(
         activation, activation_scale, down.values, down.scale, expert_offsets, out_dtype=out_dtype, row_scale=row_scale
     )
     return out
+
+
+@sorted_rows_form("triton_grouped_fp8", fp8=True)
+def sorted_rows_fp8(
+    rows: QuantizedRows, expert_offsets: torch.Tensor, weights: QuantizedMoEWeights, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The FP8 sorted-rows form: rows [M, H] e4m3 grouped by expert (as an FP8 dispatch delivers them),
+    expert_offsets [E + 1] on the device, weights of those E experts -> unweighted expert outputs [M, H] in
+    out_dtype (combine applies the router weights). Its out_dtype argument is what the unquantized forms lack."""
+    return sorted_rows_mlp_fp8(rows, expert_offsets, weights, None, out_dtype)
