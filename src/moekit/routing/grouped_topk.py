@@ -10,7 +10,7 @@ from moekit.kernels.availability import triton_on_cuda
 from moekit.routing.registry import ROUTERS, Routing, score_dtype, stable_topk
 
 
-@ROUTERS.register("grouped_topk")
+@ROUTERS.register("grouped_topk", trains=True)
 def grouped_topk(logits: torch.Tensor, config, correction_bias=None) -> Routing:
     """logits [T, E], correction_bias [E] or None -> Routing (see grouped_topk_torch)."""
     if triton_on_cuda(logits.device, logits.dtype):

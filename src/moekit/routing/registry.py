@@ -8,7 +8,7 @@ import torch
 
 from moekit.registry import Registry
 
-ROUTERS = Registry("router")
+ROUTERS = Registry("router", guard_training=True)  # fused_select has no backward
 
 
 @dataclass(frozen=True)

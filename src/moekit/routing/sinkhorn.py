@@ -21,7 +21,7 @@ def sinkhorn_log_plan(logits: torch.Tensor, iterations: int, temperature: float)
     return log_plan
 
 
-@ROUTERS.register("sinkhorn")
+@ROUTERS.register("sinkhorn", trains=True)
 def sinkhorn(logits: torch.Tensor, config, correction_bias=None) -> Routing:
     """logits [T, E] -> Routing: experts chosen from the balanced plan, weighted by the softmax of the
     logits at the chosen experts, renormalised to sum to 1 (the plan decides who, the router how much)."""

@@ -5,7 +5,7 @@ import torch
 from moekit.routing.registry import ROUTERS, Routing, score_dtype, stable_topk
 
 
-@ROUTERS.register("softmax_topk")
+@ROUTERS.register("softmax_topk", trains=True)
 def softmax_topk(logits: torch.Tensor, config, correction_bias=None) -> Routing:
     """logits [T, E] -> Routing; weights are the softmax probabilities of the chosen experts."""
     probs = torch.softmax(logits.to(score_dtype(logits)), dim=-1)
