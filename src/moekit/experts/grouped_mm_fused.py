@@ -23,20 +23,22 @@ def grouped_mm_fused_support(device: torch.device, dtype: torch.dtype) -> tuple[
     return (ok, reason) if not ok else triton_support(device, dtype)
 
 
-@EXPERT_BACKENDS.register("grouped_mm_fused", supports=grouped_mm_fused_support, size_multiple=sixteen_byte_rows)
+@EXPERT_BACKENDS.register(
+    "grouped_mm_fused", supports=grouped_mm_fused_support, size_multiple=sixteen_byte_rows, trains=True
+)
 def grouped_mm_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
-    """x [T, H] -> y [T, H]: Triton permute, grouped gate+up, Triton SwiGLU, grouped down, Triton weighted unpermute."""
-    from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_triton
-    from moekit.kernels.swiglu import swiglu
+    """x [T, H] -> y [T, H]: Triton permute, grouped gate+up, Triton SwiGLU, grouped down, Triton weighted unpermute;
+    under autograd each Triton step's backward is the others' kernels (moekit.kernels.differentiable)."""
+    from moekit.kernels import differentiable
 
     return grouped_mm_pipeline(
         x,
         topk_ids,
         topk_weights,
         weights,
-        permute=permute_tokens_triton,
-        swiglu=swiglu,
-        unpermute=unpermute_reduce_triton,
+        permute=differentiable.permute_tokens,
+        swiglu=differentiable.swiglu,
+        unpermute=differentiable.unpermute_reduce,
     )
 
 
