@@ -1,4 +1,5 @@
-"""The `moekit` command: `moekit bench router|journey|experts|a2a|ep`, `moekit layer`, `moekit run`, `moekit gate`."""
+"""The `moekit` command: `moekit bench router|journey|experts|train|a2a|ep`, `moekit layer`, `moekit run`,
+`moekit gate`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from moekit.bench.machine import machine_info
 from moekit.bench.profiling import profiled
 from moekit.bench.router import bench_routers
 from moekit.bench.tables import print_table
+from moekit.bench.train_command import add_train_parser
 from moekit.config import MoEConfig
 from moekit.routing import ROUTERS
 from moekit.run_command import add_run_parser
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_experts_parser(bench, common)
     add_a2a_parser(bench, common)
     add_ep_parser(bench, common)
+    add_train_parser(bench, common)
     add_layer_parser(commands, common)
     add_run_parser(commands, common)
     _gate_parser(commands)

@@ -1,0 +1,81 @@
+"""`moekit bench train`: forward + backward of the routed experts per training path x model shape x token count,
+beside the torchtitan-style peer measured in the same run (moekit.bench.train)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from moekit.bench.ceilings import measure_ceilings
+from moekit.bench.forward import SHAPES
+from moekit.bench.machine import machine_info
+from moekit.bench.progress import CaseProgress
+from moekit.bench.tables import NotRun, print_table
+from moekit.bench.train import PEER, time_train_step
+from moekit.config import MoEConfig
+from moekit.experts import EXPERT_BACKENDS
+from moekit.problem import make_problem
+
+DEFAULT_PATHS = ["grouped_mm", "grouped_mm_fused", PEER]
+COLUMNS = ["path", "T", "ms", "TFLOP/s", "% matmul", "peak act. GB", "x peer"]
+
+
+def add_train_parser(sub, common) -> None:
+    p = sub.add_parser("train", parents=[common], help="forward + backward of the experts per training path")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {list(SHAPES)}")
+    p.add_argument("--tokens-list", help="comma-separated T (default 4096,8192,16384 on GPU, 64,256 on CPU)")
+    p.add_argument("--paths", help=f"comma-separated training backends or {PEER} (default {','.join(DEFAULT_PATHS)})")
+    p.add_argument("--shrink", type=int, default=1, help="divide H and F by this (CPU runs of the GPU shapes)")
+    p.set_defaults(run=run_train_command)
+
+
+def _paths(text: str | None) -> list[str]:
+    paths = text.split(",") if text else DEFAULT_PATHS
+    for path in paths:
+        if path != PEER and not EXPERT_BACKENDS.get(path).trains:  # an unknown name fails in get
+            raise ValueError(f"--paths: {path!r} has no backward; training paths: {EXPERT_BACKENDS.training_names()}")
+    return paths + ([] if PEER in paths else [PEER])  # the peer is always measured: the ratios need it
+
+
+def run_train_command(args, device: torch.device, dtype: torch.dtype) -> int:
+    gpu = device.type == "cuda"
+    token_counts = [int(t) for t in args.tokens_list.split(",")] if args.tokens_list else (
+        [4096, 8192, 16384] if gpu else [64, 256])  # fmt: skip
+    paths = _paths(args.paths)
+    shapes = args.shapes.split(",")
+    for shape in shapes:
+        if shape not in SHAPES:
+            raise ValueError(f"--shapes: unknown shape {shape!r}; expected some of {list(SHAPES)}")
+    ceilings = measure_ceilings(device)
+    info = machine_info(device)
+    results = []
+    with CaseProgress(len(shapes) * len(token_counts) * len(paths), quiet=args.quiet) as progress:
+        for shape in shapes:
+            sizes = dict(SHAPES[shape])
+            sizes["hidden_size"] //= args.shrink
+            sizes["ffn_size"] //= args.shrink
+            config = MoEConfig(**sizes, router="topk_softmax", dtype=dtype)
+            rows = []
+            for tokens in token_counts:
+                problem = make_problem(config, tokens, seed=0, device=device)
+                timed = []
+                for path in paths:
+                    progress.case(f"{shape} T={tokens} {path}")
+                    timed.append(time_train_step(problem, path, ceilings, runs=args.runs))
+                    results.append({"shape": shape, **timed[-1].as_dict()})
+                peer_ms = timed[-1].ms if paths[-1] == PEER else None
+                for t in timed:
+                    ratio = f"{peer_ms / t.ms:.2f}" if peer_ms and t.ms else "-"
+                    ms = t.ms if t.ms is not None else NotRun(t.path, t.status)
+                    rows.append([t.path, tokens, ms, t.tflops or "-", t.pct_of_matmul or "-",
+                                 t.peak_activation_gb if t.peak_activation_gb is not None else "-", ratio])  # fmt: skip
+                del problem
+            title = (
+                f"{shape} {sizes} {dtype} training step (experts fwd + bwd, FLOPs 3x forward) on {info['kind']}; "
+                f"dense {ceilings.matmul_tflops:.3g} TFLOP/s"
+            )
+            print_table(title, COLUMNS, rows)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "ceilings": vars(ceilings), "results": results}, indent=2))
+    return 0

@@ -1,0 +1,58 @@
+"""`moekit bench train` on the CPU, small, and its torchtitan-style peer against the oracle (forward and
+gradients): a peer that computed something else would make every ratio in the table meaningless."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moekit import MoEConfig, make_problem, route
+from moekit.bench.train import PEER, grouped_mm_peer
+from moekit.cli import main
+from moekit.reference import reference_experts
+from moekit.testing import assert_close_to_reference
+from moekit.testing.numerics import gradient_tolerance
+
+
+@pytest.mark.parametrize("T", [0, 1, 37])
+def test_the_peer_is_the_oracle_forward_and_backward(T):
+    config = MoEConfig(hidden_size=32, ffn_size=48, num_experts=6, top_k=2)
+    problem = make_problem(config, T, seed=4, skew_experts=1, skew_amount=2.0)
+    routing = route(problem.router_logits(), config)
+
+    def run(fn, dtype):
+        weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        tensors = (problem.x, problem.weights.w_gate_up, problem.weights.w_down)
+        x, gate_up, down = (t.detach().to(dtype).clone().requires_grad_() for t in tensors)
+        w = routing.topk_weights.detach().to(weight_dtype).clone().requires_grad_()
+        y = fn(x, routing.topk_ids, w, replace(problem.weights, w_gate_up=gate_up, w_down=down))
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(T), dtype=torch.float64).to(dtype)
+        if y.requires_grad:  # T = 0: the oracle's empty output is a constant
+            y.backward(dy)
+        return y, [t.grad if t.grad is not None else torch.zeros_like(t) for t in (x, w, gate_up, down)]
+
+    y, grads = run(grouped_mm_peer, torch.float32)
+    y_ref, grads_ref = run(reference_experts, torch.float64)
+    assert_close_to_reference(y, y_ref, torch.float32, "peer forward")
+    for name, got, expected in zip(("dx", "dw", "dW_gate_up", "dW_down"), grads, grads_ref):
+        assert_close_to_reference(got, expected, torch.float32, f"peer {name}", gradient_tolerance(torch.float32))
+
+
+def test_bench_train_times_each_path_beside_the_peer(tmp_path, capfd):
+    out = tmp_path / "train.json"
+    argv = "bench train --device cpu --shapes mixtral,qwen3 --shrink 64 --tokens-list 8,32 --runs 2 --quiet"
+    assert main([*argv.split(), "--paths", "grouped_mm", "--json", str(out)]) == 0
+    printed = capfd.readouterr().out
+    assert "training step" in printed and PEER in printed
+    results = json.loads(out.read_text())["results"]
+    assert [(r["shape"], r["tokens"], r["path"]) for r in results] == [
+        (shape, t, path) for shape in ("mixtral", "qwen3") for t in (8, 32) for path in ("grouped_mm", PEER)
+    ]
+    for r in results:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0
+
+
+def test_bench_train_refuses_a_path_without_backward():
+    with pytest.raises(SystemExit, match="'grouped_loop' has no backward; training paths"):
+        main("bench train --device cpu --shrink 64 --tokens-list 8 --paths grouped_loop".split())
