@@ -69,3 +69,16 @@ def test_a_layer_whose_backend_does_not_train_says_so():
     layer.requires_grad_(True)
     with pytest.raises(ValueError, match="'grouped_loop' has no backward"):
         layer(torch.randn(4, CONFIG.hidden_size))
+
+
+def test_an_expert_parallel_layer_refuses_to_train_until_it_has_a_backward():
+    """One rank, no process group: the nccl path runs locally; its exchanges have no backward yet."""
+    layer = MoELayer(CONFIG, dispatcher="nccl", backend="grouped_mm", max_tokens=8)
+    x = torch.randn(5, CONFIG.hidden_size)
+    layer.requires_grad_(True)
+    with pytest.raises(ValueError, match="expert parallelism has no backward yet"):
+        layer(x)
+    with torch.no_grad():
+        assert layer(x).shape == x.shape
+    with pytest.raises(ValueError, match="expert parallelism has no backward yet"):
+        layer.requires_grad_(False)(x.clone().requires_grad_())

@@ -123,6 +123,12 @@ def ep_forward(
     captured in a CUDA graph.
     """
     check_group_matches(dispatcher, config, weights, group)
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in vars(weights).values())):  # fmt: skip
+        # the router weights travel as int64 bits and the exchanges are not autograd ops: gradients would be
+        # silently wrong, so refuse (on every rank alike, before any communication)
+        raise ValueError("expert parallelism has no backward yet (issue #23): run ep_forward under torch.no_grad(), "
+                         "with inputs and weights that do not require grad")  # fmt: skip
     quantized = isinstance(weights, QuantizedMoEWeights)
     if quantized:  # before any communication
         check_fp8_fits(dispatcher, backend_name, own_first, fused_combine)
