@@ -1,7 +1,8 @@
 """Routers under autograd: the gradient flows through the top-k weights (the chosen probabilities, renormalised and
-scaled), not through the discrete choice. Every router registered with trains=True passes torch.autograd.gradcheck
-in float64 (finite differences too small to change a choice); softmax_topk's gradient equals its closed form; the
-DeepSeek-V3 correction bias, which only selects, gets none; a router without backward says so."""
+scaled), not through the discrete choice. Every router that trains and takes float64 passes torch.autograd.gradcheck
+(finite differences too small to change a choice); softmax_topk's gradient equals its closed form, and fused_select's
+(its Triton kernel's choice, softmax_topk's gradient) equals softmax_topk's; the DeepSeek-V3 correction bias, which
+only selects, gets none."""
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from hypothesis import strategies as st
 from moekit import ROUTERS, MoEConfig, route
 
 TRAINING = ROUTERS.training_names()
+# fused_select's kernel takes no float64: test_fused_select_has_the_gradient_of_softmax_topk instead
+IN_FLOAT64 = [name for name in TRAINING if ROUTERS.get(name).supports(torch.device("cpu"), torch.float64)[0]]
 
 
 def config_for(router: str, E: int, K: int, renormalize: bool, scale: float) -> MoEConfig:
@@ -21,7 +24,7 @@ def config_for(router: str, E: int, K: int, renormalize: bool, scale: float) -> 
                      routed_scaling_factor=scale, **extra)  # fmt: skip
 
 
-@pytest.mark.parametrize("router", TRAINING)
+@pytest.mark.parametrize("router", IN_FLOAT64)
 @settings(max_examples=10, deadline=None)
 @given(T=st.integers(1, 6), half_E=st.integers(1, 4), data=st.data(), renormalize=st.booleans(),
        scale=st.sampled_from([1.0, 2.5]), seed=st.integers(0, 2**31 - 1))  # fmt: skip
@@ -59,9 +62,18 @@ def test_the_correction_bias_gets_no_gradient():
     assert logits.grad is not None and bool(logits.grad.any())
 
 
-def test_a_router_without_backward_refuses_grad_requiring_logits():
-    impl = ROUTERS.get("fused_select")
-    config = config_for("fused_select", 8, 2, True, 1.0)
-    with pytest.raises(ValueError, match=rf"router 'fused_select' has no backward.*{TRAINING[0]}"):
-        impl.fn(torch.randn(3, 8).requires_grad_(), config, None)
-    assert "fused_select" not in TRAINING and {"softmax_topk", "grouped_topk"} <= set(TRAINING)
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("K", [1, 3, 8])
+def test_fused_select_has_the_gradient_of_softmax_topk(triton_device, K, renormalize):
+    fused, torch_router = (config_for(name, 8, K, renormalize, 1.0) for name in ("fused_select", "softmax_topk"))
+    logits = torch.randn(9, 8, generator=torch.Generator().manual_seed(K)).to(triton_device) * 2
+    g = torch.randn(9, K, generator=torch.Generator().manual_seed(K + 1)).to(triton_device)
+    grads = []
+    for config in (fused, torch_router):
+        leaf = logits.clone().requires_grad_()
+        routing = route(leaf, config)
+        grads.append((routing.topk_ids, torch.autograd.grad(routing.topk_weights, leaf, g)[0]))
+    (ids, got), (expected_ids, expected) = grads
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert "fused_select" in TRAINING
