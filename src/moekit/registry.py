@@ -40,13 +40,13 @@ class Implementation:
     trains: bool = False
 
 
-def _needs_grad(value) -> bool:
+def needs_grad(value) -> bool:
     """Whether value, or a tensor field of it (a weights dataclass), requires grad."""
     if isinstance(value, torch.Tensor):
         return value.requires_grad
     if is_dataclass(value):
-        return any(_needs_grad(getattr(value, f.name)) for f in fields(value))
-    return isinstance(value, (list, tuple)) and any(_needs_grad(v) for v in value)
+        return any(needs_grad(getattr(value, f.name)) for f in fields(value))
+    return isinstance(value, (list, tuple)) and any(needs_grad(v) for v in value)
 
 
 class Registry:
@@ -84,7 +84,7 @@ class Registry:
     def _refusing_grad(self, name: str, fn: Callable) -> Callable:
         @functools.wraps(fn)
         def guarded(*args, **kwargs):
-            if torch.is_grad_enabled() and (_needs_grad(args) or _needs_grad(tuple(kwargs.values()))):
+            if torch.is_grad_enabled() and (needs_grad(args) or needs_grad(tuple(kwargs.values()))):
                 raise ValueError(
                     f"{self.stage} {name!r} has no backward; with inputs that require grad use one that trains: "
                     f"{self.training_names()} (or run {name!r} under torch.no_grad())"

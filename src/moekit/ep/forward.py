@@ -14,6 +14,7 @@ from moekit.ep.streams import join, on_stream, reused_side_stream
 from moekit.experts.mlp import swiglu_mlp
 from moekit.kernels.availability import triton_on_cuda
 from moekit.quantize import QuantizedMoEWeights
+from moekit.registry import needs_grad
 from moekit.routing import route
 from moekit.validation import trusted_values
 from moekit.weights import MoEWeights, router_logits
@@ -123,8 +124,7 @@ def ep_forward(
     captured in a CUDA graph.
     """
     check_group_matches(dispatcher, config, weights, group)
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in vars(weights).values())):  # fmt: skip
+    if torch.is_grad_enabled() and needs_grad((x, weights)):
         # the router weights travel as int64 bits and the exchanges are not autograd ops: gradients would be
         # silently wrong, so refuse (on every rank alike, before any communication)
         raise ValueError("expert parallelism has no backward yet (issue #23): run ep_forward under torch.no_grad(), "
