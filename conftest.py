@@ -88,6 +88,19 @@ def triton_device(device, dtype) -> torch.device:
 
 
 @pytest.fixture
+def impl(backend, dtype, device):
+    """The expert backend of that name, or a skip that says why it cannot run here (decided before Hypothesis
+    draws). A test of FP8 backends overrides it with its own (supports takes the scheme too)."""
+    from moekit.experts import EXPERT_BACKENDS
+
+    implementation = EXPERT_BACKENDS.get(backend)
+    ok, reason = implementation.supports(device, dtype)
+    if not ok:
+        pytest.skip(reason)
+    return implementation
+
+
+@pytest.fixture
 def skip_unless_triton_runs(device):
     """skip_unless_triton_runs(dtype): skips the test where moekit's Triton kernels do not run on `device`
     in dtype (_triton_skip_reason). Called in a test body it skips inside Hypothesis: a @given test takes

@@ -15,16 +15,6 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture
-def impl(backend, dtype, device):
-    """The backend, or a skip that says why it cannot run here (decided before Hypothesis draws)."""
-    implementation = EXPERT_BACKENDS.get(backend)
-    ok, reason = implementation.supports(device, dtype)
-    if not ok:
-        pytest.skip(reason)
-    return implementation
-
-
-@pytest.fixture
 def drawn_impl(impl):
     """impl, for the tests that draw a new shape per example."""
     if impl.name == "compiled":
