@@ -8,7 +8,7 @@ import os
 import torch
 
 from moekit.bench.ceilings import measure_ceilings
-from moekit.bench.forward import SHAPES, time_forward
+from moekit.bench.forward import SHAPES, shape_sizes, time_forward
 from moekit.bench.journey import journey_rows, run_journey, scale_rows
 from moekit.bench.machine import machine_info
 from moekit.bench.progress import CaseProgress
@@ -163,18 +163,12 @@ def run_experts_command(args, device: torch.device, dtype: torch.dtype) -> int:
         for name in names:
             EXPERT_BACKENDS.get(name)  # unknown names fail before anything runs
         cases = [(n, False, False) for n in names]
-    shapes = args.shapes.split(",")
-    for shape in shapes:
-        if shape not in SHAPES:
-            raise ValueError(f"--shapes: unknown shape {shape!r}; expected some of {list(SHAPES)}")
+    shapes = shape_sizes(args.shapes, args.shrink)
     ceilings = measure_ceilings(device, fp8=fp8)
     info = machine_info(device)
     results, tables = [], []
     with CaseProgress(len(shapes) * len(token_counts) * len(cases), quiet=args.quiet) as progress:
-        for shape in shapes:
-            sizes = dict(SHAPES[shape])
-            sizes["hidden_size"] //= args.shrink
-            sizes["ffn_size"] //= args.shrink
+        for shape, sizes in shapes:
             config = MoEConfig(**sizes, router=_router(device), dtype=dtype)
             rows = []
             for tokens in token_counts:

@@ -28,6 +28,19 @@ SHAPES = {
 }
 
 
+def shape_sizes(shapes: str, shrink: int = 1) -> list[tuple[str, dict]]:
+    """--shapes ("mixtral,qwen3") -> [(shape, MoEConfig sizes with H and F divided by shrink)], in that order;
+    an unknown shape raises."""
+    for shape in shapes.split(","):
+        if shape not in SHAPES:
+            raise ValueError(f"--shapes: unknown shape {shape!r}; expected some of {list(SHAPES)}")
+    return [
+        (shape, {**SHAPES[shape], "hidden_size": SHAPES[shape]["hidden_size"] // shrink,
+                 "ffn_size": SHAPES[shape]["ffn_size"] // shrink})
+        for shape in shapes.split(",")
+    ]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ForwardTiming:
     """One backend on one problem; ms is None when it did not run (status says why: OOM, unsupported)."""

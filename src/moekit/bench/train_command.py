@@ -8,7 +8,7 @@ import json
 import torch
 
 from moekit.bench.ceilings import measure_ceilings
-from moekit.bench.forward import SHAPES
+from moekit.bench.forward import SHAPES, shape_sizes
 from moekit.bench.machine import machine_info
 from moekit.bench.progress import CaseProgress
 from moekit.bench.tables import NotRun, print_table
@@ -43,18 +43,12 @@ def run_train_command(args, device: torch.device, dtype: torch.dtype) -> int:
     token_counts = [int(t) for t in args.tokens_list.split(",")] if args.tokens_list else (
         [4096, 8192, 16384] if gpu else [64, 256])  # fmt: skip
     paths = _paths(args.paths)
-    shapes = args.shapes.split(",")
-    for shape in shapes:
-        if shape not in SHAPES:
-            raise ValueError(f"--shapes: unknown shape {shape!r}; expected some of {list(SHAPES)}")
+    shapes = shape_sizes(args.shapes, args.shrink)
     ceilings = measure_ceilings(device)
     info = machine_info(device)
     results = []
     with CaseProgress(len(shapes) * len(token_counts) * len(paths), quiet=args.quiet) as progress:
-        for shape in shapes:
-            sizes = dict(SHAPES[shape])
-            sizes["hidden_size"] //= args.shrink
-            sizes["ffn_size"] //= args.shrink
+        for shape, sizes in shapes:
             config = MoEConfig(**sizes, router="topk_softmax", dtype=dtype)
             rows = []
             for tokens in token_counts:
