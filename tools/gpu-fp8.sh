@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: the FP8 tests compiled, then the FP8 expert figures of issue #22, into $OUT.
 #   tools/gpu-fp8.sh [tests|block|row|block@T,T|row@T,T]...   (default: all three; @ picks the token counts)
-set -uo pipefail
-out=${OUT:-out}
-mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
-run() { echo "### ${*:2}" >> "$out/summary.txt"; timeout "$1" "${@:2}" >> "$out/summary.txt" 2>&1; echo "rc=$?" >> "$out/summary.txt"; }
+source "$(dirname "$0")/gpu-parts.sh"
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests block row)
 for part in "${parts[@]}"; do
   tokens=${TOKENS:-16,128,4096,8192}
