@@ -133,9 +133,10 @@ def reference_experts_fp8(
     """
     block = weights.w_gate_up.block_size
     y = torch.zeros(x.shape, dtype=torch.float64)
+    topk_weights = topk_weights.double().cpu()
     for token_idx, slot, activation, w_down in fp8_recipe_activations(x, topk_ids, weights):
         activation = quantize_rows(activation, activation_scheme, block).dequantize(torch.float64)
-        y.index_add_(0, token_idx, (activation @ w_down.T) * topk_weights.double().cpu()[token_idx, slot, None])
+        y.index_add_(0, token_idx, (activation @ w_down.T) * topk_weights[token_idx, slot, None])
     return y
 
 

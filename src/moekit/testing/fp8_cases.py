@@ -54,6 +54,7 @@ def requantization_flip_error(
     block = weights.w_gate_up.block_size
     variance = torch.zeros(x.shape, dtype=torch.float64)
     y = reference_experts_fp8(x, topk_ids, topk_weights, weights, activation_scheme)
+    router_weights = topk_weights.double().cpu()
     for token_idx, slot, activation, w_down in fp8_recipe_activations(x, topk_ids, weights):
         q = quantize_rows(activation, activation_scheme, block)
         scale = q.element_scale().double()
@@ -62,7 +63,7 @@ def requantization_flip_error(
         for factor in (1 - margin, 1 + margin):
             reached = (activation * factor / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).double()
             step = torch.maximum(step, (reached - nearest).abs() * scale)
-        router_weight = topk_weights.double().cpu()[token_idx, slot, None]
+        router_weight = router_weights[token_idx, slot, None]
         variance.index_add_(0, token_idx, (step**2 @ (w_down**2).T) * router_weight**2)
     norm = float(torch.linalg.vector_norm(y))
     return float(variance.sum().sqrt()) / norm if norm > 0 else 0.0
