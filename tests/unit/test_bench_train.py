@@ -51,6 +51,8 @@ def test_bench_train_times_each_path_beside_the_peer(tmp_path, capfd):
     ]
     for r in results:
         assert r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0
+        assert r["forward_ms"] > 0 and r["inference_ms"] > 0
+    assert "fwd / inference" in printed
 
 
 def test_bench_train_refuses_a_path_without_backward():

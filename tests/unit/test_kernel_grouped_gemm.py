@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from moekit.kernels.availability import KERNEL_DTYPES
 from moekit.kernels.grouped_gemm import grouped_gemm
 from moekit.testing import assert_close_to_reference
+from moekit.testing.strategies import expert_row_counts
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -81,20 +82,6 @@ def check(dev, dtype, counts, pad, K, n, *, swiglu, scale, out_kind, seed=0, off
     assert_close_to_reference(out[:valid], ref, dtype, f"grouped_gemm(swiglu={swiglu}, scale={scale}) {dtype}")
 
 
-@st.composite
-def row_counts(draw):
-    """Per-expert row counts: independent, all zero, or every row on one expert."""
-    E = draw(st.integers(1, 6))
-    shape = draw(st.sampled_from(["any", "empty", "one"]))
-    if shape == "empty":
-        return [0] * E
-    if shape == "one":
-        counts = [0] * E
-        counts[draw(st.integers(0, E - 1))] = draw(st.integers(1, 40))
-        return counts
-    return draw(st.lists(st.integers(0, 40), min_size=E, max_size=E))
-
-
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # triton_device only skips
 @given(data=st.data())
@@ -103,7 +90,7 @@ def test_grouped_gemm_matches_float64_loop(triton_device, dtype, data):
     check(
         triton_device,
         dtype,
-        data.draw(row_counts(), label="counts"),
+        data.draw(expert_row_counts(), label="counts"),
         data.draw(st.integers(0, 3), label="pad"),
         data.draw(st.integers(1, 48), label="K"),
         data.draw(st.integers(1, 48), label="N or F"),

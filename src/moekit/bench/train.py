@@ -6,7 +6,9 @@ index_add of the weighted rows back (`grouped_mm_peer`). One step: the expert fo
 two weight tensors (all requiring grad), then backward of a fixed random dy; gradients are set to None between
 steps, so each step allocates them as a training step does. FLOPs are three times the forward's (the two
 gradients of every GEMM). Peak memory is measured on CUDA above what the step starts with (weights, x) and the
-weight gradients it leaves behind: the activations and workspace a path keeps.
+weight gradients it leaves behind: the activations and workspace a path keeps. Beside the step, the path's
+forward alone is timed twice, interleaved: with the graph recorded (what a training step pays before its
+backward) and under no_grad (the inference forward), so a trainable path's forward overhead is a ratio.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from moekit.bench.ceilings import Ceilings
 from moekit.bench.flops import routed_expert_flops
-from moekit.bench.timing import measure
+from moekit.bench.timing import measure, measure_interleaved
 from moekit.experts import EXPERT_BACKENDS
 from moekit.problem import MoEProblem
 from moekit.routing import route
@@ -54,6 +56,8 @@ class TrainTiming:
     tflops: float | None = None
     pct_of_matmul: float | None = None
     peak_activation_gb: float | None = None
+    forward_ms: float | None = None  # the forward recording its graph
+    inference_ms: float | None = None  # the same forward under no_grad
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,21 +86,29 @@ def time_train_step(problem: MoEProblem, path: str, ceilings: Ceilings, *, runs:
     dy = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(1)).to(x.dtype)
     leaves = (x, topk_weights, w_gate_up, w_down)
 
+    def forward():
+        with trusted_values():
+            return fn(x, routing.topk_ids, topk_weights, weights)
+
+    def inference():
+        with torch.no_grad():
+            forward()
+
     def step():
         for leaf in leaves:
             leaf.grad = None
-        with trusted_values():
-            out = fn(x, routing.topk_ids, topk_weights, weights)
-        out.backward(dy)
+        forward().backward(dy)
 
     try:
         ms = measure(step, device, runs=runs).median_ms
         peak = _peak_activation_gb(step, leaves, device)
+        forward_ms, inference_ms = (t.median_ms for t in measure_interleaved([forward, inference], device, runs=runs))
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
         return TrainTiming(path, T, f"OOM: {str(error).splitlines()[0][:80]}")
     tflops = 3 * routed_expert_flops(T, config) / ms / 1e9
-    return TrainTiming(path, T, "ok", ms, tflops, 100 * tflops / ceilings.matmul_tflops, peak)
+    pct = 100 * tflops / ceilings.matmul_tflops
+    return TrainTiming(path, T, "ok", ms, tflops, pct, peak, forward_ms, inference_ms)
 
 
 def _peak_activation_gb(step, leaves, device: torch.device) -> float | None:

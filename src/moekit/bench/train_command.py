@@ -17,8 +17,8 @@ from moekit.config import MoEConfig
 from moekit.experts import EXPERT_BACKENDS
 from moekit.problem import make_problem
 
-DEFAULT_PATHS = ["grouped_mm", "grouped_mm_fused", PEER]
-COLUMNS = ["path", "T", "ms", "TFLOP/s", "% matmul", "peak act. GB", "x peer"]
+DEFAULT_PATHS = ["grouped_mm", "grouped_mm_fused", "triton_grouped", PEER]
+COLUMNS = ["path", "T", "ms", "TFLOP/s", "% matmul", "peak act. GB", "x peer", "fwd ms", "fwd / inference"]
 
 
 def add_train_parser(sub, common) -> None:
@@ -62,8 +62,10 @@ def run_train_command(args, device: torch.device, dtype: torch.dtype) -> int:
                 for t in timed:
                     ratio = f"{peer_ms / t.ms:.2f}" if peer_ms and t.ms else "-"
                     ms = t.ms if t.ms is not None else NotRun(t.path, t.status)
+                    overhead = f"{t.forward_ms / t.inference_ms:.2f}" if t.forward_ms and t.inference_ms else "-"
                     rows.append([t.path, tokens, ms, t.tflops or "-", t.pct_of_matmul or "-",
-                                 t.peak_activation_gb if t.peak_activation_gb is not None else "-", ratio])  # fmt: skip
+                                 t.peak_activation_gb if t.peak_activation_gb is not None else "-", ratio,
+                                 t.forward_ms or "-", overhead])  # fmt: skip
                 del problem
             title = (
                 f"{shape} {sizes} {dtype} training step (experts fwd + bwd, FLOPs 3x forward) on {info['kind']}; "

@@ -1,13 +1,16 @@
 """triton_grouped (level 6): moekit's own kernels end to end. A Triton permute, one grouped-GEMM launch
 for gate+up with SiLU(gate) * up fused into its epilogue, one for down with each row's router weight
 fused into its epilogue, and a Triton unpermute that sums each token's K rows. No host synchronisation.
-sorted_rows_mlp, the two GEMMs alone, also runs the expert-parallel paths' padded rows (device offsets)."""
+sorted_rows_mlp, the two GEMMs alone, also runs the expert-parallel paths' padded rows (device offsets).
+It trains: with grad-requiring inputs the same kernels run under autograd (moekit.kernels.differentiable), the
+gate/up GEMM also keeping its pre-activation for the backward; without, nothing is kept."""
 
 import torch
 
 from moekit.experts.registry import EXPERT_BACKENDS, sorted_rows_form
 from moekit.kernels.availability import triton_support
 from moekit.permute import expert_layout
+from moekit.registry import needs_grad
 from moekit.validation import check_routing
 from moekit.weights import MoEWeights
 
@@ -19,7 +22,7 @@ def sixteen(dtype: torch.dtype) -> int:
     return 16
 
 
-@EXPERT_BACKENDS.register("triton_grouped", supports=triton_support, size_multiple=sixteen)
+@EXPERT_BACKENDS.register("triton_grouped", supports=triton_support, size_multiple=sixteen, trains=True)
 def triton_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
     """x [T, H] -> y [T, H]."""
     from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_triton
@@ -27,8 +30,16 @@ def triton_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     num_experts = weights.w_gate_up.shape[0]
     check_routing(topk_ids, topk_weights, num_experts)
     layout = expert_layout(topk_ids, num_experts)
-    rows = permute_tokens_triton(x, layout)
     row_weights = topk_weights.flatten()[layout.sorted_assignments].float()  # row i is sorted assignment i
+    if torch.is_grad_enabled() and needs_grad((x, topk_weights, weights)):
+        from moekit.kernels import differentiable
+
+        rows = differentiable.permute_tokens(x, layout)
+        out = differentiable.sorted_rows_mlp(
+            rows, weights.w_gate_up, weights.w_down, layout.expert_offsets, row_weights
+        )
+        return differentiable.unpermute_sum(out, layout)
+    rows = permute_tokens_triton(x, layout)
     out = sorted_rows_mlp(rows, layout.expert_offsets, weights, row_weights)
     return unpermute_reduce_triton(out, layout, None)
 

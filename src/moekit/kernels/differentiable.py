@@ -1,19 +1,32 @@
-"""The Triton permute, SwiGLU and unpermute under autograd, each backward built from the others' kernels:
+"""moekit's Triton kernels under autograd, each backward built from the others' kernels:
 
   permute            rows[r(t, k)] = x[t]               dx[t] = sum_k d_rows[r(t, k)]   (the unweighted unpermute)
+  unpermute_sum      y[t] = sum_k rows[r(t, k)]          d_rows[r(t, k)] = dy[t]         (the permute of dy)
   unpermute_reduce   y[t] = sum_k w[t, k] rows[r(t, k)]  d_rows[r(t, k)] = w[t, k] dy[t] (the permute of dy, scaled)
                                                          dw[t, k] = <rows[r(t, k)], dy[t]> (float32 sums)
   swiglu             h = silu(g) * u                     dg = dh * u * silu'(g), du = dh * silu(g)
+  sorted_rows_mlp    out = s * (silu(g) * u) @ Wd[e].T   four grouped launches, below
+                     [g, u] = rows @ Wgu[e].T
 
 Saved for backward: the permute nothing (the layout), the unpermute its rows and weights, SwiGLU its input
 gate_up [N, 2F] (silu and its derivative are recomputed from it, in float32: cheaper than keeping [N, F] twice).
-The backward of SwiGLU runs in torch ops; the two others run the Triton kernels.
+The backward of SwiGLU runs in torch ops; the others run Triton kernels.
+
+sorted_rows_mlp keeps rows [M, H] and the pre-activation gate_up [M, 2F] (the forward's gate/up GEMM writes it
+beside the activation); the activation [M, F] is recomputed in the backward's epilogue rather than kept, and
+nothing of the down GEMM is kept. Its backward, per expert e over its rows:
+  d_act = d_out @ Wd[e]: one grouped GEMM on Wd transposed, whose epilogue also gives ds = <act, d_act>,
+          d_gate_up = SwiGLU's backward of s * d_act, and s * act (grouped_gemm_swiglu_backward)
+  dWd[e] = d_out.T @ (s * act)   and   dWgu[e] = d_gate_up.T @ rows   (grouped_weight_grad)
+  d_rows = d_gate_up @ Wgu[e]: a grouped GEMM on Wgu transposed
 """
 
 from __future__ import annotations
 
 import torch
 
+from moekit.kernels.grouped_gemm import grouped_gemm, grouped_gemm_swiglu_backward
+from moekit.kernels.grouped_weight_grad import grouped_weight_grad
 from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_triton
 from moekit.kernels.swiglu import swiglu as swiglu_triton
 from moekit.permute import ExpertLayout
@@ -28,6 +41,17 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_rows: torch.Tensor):
         return unpermute_reduce_triton(d_rows.contiguous(), ctx.layout, None), None
+
+
+class _UnpermuteSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+        ctx.layout = layout
+        return unpermute_reduce_triton(rows, layout, None)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        return permute_tokens_triton(dy.contiguous(), ctx.layout), None
 
 
 class _UnpermuteReduce(torch.autograd.Function):
@@ -72,9 +96,40 @@ class _SwiGLU(torch.autograd.Function):
         return torch.cat([d_gate, dh * silu], dim=-1).to(gate_up.dtype)
 
 
+class _SortedRowsMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, w_gate_up, w_down, expert_offsets, row_scale):
+        gate_up = rows.new_empty(rows.shape[0], w_gate_up.shape[1])
+        activation = grouped_gemm(rows, w_gate_up, expert_offsets, swiglu=True, gate_up_out=gate_up)
+        ctx.save_for_backward(rows, w_gate_up, w_down, expert_offsets, row_scale, gate_up)
+        return grouped_gemm(activation, w_down, expert_offsets, row_scale=row_scale)
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor):
+        rows, w_gate_up, w_down, expert_offsets, row_scale, gate_up = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        d_gate_up, scaled_activation, d_scale = grouped_gemm_swiglu_backward(
+            d_out, w_down, expert_offsets, gate_up, row_scale
+        )
+        d_rows = d_w_gate_up = d_w_down = None
+        if ctx.needs_input_grad[0]:
+            d_rows = torch.zeros_like(rows)  # padding rows past expert_offsets[E] get zero
+            grouped_gemm(d_gate_up, w_gate_up.transpose(1, 2), expert_offsets, out=d_rows)
+        if ctx.needs_input_grad[1]:
+            d_w_gate_up = grouped_weight_grad(d_gate_up, rows, expert_offsets)
+        if ctx.needs_input_grad[2]:
+            d_w_down = grouped_weight_grad(d_out, scaled_activation, expert_offsets)
+        return d_rows, d_w_gate_up, d_w_down, None, d_scale if ctx.needs_input_grad[4] else None
+
+
 def permute_tokens(x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     """permute_tokens_triton with a backward: x [T, H] -> rows [num_rows, H]."""
     return _Permute.apply(x, layout)
+
+
+def unpermute_sum(rows: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """unpermute_reduce_triton (unweighted) with a backward: rows [num_rows, H] -> [T, H]."""
+    return _UnpermuteSum.apply(rows, layout)
 
 
 def unpermute_reduce(rows: torch.Tensor, layout: ExpertLayout, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -85,3 +140,15 @@ def unpermute_reduce(rows: torch.Tensor, layout: ExpertLayout, topk_weights: tor
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """The Triton SwiGLU with a backward: gate_up [N, 2F] -> [N, F]."""
     return _SwiGLU.apply(gate_up)
+
+
+def sorted_rows_mlp(
+    rows: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The two grouped GEMMs of triton_grouped with a backward to rows, both weights and row_scale:
+    rows [M, H] sorted by expert, w_gate_up [E, 2F, H], w_down [E, H, F], row_scale [M] float32 -> [M, H]."""
+    return _SortedRowsMLP.apply(rows, w_gate_up, w_down, expert_offsets, row_scale)

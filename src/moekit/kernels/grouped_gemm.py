@@ -9,7 +9,9 @@ tiles p, p + P, p + 2P, ... and finds a tile's expert as the number of experts w
 before it (one vector compare and sum over the cumulative tile counts: a branch-free search).
 
 With swiglu the weight holds gate rows [0, F) and up rows [F, 2F); each tile accumulates both halves from the
-same A loads and stores silu(gate) * up, so the [M, 2F] intermediate never reaches memory.
+same A loads and stores silu(gate) * up, so the [M, 2F] intermediate never reaches memory (unless training
+asks for it: gate_up_out). grouped_gemm_swiglu_backward runs the down projection's input gradient through the
+same kernel with SwiGLU's backward in its epilogue.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def _prune_configs(configs, named_args, **kwargs):
     (FMA, "ieee") dot, whose operands also sit in registers: only 64 x 64 tiles stay clear of spills.
     """
     args = {**named_args, **kwargs}
-    accumulators = 2 if args.get("SWIGLU") else 1
+    accumulators = 2 if args.get("SWIGLU") or args.get("SWIGLU_BACKWARD") else 1
     if args.get("DOT_PRECISION") == "ieee":
         kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     else:
@@ -107,20 +109,17 @@ def _quick_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-@triton.autotune(
-    configs=_configs(),
-    key=["N", "K", "SWIGLU", "ROWS_PER_EXPERT"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    do_bench=_quick_bench,
-)
 @triton.jit
-def _grouped_gemm_kernel(
+def _grouped_gemm_body(
     a_ptr,
     b_ptr,
     offsets_ptr,
     scale_ptr,
     out_ptr,
     row_address_ptr,
+    gate_up_ptr,
+    activation_ptr,
+    d_scale_ptr,
     address_base,
     E,
     N,
@@ -133,8 +132,11 @@ def _grouped_gemm_kernel(
     stride_bk,
     stride_om,
     stride_on,
+    stride_gm,
     ROWS_PER_EXPERT,  # only in the autotune key: decode and prefill want different tiles
     SWIGLU: tl.constexpr,
+    SAVE_GATE_UP: tl.constexpr,
+    SWIGLU_BACKWARD: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     ROW_ADDRESSES: tl.constexpr,
     ELEMENT_BYTES: tl.constexpr,
@@ -199,10 +201,38 @@ def _grouped_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-        if SWIGLU:
-            acc = acc * tl.sigmoid(acc) * acc_up
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        gate_up_ptrs = gate_up_ptr + rows64[:, None] * stride_gm + cols64[None, :]  # gate; up is N_OUT further
         if HAS_SCALE:
             scale = tl.load(scale_ptr + rows64, mask=row_ok, other=0.0)
+        if SWIGLU:
+            if SAVE_GATE_UP:  # kept for the backward
+                tl.store(gate_up_ptrs, acc.to(gate_up_ptr.dtype.element_ty), mask=tile_ok)
+                tl.store(gate_up_ptrs + N_OUT, acc_up.to(gate_up_ptr.dtype.element_ty), mask=tile_ok)
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if SWIGLU_BACKWARD:
+            # acc is d(activation) of the unscaled output, activation = silu(gate) * up recomputed from the saved
+            # gate_up; out gets d gate (these columns) and d up (N_OUT further), activation_ptr the activation
+            # times the row scale (the down weight's gradient reads it), d_scale_ptr each row's <activation, acc>
+            gate = tl.load(gate_up_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+            up = tl.load(gate_up_ptrs + N_OUT, mask=tile_ok, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            activation = silu * up
+            if HAS_SCALE:
+                tl.atomic_add(d_scale_ptr + rows64, tl.sum(activation * acc, axis=1), mask=row_ok, sem="relaxed")
+                acc = acc * scale[:, None]
+                activation = activation * scale[:, None]
+            tl.store(
+                activation_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on,
+                activation.to(activation_ptr.dtype.element_ty),
+                mask=tile_ok,
+            )
+            d_up = acc * silu
+            acc = acc * up * (sig + silu * (1.0 - sig))
+            tl.store(out_ptr + rows64[:, None] * stride_gm + (cols64 + N_OUT)[None, :],
+                     d_up.to(out_ptr.dtype.element_ty), mask=tile_ok)  # fmt: skip
+        elif HAS_SCALE:
             acc = acc * scale[:, None]
         if ROW_ADDRESSES:  # each row to its own place, a peer's buffer maybe; address 0: not stored
             address = tl.load(row_address_ptr + rows64, mask=row_ok, other=0)
@@ -211,10 +241,23 @@ def _grouped_gemm_kernel(
             # cast from an integer would get one store per element)
             row_start = tl.multiple_of((address - address_base) // ELEMENT_BYTES, ADDRESS_ALIGN)
             out_ptrs = out_ptr + row_start[:, None] + cols64[None, :]
+        elif SWIGLU_BACKWARD:  # out is d gate_up [M, 2F], laid out as gate_up
+            out_ptrs = out_ptr + rows64[:, None] * stride_gm + cols64[None, :]
         else:
             out_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
         tile += tl.num_programs(0)
+
+
+_AUTOTUNE = dict(
+    configs=_configs(),
+    key=["N", "K", "SWIGLU", "SAVE_GATE_UP", "SWIGLU_BACKWARD", "ROWS_PER_EXPERT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=_quick_bench,
+)
+_grouped_gemm_kernel = triton.autotune(**_AUTOTUNE)(_grouped_gemm_body)
+# the backward's row-scale gradient is summed with atomics over n-tiles: zeroed before every autotuning run
+_grouped_gemm_backward_kernel = triton.autotune(**_AUTOTUNE, reset_to_zero=["d_scale_ptr"])(_grouped_gemm_body)
 
 
 @functools.cache
@@ -281,9 +324,12 @@ def _check_args(a, b, expert_offsets, swiglu, row_scale, out, row_addresses) -> 
     for name, tensor in named:
         if tensor.device != a.device:
             raise ValueError(f"{name} is on {tensor.device}, a is on {a.device}; all tensors must share a device")
+    return n_out
+
+
+def _check_device(a: torch.Tensor) -> None:
     if not _INTERPRET and a.device.type != "cuda":
         raise ValueError(f"grouped_gemm needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU), a is on {a.device}")
-    return n_out
 
 
 def grouped_gemm(
@@ -295,6 +341,7 @@ def grouped_gemm(
     row_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     row_addresses: torch.Tensor | None = None,
+    gate_up_out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """out[r] = a[r] @ b[e].T for every row r of expert e, all experts in one launch, without a host sync.
 
@@ -315,6 +362,8 @@ def grouped_gemm(
             (the fused combine of moekit.ep.symmetric_triton). Not checked; nothing is returned then.
             When a row's bytes are a multiple of 16, every address must be too (rows of a 16-byte aligned
             buffer are), so the stores can be vectorised.
+        gate_up_out: [M, N] a's dtype with contiguous rows, or None; with swiglu only: also receives
+            a @ b[e].T before the activation (what grouped_gemm_swiglu_backward needs), for the same rows.
 
     Returns:
         out: [M, N] (or [M, F] with swiglu), a's dtype, accumulated in float32 (tf32 is not used for
@@ -326,13 +375,110 @@ def grouped_gemm(
     synchronises: make that call before capturing a CUDA graph. Later calls launch one kernel and nothing else.
     """
     n_out = _check_args(a, b, expert_offsets, swiglu, row_scale, out, row_addresses)
+    if gate_up_out is not None:
+        if not swiglu:
+            raise ValueError("gate_up_out keeps the pre-activation of swiglu: pass swiglu=True with it")
+        _check_rows("gate_up_out", gate_up_out, (a.shape[0], b.shape[1]), a)
+    _check_device(a)
+    if out is None and row_addresses is None:
+        out = torch.empty((a.shape[0], n_out), dtype=a.dtype, device=a.device)
+    stores_to = out if out is not None else a  # with row_addresses: its dtype and address are read
+    _launch(
+        _grouped_gemm_kernel,
+        a,
+        b,
+        expert_offsets,
+        n_out,
+        stores_to,
+        swiglu=swiglu,
+        row_scale=row_scale,
+        row_addresses=row_addresses,
+        gate_up=gate_up_out,
+    )
+    return out
+
+
+def grouped_gemm_swiglu_backward(
+    d_out: torch.Tensor,
+    w_down: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    gate_up: torch.Tensor,
+    row_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward of out = row_scale * (silu(gate) * up) @ w_down[e].T up to the down weight's GEMM, in one launch.
+
+    Args:
+        d_out: [M, H] the gradient of out, rows sorted by expert as in grouped_gemm.
+        w_down: [E, H, F] d_out's dtype (applied transposed: d_activation = d_out @ w_down[e]).
+        expert_offsets: [E + 1] as in grouped_gemm (not checked).
+        gate_up: [M, 2F] d_out's dtype, contiguous rows: the pre-activation the forward kept (gate_up_out).
+        row_scale: [M] float32 or None, as in the forward.
+
+    Returns:
+        (d_gate_up [M, 2F], scaled_activation [M, F], d_row_scale [M] float32 or None): the gradient of gate_up
+        through SwiGLU and the row scale; row_scale * silu(gate) * up recomputed (the down weight's gradient is
+        d_out.T @ it per expert); each row's <silu(gate) * up @ w_down[e].T, d_out> summed over F-tiles with
+        atomics. Rows past expert_offsets[E] are unspecified in the first two and zero in the third.
+    """
+    _check_tensor("w_down", w_down)
+    if w_down.dim() != 3:
+        raise ValueError(f"w_down must be 3-D (E, H, F), got shape {tuple(w_down.shape)}")
+    _check_tensor("d_out", d_out)
+    if d_out.dim() != 2 or d_out.shape[1] != w_down.shape[1]:
+        raise ValueError(f"d_out must be [M, H] with w_down's H = {w_down.shape[1]}, got shape {tuple(d_out.shape)}")
+    b = w_down.transpose(1, 2)  # [E, F, H]: d_activation[r] = d_out[r] @ b[e].T
+    n_out = _check_args(d_out, b, expert_offsets, False, row_scale, None, None)
+    M = d_out.shape[0]
+    _check_rows("gate_up", gate_up, (M, 2 * n_out), d_out)
+    _check_device(d_out)
+    d_gate_up = torch.empty_like(gate_up)
+    activation = torch.empty((M, n_out), dtype=d_out.dtype, device=d_out.device)
+    d_scale = torch.zeros(M, dtype=torch.float32, device=d_out.device) if row_scale is not None else None
+    _launch(
+        _grouped_gemm_backward_kernel,
+        d_out,
+        b,
+        expert_offsets,
+        n_out,
+        activation,  # its strides are the kernel's out strides; d_gate_up is laid out as gate_up
+        row_scale=row_scale,
+        gate_up=gate_up,
+        d_gate_up=d_gate_up,
+        d_scale=d_scale,
+    )
+    return d_gate_up, activation, d_scale
+
+
+def _check_rows(name: str, tensor, shape: tuple[int, int], a: torch.Tensor) -> None:
+    _check_tensor(name, tensor)
+    if tuple(tensor.shape) != shape or tensor.dtype != a.dtype or tensor.device != a.device:
+        raise ValueError(f"{name} must be {a.dtype} of shape {shape} on {a.device}, "
+                         f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")  # fmt: skip
+    if shape[1] > 1 and tensor.stride(1) != 1:
+        raise ValueError(f"{name} must have contiguous rows (stride(1) = 1), got strides {tensor.stride()}")
+
+
+def _launch(
+    kernel,
+    a,
+    b,
+    expert_offsets,
+    n_out: int,
+    stores_to,
+    *,
+    swiglu: bool = False,
+    row_scale=None,
+    row_addresses=None,
+    gate_up=None,
+    d_gate_up=None,
+    d_scale=None,
+) -> None:
+    """Launch kernel (one of the autotuned _grouped_gemm_body wrappers) on checked arguments. With d_gate_up it
+    runs SwiGLU's backward: stores_to receives the scaled activation, d_gate_up (laid out as gate_up) the gradient."""
     M, K = a.shape
     E, N, _ = b.shape
-    if out is None and row_addresses is None:
-        out = torch.empty((M, n_out), dtype=a.dtype, device=a.device)
     if M == 0 or E == 0 or n_out == 0:
-        return out
-    stores_to = out if out is not None else a  # with row_addresses: its dtype and address are read
+        return
     aligned_rows = n_out * a.element_size() % _ALIGNED_ROW_BYTES == 0
     address_align = _ALIGNED_ROW_BYTES // a.element_size() if aligned_rows else 1  # in elements
 
@@ -347,13 +493,19 @@ def grouped_gemm(
         most_tiles = (triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(n_out, meta["BLOCK_N"])
         return (min(programs, most_tiles),)
 
-    _grouped_gemm_kernel[grid](
+    def given(tensor):  # pointers a flag leaves unread point at the output
+        return tensor if tensor is not None else stores_to
+
+    kernel[grid](
         a,
         b,
         expert_offsets,
-        row_scale if row_scale is not None else stores_to,  # never read without HAS_SCALE
-        stores_to,
-        row_addresses if row_addresses is not None else stores_to,  # never read without ROW_ADDRESSES
+        given(row_scale),
+        d_gate_up if d_gate_up is not None else stores_to,
+        given(row_addresses),
+        given(gate_up),
+        stores_to,  # the activation of the backward
+        given(d_scale),
         stores_to.data_ptr(),
         E,
         N,
@@ -366,8 +518,11 @@ def grouped_gemm(
         b.stride(2),
         stores_to.stride(0),
         stores_to.stride(1),
+        gate_up.stride(0) if gate_up is not None else 0,
         min(triton.next_power_of_2(triton.cdiv(M, E)), 4096),  # a power-of-two bucket: few autotune runs
         SWIGLU=swiglu,
+        SAVE_GATE_UP=gate_up is not None and d_gate_up is None,
+        SWIGLU_BACKWARD=d_gate_up is not None,
         HAS_SCALE=row_scale is not None,
         ROW_ADDRESSES=row_addresses is not None,
         ELEMENT_BYTES=a.element_size(),
@@ -377,4 +532,3 @@ def grouped_gemm(
         BLOCK_E=triton.next_power_of_2(E),
         GROUP_M=_GROUP_M,
     )
-    return out

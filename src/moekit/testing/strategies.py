@@ -105,3 +105,17 @@ def moe_cases(draw, *, max_tokens: int = 64, **config_kwargs) -> MoECase:
         )
     )
     return MoECase(config, num_tokens, draw(st.integers(0, 2**31 - 1)), *skew)
+
+
+@st.composite
+def expert_row_counts(draw, max_experts: int = 6, max_rows: int = 40) -> list[int]:
+    """Rows per expert for the grouped kernels: independent counts, every expert empty, or every row on one."""
+    E = draw(st.integers(1, max_experts))
+    shape = draw(st.sampled_from(["any", "empty", "one"]))
+    if shape == "empty":
+        return [0] * E
+    if shape == "one":
+        counts = [0] * E
+        counts[draw(st.integers(0, E - 1))] = draw(st.integers(1, max_rows))
+        return counts
+    return draw(st.lists(st.integers(0, max_rows), min_size=E, max_size=E))

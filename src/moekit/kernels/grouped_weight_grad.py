@@ -1,0 +1,201 @@
+"""grouped_weight_grad: every expert's weight gradient, out[e] = a[rows of e].T @ b[rows of e], in one launch.
+
+The backward of grouped_gemm's out[r] = x[r] @ w[e].T gives w's gradient as a sum over the rows expert e owns of
+d_out[r] outer x[r]: here a = d_out [M, P], b = x [M, Q], out [E, P, Q]. One program computes one output tile of
+one expert, looping over that expert's rows BLOCK_M at a time (the reduction runs along the rows, so the row
+counts set the loop length, not the grid: the grid is a fixed number of persistent programs, E * tiles of P *
+tiles of Q known on the host). An expert with no rows gets a zero gradient.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from moekit.kernels.grouped_gemm import (
+    _GROUP_M,
+    _INTERPRETER_PROGRAMS,
+    OFFSET_DTYPES,
+    SUPPORTED_DTYPES,
+    _quick_bench,
+    _sm_count,
+)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_P": 16, "BLOCK_Q": 16, "BLOCK_M": 16}, num_warps=4, num_stages=1)]
+    if os.environ.get("MOEKIT_GROUPED_GEMM_TUNE") == "0":  # correctness runs on GPU: one config (grouped_gemm's)
+        return [triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_M": 32}, num_warps=4, num_stages=3)]
+    shapes = [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bp, bq, bm, w, s in shapes
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """As grouped_gemm's: 128 float32 accumulators per thread at most on the tensor cores, 64 x 64 for ieee."""
+    args = {**named_args, **kwargs}
+    if args.get("DOT_PRECISION") == "ieee":
+        kept = [c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"] <= 64 * 64]
+    else:
+        kept = [c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"] <= 128 * 32 * c.num_warps]
+    return kept or configs
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["P", "Q", "ROWS_PER_EXPERT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=_quick_bench,
+)
+@triton.jit
+def _grouped_weight_grad_kernel(
+    a_ptr,
+    b_ptr,
+    offsets_ptr,
+    out_ptr,
+    E,
+    P,
+    Q,
+    stride_am,
+    stride_ap,
+    stride_bm,
+    stride_bq,
+    stride_oe,
+    stride_op,
+    stride_oq,
+    ROWS_PER_EXPERT,  # only in the autotune key
+    DOT_PRECISION: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    num_p_tiles = tl.cdiv(P, BLOCK_P)
+    num_q_tiles = tl.cdiv(Q, BLOCK_Q)
+    tiles_per_expert = num_p_tiles * num_q_tiles
+    offs_m = tl.arange(0, BLOCK_M)
+    tile = tl.program_id(0)
+    while tile < E * tiles_per_expert:
+        e = tile // tiles_per_expert
+        local = tile % tiles_per_expert
+        # grouped order (as grouped_gemm's): consecutive programs share b's q-block and a's few p-blocks
+        tiles_per_group = GROUP_P * num_q_tiles
+        first_p = (local // tiles_per_group) * GROUP_P
+        group_rows = tl.minimum(num_p_tiles - first_p, GROUP_P)
+        pid_p = first_p + (local % tiles_per_group) % group_rows
+        pid_q = (local % tiles_per_group) // group_rows
+
+        p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
+        p_ok = p < P
+        q_ok = q < Q
+        row = tl.load(offsets_ptr + e).to(tl.int32)
+        row_end = tl.load(offsets_ptr + e + 1).to(tl.int32)
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+        while row < row_end:  # a device bound: a while loop (see grouped_gemm)
+            rows = row + offs_m
+            row_ok = rows < row_end
+            rows64 = rows.to(tl.int64)
+            # a's tile loaded as [BLOCK_P, BLOCK_M]: the dot reduces over the rows without a transpose
+            a_tile = tl.load(
+                a_ptr + rows64[None, :] * stride_am + p[:, None] * stride_ap,
+                mask=p_ok[:, None] & row_ok[None, :],
+                other=0.0,
+            )
+            b_tile = tl.load(
+                b_ptr + rows64[:, None] * stride_bm + q[None, :] * stride_bq,
+                mask=row_ok[:, None] & q_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+            row += BLOCK_M
+        out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + p[:, None] * stride_op + q[None, :] * stride_oq
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+        tile += tl.num_programs(0)
+
+
+def _check_args(a, b, expert_offsets) -> None:
+    for name, value in (("a", a), ("b", b), ("expert_offsets", expert_offsets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"a and b must be 2-D (M, P) and (M, Q), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must have the same rows M, got {a.shape[0]} and {b.shape[0]}")
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"a must be float16, bfloat16 or float32, got {a.dtype}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"b must have a's dtype {a.dtype}, got {b.dtype}")
+    if expert_offsets.dim() != 1 or expert_offsets.shape[0] < 1 or expert_offsets.dtype not in OFFSET_DTYPES:
+        raise ValueError(f"expert_offsets must be int32 or int64 of shape (E + 1,), got {expert_offsets.dtype} "
+                         f"{tuple(expert_offsets.shape)}")  # fmt: skip
+    for name, tensor in (("b", b), ("expert_offsets", expert_offsets)):
+        if tensor.device != a.device:
+            raise ValueError(f"{name} is on {tensor.device}, a is on {a.device}; all tensors must share a device")
+    if not _INTERPRET and a.device.type != "cuda":
+        raise ValueError(f"grouped_weight_grad needs CUDA tensors (or TRITON_INTERPRET=1), a is on {a.device}")
+
+
+def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """out[e] = a[rows of e].T @ b[rows of e], accumulated in float32, for every expert in one launch.
+
+    Args:
+        a: [M, P] float16/bfloat16/float32, rows sorted by expert (expert e owns rows
+            expert_offsets[e]:expert_offsets[e+1]; rows from expert_offsets[E] on are not read).
+        b: [M, Q], a's dtype, the same rows.
+        expert_offsets: [E + 1] int32/int64 on a's device, non-decreasing from 0 (not checked: a host sync).
+
+    Returns:
+        out: [E, P, Q] in a's dtype; an expert with no rows gets zeros. For w [E, P, Q] applied as
+        x @ w[e].T, a = d_out [M, P] and b = x [M, Q] give w's gradient.
+    """
+    _check_args(a, b, expert_offsets)
+    (M, P), Q, E = a.shape, b.shape[1], expert_offsets.shape[0] - 1
+    out = torch.empty((E, P, Q), dtype=a.dtype, device=a.device)
+    if E == 0 or P == 0 or Q == 0:
+        return out
+    if M == 0:
+        return out.zero_()
+    if _INTERPRET:
+        programs = _INTERPRETER_PROGRAMS
+    else:
+        programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+
+    def grid(meta):
+        return (min(programs, E * triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"])),)
+
+    _grouped_weight_grad_kernel[grid](
+        a,
+        b,
+        expert_offsets,
+        out,
+        E,
+        P,
+        Q,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        min(triton.next_power_of_2(triton.cdiv(M, E)), 4096),
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        GROUP_P=_GROUP_M,  # p-tiles of one expert per sweep over its q-tiles: b's row blocks stay in L2
+    )
+    return out

@@ -1,0 +1,150 @@
+"""The expert MLP's backward kernels against float64 torch: grouped_weight_grad (a per-expert a.T @ b),
+grouped_gemm's kept pre-activation (gate_up_out) and grouped_gemm_swiglu_backward (SwiGLU's backward and the
+row-scale gradient in the epilogue of the GEMM on the transposed down weight)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moekit.kernels.availability import KERNEL_DTYPES
+from moekit.kernels.grouped_gemm import grouped_gemm, grouped_gemm_swiglu_backward
+from moekit.kernels.grouped_weight_grad import grouped_weight_grad
+from moekit.testing import assert_close_to_reference
+from moekit.testing.strategies import expert_row_counts
+
+SETTINGS = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # triton_device only skips
+
+
+def offsets_of(counts, device, dtype=torch.int32) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(counts, dtype=torch.int64).cumsum(0).tolist()], dtype=dtype, device=device)
+
+
+def randn(*shape, generator, dtype, device, layout="row") -> torch.Tensor:
+    t = torch.randn(*shape, generator=generator).to(dtype)
+    if layout == "column":  # same values, the first dimension contiguous
+        t = t.t().contiguous().t()
+    return t.to(device)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@SETTINGS
+@given(data=st.data())
+def test_grouped_weight_grad_matches_float64_loop(triton_device, dtype, data):
+    counts = data.draw(expert_row_counts(), label="counts")
+    pad = data.draw(st.integers(0, 3), label="pad")
+    P, Q = data.draw(st.integers(1, 40), label="P"), data.draw(st.integers(1, 40), label="Q")
+    layout = data.draw(st.sampled_from(["row", "column"]), label="a layout")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    M = sum(counts) + pad
+    a = randn(M, P, generator=g, dtype=dtype, device=triton_device, layout=layout)
+    b = randn(M, Q, generator=g, dtype=dtype, device=triton_device)
+    a[sum(counts) :] = math.nan  # padding rows must not be read
+    offsets = offsets_of(counts, triton_device, data.draw(st.sampled_from([torch.int32, torch.int64])))
+
+    out = grouped_weight_grad(a, b, offsets)
+
+    assert out.shape == (len(counts), P, Q) and out.dtype == dtype
+    bounds = offsets.tolist()
+    for e, count in enumerate(counts):
+        if count == 0:
+            assert bool((out[e] == 0).all()), f"expert {e} has no rows: its gradient must be zero"
+            continue
+        rows = slice(bounds[e], bounds[e + 1])
+        ref = a[rows].double().cpu().T @ b[rows].double().cpu()
+        assert_close_to_reference(out[e], ref, dtype, f"grouped_weight_grad expert {e} of {counts}")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@SETTINGS
+@given(counts=expert_row_counts(), K=st.integers(1, 40), F_=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_grouped_gemm_keeps_the_pre_activation(triton_device, dtype, counts, K, F_, seed):
+    g = torch.Generator().manual_seed(seed)
+    M, valid = sum(counts) + 2, sum(counts)
+    a = randn(M, K, generator=g, dtype=dtype, device=triton_device)
+    b = randn(len(counts), 2 * F_, K, generator=g, dtype=dtype, device=triton_device)
+    offsets = offsets_of(counts, triton_device)
+    gate_up = torch.full((M, 2 * F_), math.nan, dtype=dtype, device=triton_device)
+
+    activation = grouped_gemm(a, b, offsets, swiglu=True, gate_up_out=gate_up)
+
+    bounds = offsets.tolist()
+    ref = torch.cat([a[bounds[e] : bounds[e + 1]].double().cpu() @ b[e].double().cpu().T for e in range(len(counts))])
+    assert bool(torch.isnan(gate_up[valid:]).all()), "padding rows past offsets[E] were written"
+    assert_close_to_reference(gate_up[:valid], ref, dtype, "gate_up_out")
+    gate, up = ref.chunk(2, dim=1)
+    assert_close_to_reference(activation[:valid], F.silu(gate) * up, dtype, "activation beside gate_up_out")
+
+
+def swiglu_backward_reference(d_out, w_down, offsets, gate_up, row_scale):
+    """float64 autograd of out = row_scale * (silu(gate) * up) @ w_down[e].T over rows [0, offsets[E])."""
+    bounds = offsets.tolist()
+    valid = bounds[-1]
+    gate_up = gate_up[:valid].double().cpu().requires_grad_()
+    scale = (row_scale[:valid] if row_scale is not None else torch.ones(valid)).double().cpu().requires_grad_()
+    gate, up = gate_up.chunk(2, dim=1)
+    activation = F.silu(gate) * up * scale[:, None]
+    out = torch.cat([activation[bounds[e] : bounds[e + 1]] @ w_down[e].double().cpu().T for e in range(len(w_down))])
+    d_gate_up, d_scale = torch.autograd.grad(out, (gate_up, scale), d_out[:valid].double().cpu())
+    return d_gate_up, activation.detach(), d_scale
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@SETTINGS
+@given(
+    counts=expert_row_counts(),
+    H=st.integers(1, 40),
+    F_=st.integers(1, 40),
+    scaled=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_grouped_gemm_swiglu_backward_matches_float64_autograd(triton_device, dtype, counts, H, F_, scaled, seed):
+    g = torch.Generator().manual_seed(seed)
+    M, valid = sum(counts) + 2, sum(counts)
+    d_out = randn(M, H, generator=g, dtype=dtype, device=triton_device)
+    w_down = randn(len(counts), H, F_, generator=g, dtype=dtype, device=triton_device)
+    gate_up = randn(M, 2 * F_, generator=g, dtype=dtype, device=triton_device)
+    row_scale = (torch.rand(M, generator=g) + 0.5).to(triton_device) if scaled else None
+    offsets = offsets_of(counts, triton_device)
+
+    d_gate_up, activation, d_scale = grouped_gemm_swiglu_backward(d_out, w_down, offsets, gate_up, row_scale)
+
+    ref_d_gate_up, ref_activation, ref_d_scale = swiglu_backward_reference(d_out, w_down, offsets, gate_up, row_scale)
+    what = f"swiglu backward {dtype} counts {counts}"
+    assert_close_to_reference(d_gate_up[:valid], ref_d_gate_up, dtype, f"{what}: d_gate_up")
+    assert_close_to_reference(activation[:valid], ref_activation, dtype, f"{what}: scaled activation")
+    if scaled:
+        assert d_scale.dtype == torch.float32 and bool((d_scale[valid:] == 0).all())
+        assert_close_to_reference(d_scale[:valid], ref_d_scale, dtype, f"{what}: d_row_scale")
+    else:
+        assert d_scale is None
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: grouped_weight_grad(torch.randn(4, 3), torch.randn(5, 2), torch.tensor([0, 4])), ValueError,
+         "same rows M, got 4 and 5"),
+        (lambda: grouped_weight_grad(torch.randn(4, 3), torch.randn(4), torch.tensor([0, 4])), ValueError, "2-D"),
+        (lambda: grouped_weight_grad(torch.randn(4, 3), torch.randn(4, 2).half(), torch.tensor([0, 4])), TypeError,
+         "b must have a's dtype"),
+        (lambda: grouped_weight_grad(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([0.0, 4.0])), ValueError,
+         "expert_offsets must be int32 or int64"),
+        (lambda: grouped_gemm(torch.randn(4, 8), torch.randn(2, 6, 8), torch.tensor([0, 1, 4]),
+                              gate_up_out=torch.empty(4, 6)), ValueError, "pass swiglu=True"),
+        (lambda: grouped_gemm(torch.randn(4, 8), torch.randn(2, 6, 8), torch.tensor([0, 1, 4]), swiglu=True,
+                              gate_up_out=torch.empty(4, 3)), ValueError, r"gate_up_out must be .* of shape \(4, 6\)"),
+        (lambda: grouped_gemm_swiglu_backward(torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 1, 4]),
+                                              torch.empty(4, 5)), ValueError, r"gate_up must be .* of shape \(4, 6\)"),
+        (lambda: grouped_gemm_swiglu_backward(torch.randn(4, 8), torch.randn(8, 3), torch.tensor([0, 1, 4]),
+                                              torch.empty(4, 6)), ValueError, r"w_down must be 3-D \(E, H, F\)"),
+        (lambda: grouped_gemm_swiglu_backward(torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 1, 4]),
+                                              torch.empty(6, 4).t()), ValueError, "contiguous rows"),
+    ],
+)  # fmt: skip
+def test_backward_kernels_reject_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
