@@ -7,7 +7,7 @@ for part in "${parts[@]}"; do
   tokens=${TOKENS:-16,128,4096,8192}
   [[ $part == *@* ]] && tokens=${part#*@} && part=${part%@*}
   case $part in
-    tests) MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run 240 python -m pytest -q -p no:cacheprovider -n 4 \
+    tests) MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run ${LIMIT:-240} python -m pytest -q -p no:cacheprovider -n 4 \
       tests/unit/test_kernel_grouped_gemm_fp8.py tests/unit/test_experts_fp8.py tests/unit/test_layer_fp8.py \
       tests/unit/test_tolerance_table.py tests/unit/test_quantize.py -W ignore::RuntimeWarning ;;
     block|row) run 330 python -m moekit bench experts --dtype fp8 --quant "$part" --runs 10 \

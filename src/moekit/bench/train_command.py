@@ -67,11 +67,12 @@ def run_train_command(args, device: torch.device, dtype: torch.dtype) -> int:
                                  t.peak_activation_gb if t.peak_activation_gb is not None else "-", ratio,
                                  t.forward_ms or "-", overhead])  # fmt: skip
                 del problem
+                if args.json:  # after every problem: a run stopped by a time limit keeps what it measured
+                    args.json.write_text(json.dumps({"machine": info, "ceilings": vars(ceilings), "results": results},
+                                                    indent=2))  # fmt: skip
             title = (
                 f"{shape} {sizes} {dtype} training step (experts fwd + bwd, FLOPs 3x forward) on {info['kind']}; "
                 f"dense {ceilings.matmul_tflops:.3g} TFLOP/s"
             )
             print_table(title, COLUMNS, rows)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "ceilings": vars(ceilings), "results": results}, indent=2))
     return 0

@@ -77,6 +77,7 @@ def _prune_configs(configs, named_args, **kwargs):
     Tensor-core dots (fp16/bf16, tf32) afford 128 fp32 accumulator values per thread, half the 255 registers;
     SwiGLU holds two accumulators, so it halves the tile a config can afford. float32 inputs take the exact
     (FMA, "ieee") dot, whose operands also sit in registers: only 64 x 64 tiles stay clear of spills.
+    Prefill-sized experts also skip the decode tiles, which lose there and would only cost compile time.
     """
     args = {**named_args, **kwargs}
     accumulators = 2 if args.get("SWIGLU") or args.get("SWIGLU_BACKWARD") else 1
@@ -86,6 +87,8 @@ def _prune_configs(configs, named_args, **kwargs):
         kept = [
             c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * accumulators <= 128 * 32 * c.num_warps
         ]
+    if args.get("ROWS_PER_EXPERT", 0) >= 256:  # prefill: 16/32-row decode tiles only re-read the weights
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or kept
     return kept or configs
 
 
