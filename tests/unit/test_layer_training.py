@@ -71,14 +71,42 @@ def test_a_layer_whose_backend_does_not_train_says_so():
         layer(torch.randn(4, CONFIG.hidden_size))
 
 
-def test_an_expert_parallel_layer_refuses_to_train_until_it_has_a_backward():
-    """One rank, no process group: the nccl path runs locally; its exchanges have no backward yet."""
-    layer = MoELayer(CONFIG, dispatcher="nccl", backend="grouped_mm", max_tokens=8)
+def test_an_expert_parallel_layer_trains_on_one_rank_as_the_local_layer_does():
+    """One rank, no process group: the nccl path's dispatch and combine run their backward locally (several ranks:
+    tests/distributed/test_ep_gradients.py)."""
     x = torch.randn(5, CONFIG.hidden_size)
+    grads = []
+    for dispatcher in (None, "nccl"):
+        layer = MoELayer(
+            CONFIG, dispatcher=dispatcher, backend="grouped_mm", max_tokens=8, weights=init_weights(CONFIG, seed=0)
+        )
+        layer.requires_grad_(True)
+        layer(x).square().sum().backward()
+        grads.append({name: p.grad for name, p in layer.named_parameters()})
+    for name, local in grads[0].items():
+        torch.testing.assert_close(grads[1][name], local, msg=name)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(dispatcher="nccl", backend="grouped_loop"), "expert backend 'grouped_loop' has no backward"),
+        (dict(dispatcher="nccl", backend="grouped_mm", chunks=2), r"\['chunks'\] overlap the forward only"),
+        (dict(dispatcher="nccl", backend="grouped_mm", own_first=True), r"runs the synchronous.*own_first"),
+        (dict(dispatcher="nccl", backend="grouped_mm", shared_overlap=True), r"\[.shared_overlap.\] overlap"),
+    ],
+)
+def test_an_expert_parallel_layer_that_cannot_train_says_why(options, message):
+    layer = MoELayer(CONFIG, max_tokens=8, **options)
     layer.requires_grad_(True)
-    with pytest.raises(ValueError, match="expert parallelism has no backward yet"):
-        layer(x)
-    with torch.no_grad():
-        assert layer(x).shape == x.shape
-    with pytest.raises(ValueError, match="expert parallelism has no backward yet"):
-        layer.requires_grad_(False)(x.clone().requires_grad_())
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(5, CONFIG.hidden_size))
+
+
+def test_a_dispatcher_without_backward_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from moekit.ep.forward import check_trainable
+
+    with pytest.raises(ValueError, match=r"dispatcher 'symmetric_triton' has no backward.*'nccl'"):
+        check_trainable(SimpleNamespace(name="symmetric_triton"), "grouped_mm", init_weights(CONFIG, seed=0), {})

@@ -10,7 +10,9 @@ from moekit.config import MoEConfig
 from moekit.ep.base import Dispatcher, group_size_and_rank
 from moekit.ep.local_experts import check_backend_fits, check_fp8_fits, local_expert_forward, local_weights
 from moekit.ep.own_rank_first import expert_out_with_own_rows, own_rank_rows
+from moekit.ep.registry import DISPATCHERS
 from moekit.ep.streams import join, on_stream, reused_side_stream
+from moekit.experts import EXPERT_BACKENDS
 from moekit.experts.mlp import swiglu_mlp
 from moekit.kernels.availability import triton_on_cuda
 from moekit.quantize import QuantizedMoEWeights
@@ -23,7 +25,7 @@ from moekit.weights import MoEWeights, router_logits
 def shared_expert(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, out: torch.Tensor | None = None):
     """swiglu_mlp(x [N, H]) -> [N, H] (into out when given), the activation as one Triton pass on CUDA."""
     if triton_on_cuda(x.device, x.dtype):
-        from moekit.kernels.swiglu import swiglu
+        from moekit.kernels.differentiable import swiglu  # the Triton pass, with its backward
 
         return torch.matmul(swiglu(x @ w_gate_up.T), w_down.T, out=out)
     y = swiglu_mlp(x, w_gate_up, w_down)
@@ -78,6 +80,42 @@ def local_hidden(recv_x: torch.Tensor, meta, weights: MoEWeights, dispatcher: Di
     return grouped_gemm(recv_x, local_weights(weights, dispatcher).w_gate_up, meta.local_expert_offsets, swiglu=True)
 
 
+def check_trainable(dispatcher: Dispatcher, backend_name: str, weights, overlap: dict) -> None:
+    """A training step needs a dispatcher and an expert backend registered with trains=True, bf16/fp32 weights
+    and the synchronous layer (overlap: the ep_forward options that must be off)."""
+    if not DISPATCHERS.get(dispatcher.name).trains:
+        raise ValueError(f"dispatcher {dispatcher.name!r} has no backward; with inputs that require grad use one that "
+                         f"trains: {DISPATCHERS.training_names()} (or run it under torch.no_grad())")  # fmt: skip
+    if not EXPERT_BACKENDS.get(backend_name).trains:
+        raise ValueError(f"expert backend {backend_name!r} has no backward; with inputs that require grad use one that "
+                         f"trains: {EXPERT_BACKENDS.training_names()}")  # fmt: skip
+    if isinstance(weights, QuantizedMoEWeights):
+        raise ValueError("FP8 expert parallelism has no backward: train with bf16 or float32 weights")
+    synchronous = dict(shared_overlap=False, chunks=1, own_first=False, fused_combine=False)
+    on = [name for name, value in overlap.items() if value != synchronous[name]]
+    if on:
+        raise ValueError(f"a training step runs the synchronous expert-parallel layer; {on} overlap the forward "
+                         "only: pass shared_overlap=False, chunks=1, own_first=False, fused_combine=False")  # fmt: skip
+
+
+def trained_ep_forward(
+    x: torch.Tensor, weights: MoEWeights, config: MoEConfig, dispatcher: Dispatcher, backend_name: str, *,
+    check_values: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """ep_forward under autograd (moekit.ep.autograd): gradients to x, the router weight (through the top-k
+    weights the combine applies), the local experts' weights and the shared experts'."""
+    from moekit.ep import autograd
+
+    routing = route(router_logits(x, weights), config, weights.score_correction_bias, check_values=check_values)
+    with trusted_values():  # the router's ids are in range
+        recv_x, step = autograd.dispatch(x, routing.topk_ids, routing.topk_weights, dispatcher)
+        expert_out = local_expert_forward(recv_x, step.meta, weights, dispatcher, backend_name)
+        anchors = [t for t in (recv_x, weights.w_gate_up, weights.w_down) if t.requires_grad]
+        y = autograd.combine(expert_out, routing.topk_weights, routing.topk_ids, dispatcher, step, anchors)
+    shared = shared_experts(x, weights)
+    return y if shared is None else y + shared
+
+
 def chunk_bounds(num_tokens: int, chunks: int) -> list[tuple[int, int]]:
     """[start, stop) of `chunks` nearly equal pieces of range(num_tokens); some may be empty."""
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
@@ -122,13 +160,14 @@ def ep_forward(
     check_values=False skips the router's NaN check (a host sync): with a fixed-shape dispatcher
     (nvshmem_triton_graph, symmetric_triton_graph) nothing else waits for the host, and the forward can be
     captured in a CUDA graph.
+    Training: with x or the weights requiring grad in grad mode, the synchronous layer runs under autograd
+    (trained_ep_forward; dispatcher and backend registered with trains=True, overlap off, bf16/fp32 weights).
     """
     check_group_matches(dispatcher, config, weights, group)
     if torch.is_grad_enabled() and needs_grad((x, weights)):
-        # the router weights travel as int64 bits and the exchanges are not autograd ops: gradients would be
-        # silently wrong, so refuse (on every rank alike, before any communication)
-        raise ValueError("expert parallelism has no backward yet (issue #23): run ep_forward under torch.no_grad(), "
-                         "with inputs and weights that do not require grad")  # fmt: skip
+        overlap = dict(shared_overlap=shared_overlap, chunks=chunks, own_first=own_first, fused_combine=fused_combine)
+        check_trainable(dispatcher, backend_name, weights, overlap)  # on every rank alike, before any communication
+        return trained_ep_forward(x, weights, config, dispatcher, backend_name, check_values=check_values)
     quantized = isinstance(weights, QuantizedMoEWeights)
     if quantized:  # before any communication
         check_fp8_fits(dispatcher, backend_name, own_first, fused_combine)
@@ -198,8 +237,10 @@ def ep_forward(
 __all__ = [
     "check_fused_combine",
     "check_group_matches",
+    "check_trainable",
     "chunk_bounds",
     "ep_forward",
     "shared_expert",
     "shared_experts",
+    "trained_ep_forward",
 ]

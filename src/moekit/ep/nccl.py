@@ -50,7 +50,7 @@ class PendingDispatch:
     recv_scale: torch.Tensor | None = None
 
 
-@DISPATCHERS.register("nccl")
+@DISPATCHERS.register("nccl", trains=True)
 class NcclDispatcher(Dispatcher):
     """Counts first, then variable-size all-to-alls of the rows and of the packed metadata."""
 

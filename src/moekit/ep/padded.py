@@ -55,7 +55,7 @@ class PendingDispatch:
     num_tokens: int
 
 
-@DISPATCHERS.register("padded")
+@DISPATCHERS.register("padded", trains=True)
 class PaddedDispatcher(Dispatcher):
     """Fixed-size messages: M slots per pair, M agreed per step or fixed by capacity."""
 

@@ -8,7 +8,7 @@ from moekit.ep.registry import DISPATCHERS
 from moekit.registry import Support
 
 
-@DISPATCHERS.register("skip_a2a")
+@DISPATCHERS.register("skip_a2a", trains=True)
 class SkipA2ADispatcher(NcclDispatcher):
     """The nccl path restricted to a group of one rank (ValueError on a larger group)."""
 

@@ -197,7 +197,7 @@ class PendingDispatch:
     num_tokens: int
 
 
-@DISPATCHERS.register("symmetric")
+@DISPATCHERS.register("symmetric", trains=True)
 class SymmetricDispatcher(SymmetricLayout):
     """Per-(token, expert) rows at positions every rank computes; capacity C per (source rank, expert)."""
 

@@ -44,8 +44,8 @@ def grouped_mm_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
 
 @sorted_rows_form("grouped_mm_fused")
 def grouped_mm_fused_sorted_rows(rows: torch.Tensor, expert_offsets: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
-    """rows [M, H] grouped by expert -> [M, H]: grouped gate+up, Triton SwiGLU, grouped down."""
-    from moekit.kernels.swiglu import swiglu
+    """rows [M, H] grouped by expert -> [M, H]: grouped gate+up, Triton SwiGLU (with its backward), grouped down."""
+    from moekit.kernels import differentiable
 
     check_alignment(rows, weights)
-    return grouped_mlp(rows, expert_offsets, weights, swiglu)
+    return grouped_mlp(rows, expert_offsets, weights, differentiable.swiglu)

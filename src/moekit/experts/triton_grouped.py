@@ -50,8 +50,14 @@ def sorted_rows_mlp(
 ) -> torch.Tensor:
     """rows [M, H] sorted by expert (expert e owns rows expert_offsets[e]:expert_offsets[e+1], offsets [E + 1]
     on the device) -> [M, H]: w_down(silu(gate) * up) of each row's expert, times row_scale [M] float32 if
-    given. Rows from expert_offsets[E] on are padding: never read, left unspecified in the output."""
+    given. Rows from expert_offsets[E] on are padding: never read, left unspecified in the output. With
+    grad-requiring inputs in grad mode, the same kernels under autograd (differentiable.sorted_rows_mlp)."""
     from moekit.kernels.grouped_gemm import grouped_gemm
+
+    if torch.is_grad_enabled() and needs_grad((rows, weights, row_scale)):
+        from moekit.kernels import differentiable
+
+        return differentiable.sorted_rows_mlp(rows, weights.w_gate_up, weights.w_down, expert_offsets, row_scale)
 
     activation = grouped_gemm(rows, weights.w_gate_up, expert_offsets, swiglu=True)
     return grouped_gemm(activation, weights.w_down, expert_offsets, row_scale=row_scale)
