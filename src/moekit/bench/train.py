@@ -13,6 +13,7 @@ backward) and under no_grad (the inference forward), so a trainable path's forwa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -63,21 +64,32 @@ class TrainTiming:
         return asdict(self)
 
 
-def time_train_step(problem: MoEProblem, path: str, ceilings: Ceilings, *, runs: int = 10) -> TrainTiming:
-    """Median ms of forward + backward of the routed experts through path (a training backend or PEER)."""
-    device, T = problem.x.device, problem.num_tokens
+@dataclass(frozen=True)
+class TrainStep:
+    """The callables time_train_step times: step (forward + backward, gradients set to None first), forward
+    (recording the graph), inference (the same forward under no_grad); leaves: the tensors that take gradients."""
+
+    step: Callable[[], None]
+    forward: Callable[[], torch.Tensor]
+    inference: Callable[[], None]
+    leaves: tuple[torch.Tensor, ...]
+
+
+def path_support(path: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """(ok, reason): whether path (a training backend or PEER) runs a training step on device in dtype."""
     if path == PEER:
-        fn = grouped_mm_peer
-        ok, reason = EXPERT_BACKENDS.get("grouped_mm").supports(device, problem.x.dtype)  # the same op
-    else:
-        impl = EXPERT_BACKENDS.get(path)
-        if not impl.trains:
-            return TrainTiming(path, T, f"unsupported: {path} has no backward")
-        fn, (ok, reason) = impl.fn, impl.supports(device, problem.x.dtype)
-    if not ok:
-        return TrainTiming(path, T, f"unsupported: {reason}")
-    config = problem.config
-    routing = route(problem.router_logits(), config, problem.weights.score_correction_bias)
+        return EXPERT_BACKENDS.get("grouped_mm").supports(device, dtype)  # the same op
+    impl = EXPERT_BACKENDS.get(path)
+    if not impl.trains:
+        return False, f"{path} has no backward"
+    return impl.supports(device, dtype)
+
+
+def train_step(problem: MoEProblem, path: str) -> TrainStep:
+    """The training step of the routed experts through path (a training backend or PEER) on problem."""
+    fn = grouped_mm_peer if path == PEER else EXPERT_BACKENDS.get(path).fn
+    device = problem.x.device
+    routing = route(problem.router_logits(), problem.config, problem.weights.score_correction_bias)
     x = problem.x.detach().clone().requires_grad_()
     topk_weights = routing.topk_weights.detach().clone().requires_grad_()
     w_gate_up = problem.weights.w_gate_up.detach().clone().requires_grad_()
@@ -99,14 +111,26 @@ def time_train_step(problem: MoEProblem, path: str, ceilings: Ceilings, *, runs:
             leaf.grad = None
         forward().backward(dy)
 
+    return TrainStep(step, forward, inference, leaves)
+
+
+def time_train_step(problem: MoEProblem, path: str, ceilings: Ceilings, *, runs: int = 10) -> TrainTiming:
+    """Median ms of forward + backward of the routed experts through path (a training backend or PEER)."""
+    device, T = problem.x.device, problem.num_tokens
+    ok, reason = path_support(path, device, problem.x.dtype)
+    if not ok:
+        return TrainTiming(path, T, f"unsupported: {reason}")
     try:
-        ms = measure(step, device, runs=runs).median_ms
-        peak = _peak_activation_gb(step, leaves, device)
-        forward_ms, inference_ms = (t.median_ms for t in measure_interleaved([forward, inference], device, runs=runs))
+        timed = train_step(problem, path)
+        ms = measure(timed.step, device, runs=runs).median_ms
+        peak = _peak_activation_gb(timed.step, timed.leaves, device)
+        forward_ms, inference_ms = (
+            t.median_ms for t in measure_interleaved([timed.forward, timed.inference], device, runs=runs)
+        )
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
         return TrainTiming(path, T, f"OOM: {str(error).splitlines()[0][:80]}")
-    tflops = 3 * routed_expert_flops(T, config) / ms / 1e9
+    tflops = 3 * routed_expert_flops(T, problem.config) / ms / 1e9
     pct = 100 * tflops / ceilings.matmul_tflops
     return TrainTiming(path, T, "ok", ms, tflops, pct, peak, forward_ms, inference_ms)
 
