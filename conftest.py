@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from moekit.testing import TOLERANCE, assert_close_to_reference
 from moekit.testing.spawn import share_cpu_threads
@@ -15,8 +15,16 @@ settings.register_profile("dev", max_examples=25, deadline=None)
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False
 )
-# gpu: each new shape or top-k compiles a Triton variant (about a second each), so 30 draws per test
-settings.register_profile("gpu", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# gpu: each new shape or top-k compiles a Triton variant (about a second each), so 30 draws per test and no
+# shrinking: every shrink step is a new shape, and a failing test spent the whole time limit of a GPU run shrinking
+# before it reported anything; the failing draw is printed as drawn
+settings.register_profile(
+    "gpu",
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 share_cpu_threads(1)  # under pytest-xdist, each worker takes its share of the cores
