@@ -70,7 +70,7 @@ def token_sum_conditioning(problem, routing, dy, name: str, d_weight) -> float:
     """A weight's gradient is a sum over tokens of each token's outer products, which cancel: its error is
     bounded relative to the sum of the tokens' absolute contributions. Returns ||sum_t |dW of token t| || /
     ||dW|| (>= 1), each token's dW from the oracle on that token alone."""
-    absolute = torch.zeros(d_weight.shape, dtype=torch.float64)
+    absolute = torch.zeros(d_weight.shape, dtype=torch.float64, device=d_weight.device)
     for t in range(problem.x.shape[0]):
         token = replace(problem, x=problem.x[t : t + 1])
         token_routing = replace(
