@@ -10,7 +10,8 @@
 
 Saved for backward: the permute nothing (the layout), the unpermute its rows and weights, SwiGLU its input
 gate_up [N, 2F] (silu and its derivative are recomputed from it, in float32: cheaper than keeping [N, F] twice).
-The backward of SwiGLU runs in torch ops; the others run Triton kernels.
+Every backward runs Triton kernels; SwiGLU's is one pass (kernels.swiglu.swiglu_backward) where torch ops took
+six float32 temporaries of [N, F] and a concatenation.
 
 sorted_rows_mlp keeps rows [M, H] and the pre-activation gate_up [M, 2F] (the forward's gate/up GEMM writes it
 beside the activation); the activation [M, F] is recomputed in the backward's epilogue rather than kept, and
@@ -29,6 +30,7 @@ from moekit.kernels.grouped_gemm import grouped_gemm, grouped_gemm_swiglu_backwa
 from moekit.kernels.grouped_weight_grad import grouped_weight_grad
 from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_triton
 from moekit.kernels.swiglu import swiglu as swiglu_triton
+from moekit.kernels.swiglu import swiglu_backward
 from moekit.permute import ExpertLayout
 
 
@@ -88,12 +90,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
-        gate, up = gate_up.float().chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        dh = dh.float()
-        d_gate = dh * up * (sig + silu * (1 - sig))
-        return torch.cat([d_gate, dh * silu], dim=-1).to(gate_up.dtype)
+        return swiglu_backward(gate_up, dh)
 
 
 class _SortedRowsMLP(torch.autograd.Function):
