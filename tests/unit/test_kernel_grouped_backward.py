@@ -14,6 +14,7 @@ from moekit.kernels.availability import KERNEL_DTYPES
 from moekit.kernels.grouped_gemm import grouped_gemm, grouped_gemm_swiglu_backward
 from moekit.kernels.grouped_weight_grad import grouped_weight_grad
 from moekit.testing import assert_close_to_reference
+from moekit.testing.numerics import gradient_tolerance
 from moekit.testing.strategies import expert_row_counts
 
 SETTINGS = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # triton_device only skips
@@ -121,6 +122,50 @@ def test_grouped_gemm_swiglu_backward_matches_float64_autograd(triton_device, dt
         assert_close_to_reference(d_scale[:valid], ref_d_scale, dtype, f"{what}: d_row_scale")
     else:
         assert d_scale is None
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@SETTINGS
+@given(
+    counts=expert_row_counts(max_rows=24),
+    sizes=st.sampled_from([(16, 8), (8, 24), (13, 7), (16, 5)]),  # 16-byte rows take torch._grouped_mm's path
+    pad=st.integers(0, 3),
+    scaled=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sorted_rows_mlp_backward_matches_float64_autograd(triton_device, dtype, counts, sizes, pad, scaled, seed):
+    """The whole backward of the expert MLP on sorted rows, on either path (backward_on_grouped_mm says which):
+    gradients of rows (zero on padding rows past offsets[E]), both weights and the row scale."""
+    from moekit.kernels import differentiable
+
+    (H, F_), g = sizes, torch.Generator().manual_seed(seed)
+    E, valid = len(counts), sum(counts)
+    rows = randn(valid + pad, H, generator=g, dtype=dtype, device=triton_device)
+    w_gate_up = randn(E, 2 * F_, H, generator=g, dtype=dtype, device=triton_device) / H**0.5
+    w_down = randn(E, H, F_, generator=g, dtype=dtype, device=triton_device) / F_**0.5
+    scale = (torch.rand(valid + pad, generator=g) + 0.5).to(triton_device) if scaled else None
+    d_out = randn(valid + pad, H, generator=g, dtype=dtype, device=triton_device)
+    offsets = offsets_of(counts, triton_device)
+    leaves = [t.clone().requires_grad_() for t in (rows, w_gate_up, w_down, *([scale] if scaled else []))]
+    out = differentiable.sorted_rows_mlp(*leaves[:3], offsets, leaves[3] if scaled else None)
+    got = torch.autograd.grad(out, leaves, d_out)
+
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    bounds, ref_out = offsets.tolist(), []
+    for e in range(E):
+        r = slice(bounds[e], bounds[e + 1])
+        gate, up = (ref_leaves[0][r] @ ref_leaves[1][e].T).chunk(2, dim=1)
+        y = (F.silu(gate) * up) @ ref_leaves[2][e].T
+        ref_out.append(y * ref_leaves[3][r, None] if scaled else y)
+    expected = torch.autograd.grad(torch.cat(ref_out), ref_leaves, d_out[:valid].double().cpu(), allow_unused=True)
+    path = "torch._grouped_mm" if differentiable.backward_on_grouped_mm(rows, w_down) else "Triton"
+    what = f"{path} backward, counts {counts}, H {H}, F {F_}, pad {pad}"
+    assert bool((got[0][valid:] == 0).all()), f"{what}: padding rows got a gradient"
+    for name, value, ref in zip(("rows", "w_gate_up", "w_down", "row_scale"), got, expected):
+        ref = ref if ref is not None else torch.zeros(value.shape, dtype=torch.float64)
+        value = value[:valid] if name in ("rows", "row_scale") else value
+        ref = ref[:valid] if name in ("rows", "row_scale") else ref
+        assert_close_to_reference(value, ref, dtype, f"{what}: d{name}", gradient_tolerance(dtype))
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,9 @@ nothing of the down GEMM is kept. Its backward, per expert e over its rows:
           d_gate_up = SwiGLU's backward of s * d_act, and s * act (grouped_gemm_swiglu_backward)
   dWd[e] = d_out.T @ (s * act)   and   dWgu[e] = d_gate_up.T @ rows   (grouped_weight_grad)
   d_rows = d_gate_up @ Wgu[e]: a grouped GEMM on Wgu transposed
+Where torch._grouped_mm takes the device, dtype and sizes (backward_on_grouped_mm; bf16 on Hopper, the CPU), the
+four GEMMs run on it instead, measured faster there, with SwiGLU's backward as one Triton pass between them
+(kernels.swiglu.scaled_swiglu_backward); the Triton GEMMs above run everywhere else.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import torch
 from moekit.kernels.grouped_gemm import grouped_gemm, grouped_gemm_swiglu_backward
 from moekit.kernels.grouped_weight_grad import grouped_weight_grad
 from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_triton
+from moekit.kernels.swiglu import scaled_swiglu_backward, swiglu_backward
 from moekit.kernels.swiglu import swiglu as swiglu_triton
-from moekit.kernels.swiglu import swiglu_backward
 from moekit.permute import ExpertLayout
 
 
@@ -105,18 +108,52 @@ class _SortedRowsMLP(torch.autograd.Function):
     def backward(ctx, d_out: torch.Tensor):
         rows, w_gate_up, w_down, expert_offsets, row_scale, gate_up = ctx.saved_tensors
         d_out = d_out.contiguous()
+        needs = ctx.needs_input_grad
+        if backward_on_grouped_mm(rows, w_down):
+            return _grouped_mm_backward(rows, w_gate_up, w_down, expert_offsets, row_scale, gate_up, d_out, needs)
         d_gate_up, scaled_activation, d_scale = grouped_gemm_swiglu_backward(
             d_out, w_down, expert_offsets, gate_up, row_scale
         )
         d_rows = d_w_gate_up = d_w_down = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             d_rows = torch.zeros_like(rows)  # padding rows past expert_offsets[E] get zero
             grouped_gemm(d_gate_up, w_gate_up.transpose(1, 2), expert_offsets, out=d_rows)
-        if ctx.needs_input_grad[1]:
+        if needs[1]:
             d_w_gate_up = grouped_weight_grad(d_gate_up, rows, expert_offsets)
-        if ctx.needs_input_grad[2]:
+        if needs[2]:
             d_w_down = grouped_weight_grad(d_out, scaled_activation, expert_offsets)
-        return d_rows, d_w_gate_up, d_w_down, None, d_scale if ctx.needs_input_grad[4] else None
+        return d_rows, d_w_gate_up, d_w_down, None, d_scale if needs[4] else None
+
+
+def backward_on_grouped_mm(rows: torch.Tensor, w_down: torch.Tensor) -> bool:
+    """Whether sorted_rows_mlp's backward GEMMs run on torch._grouped_mm: where it takes the device, the dtype
+    and the sizes (16-byte rows). On an H200 (bf16, T = 8192) it ran each of them 1.1x-3.5x faster than this
+    module's Triton kernels (tools/backward_pieces.py: d_act 640 vs 238 TFLOP/s, dW_gate_up 612 vs 345 at
+    Mixtral's shape), so the Triton kernels remain for the rest (and are tested on their own)."""
+    from moekit.experts.grouped_mm import grouped_mm_support, sixteen_byte_rows
+
+    multiple = sixteen_byte_rows(rows.dtype)
+    aligned = rows.shape[1] % multiple == 0 and w_down.shape[2] % multiple == 0
+    return aligned and grouped_mm_support(rows.device, rows.dtype)[0]
+
+
+def _grouped_mm_backward(rows, w_gate_up, w_down, expert_offsets, row_scale, gate_up, d_out, needs):
+    """_SortedRowsMLP's backward with the four GEMMs on torch._grouped_mm and SwiGLU's backward (with the row
+    scale's gradient and the scaled activation) as one Triton pass between them; the gradients of padding rows
+    past expert_offsets[E] are zero, as the Triton path's."""
+    ends = expert_offsets[1:].to(torch.int32)
+    d_activation = torch._grouped_mm(d_out, w_down, offs=ends)
+    # torch._grouped_mm leaves rows past the last offset unspecified: the SwiGLU pass reads them as zeros
+    d_gate_up, scaled_activation, d_scale = scaled_swiglu_backward(gate_up, d_activation, row_scale, ends[-1:])
+    d_rows = d_w_gate_up = d_w_down = None
+    if needs[0]:
+        padding = torch.arange(rows.shape[0], device=rows.device) >= expert_offsets[-1]
+        d_rows = torch._grouped_mm(d_gate_up, w_gate_up, offs=ends).masked_fill_(padding[:, None], 0)
+    if needs[1]:
+        d_w_gate_up = torch._grouped_mm(d_gate_up.t(), rows, offs=ends)
+    if needs[2]:
+        d_w_down = torch._grouped_mm(d_out.t(), scaled_activation, offs=ends)
+    return d_rows, d_w_gate_up, d_w_down, None, d_scale if needs[4] else None
 
 
 def permute_tokens(x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:

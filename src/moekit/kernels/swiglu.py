@@ -1,6 +1,7 @@
 """SiLU(gate) * up in one pass over a [N, 2F] gate_up buffer (gate columns first), and its backward in one pass:
 d_gate = dh * up * silu'(gate), d_up = dh * silu(gate), silu'(g) = s + g * s * (1 - s) with s = sigmoid(g), in
-float32 whatever the storage dtype (one read of gate_up and dh, one write of d_gate_up)."""
+float32 whatever the storage dtype (one read of gate_up and dh, one write of d_gate_up); scaled_swiglu_backward adds
+a row scale (the router weight the down projection's epilogue applies) and recomputes the scaled activation."""
 
 import torch
 import triton
@@ -20,20 +21,46 @@ def _swiglu_kernel(gate_up_ptr, out_ptr, F, stride_in, stride_out, BLOCK_F: tl.c
 
 @triton.jit
 def _swiglu_backward_kernel(
-    gate_up_ptr, dh_ptr, d_gate_up_ptr, F, stride_in, stride_dh, stride_out, BLOCK_F: tl.constexpr
+    gate_up_ptr,
+    dh_ptr,
+    d_gate_up_ptr,
+    scale_ptr,
+    activation_ptr,
+    d_scale_ptr,
+    end_ptr,
+    F,
+    stride_in,
+    stride_dh,
+    stride_out,
+    stride_act,
+    SCALED: tl.constexpr,
+    HAS_END: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
+    """One row's F-block of SwiGLU's backward. SCALED: h = s * silu(g) * u with a row scale s; also writes
+    s * silu(g) * u and adds this block's share of <silu(g) * u, dh> to d_scale[row] (float32 atomics). HAS_END:
+    rows from end_ptr's value on are padding, read as zeros (their outputs are zero)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = cols < F
-    gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask).to(tl.float32)
-    up = tl.load(gate_up_ptr + row * stride_in + F + cols, mask=mask).to(tl.float32)
-    dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask).to(tl.float32)
+    if HAS_END:
+        mask = mask & (row < tl.load(end_ptr).to(tl.int64))
+    gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + F + cols, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
+    if SCALED:
+        scale = tl.load(scale_ptr + row)
+        activation = silu * up
+        tl.atomic_add(d_scale_ptr + row, tl.sum(tl.where(mask, activation * dh, 0.0), axis=0))
+        tl.store(activation_ptr + row * stride_act + cols, (scale * activation).to(activation_ptr.dtype.element_ty),
+                 mask=cols < F)  # fmt: skip
+        dh = dh * scale
     d_gate = dh * up * (sig + silu * (1.0 - sig))
     out = d_gate_up_ptr + row * stride_out
-    tl.store(out + cols, d_gate.to(d_gate_up_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + F + cols, (dh * silu).to(d_gate_up_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + cols, d_gate.to(d_gate_up_ptr.dtype.element_ty), mask=cols < F)  # zeros on padding rows
+    tl.store(out + F + cols, (dh * silu).to(d_gate_up_ptr.dtype.element_ty), mask=cols < F)
 
 
 def _check_gate_up(gate_up: torch.Tensor) -> tuple[int, int]:
@@ -48,19 +75,52 @@ def _block(F: int) -> int:
     return min(1024, triton.next_power_of_2(F))
 
 
+def _check_dh(name: str, dh: torch.Tensor, N: int, F: int, gate_up: torch.Tensor) -> torch.Tensor:
+    if dh.shape != (N, F) or dh.device != gate_up.device:
+        raise ValueError(f"{name} must be [{N}, {F}] on {gate_up.device}, got {tuple(dh.shape)} on {dh.device}")
+    return dh if dh.stride(1) == 1 else dh.contiguous()
+
+
 def swiglu_backward(gate_up: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     """gate_up [N, 2F] (row-major), dh [N, F] the gradient of swiglu(gate_up) -> d_gate_up [N, 2F] in gate_up.dtype."""
     N, F = _check_gate_up(gate_up)
-    if dh.shape != (N, F) or dh.device != gate_up.device:
-        raise ValueError(f"dh must be [{N}, {F}] on {gate_up.device}, got {tuple(dh.shape)} on {dh.device}")
-    dh = dh if dh.stride(1) == 1 else dh.contiguous()
+    dh = _check_dh("dh", dh, N, F, gate_up)
     d_gate_up = torch.empty(N, 2 * F, dtype=gate_up.dtype, device=gate_up.device)
-    if N == 0 or F == 0:
-        return d_gate_up
-    grid = (N, triton.cdiv(F, _block(F)))
-    strides = gate_up.stride(0), dh.stride(0), d_gate_up.stride(0)
-    _swiglu_backward_kernel[grid](gate_up, dh, d_gate_up, F, *strides, BLOCK_F=_block(F))
+    if N and F:
+        strides = gate_up.stride(0), dh.stride(0), d_gate_up.stride(0), 0
+        _swiglu_backward_kernel[(N, triton.cdiv(F, _block(F)))](
+            gate_up, dh, d_gate_up, dh, dh, dh, dh, F, *strides, SCALED=False, HAS_END=False, BLOCK_F=_block(F)
+        )  # the scale and end pointers are not read: dh stands in
     return d_gate_up
+
+
+def scaled_swiglu_backward(
+    gate_up: torch.Tensor,
+    d_activation: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    rows_end: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward of h = row_scale * silu(gate) * up up to h's gradient d_activation [N, F]: gate_up [N, 2F],
+    row_scale [N] float32 or None -> (d_gate_up [N, 2F], h [N, F] recomputed, d_row_scale [N] float32 or None),
+    in one pass (what grouped_gemm_swiglu_backward fuses into its GEMM's epilogue). rows_end: a one-element
+    integer tensor on the device; rows from its value on are padding, not read, and get zeros in all three."""
+    N, F = _check_gate_up(gate_up)
+    d_activation = _check_dh("d_activation", d_activation, N, F, gate_up)
+    scale = row_scale if row_scale is not None else torch.ones(N, dtype=torch.float32, device=gate_up.device)
+    if scale.shape != (N,) or scale.dtype != torch.float32 or scale.device != gate_up.device:
+        raise ValueError(f"row_scale must be float32 [{N}] on {gate_up.device}, got {scale.dtype} "
+                         f"{tuple(scale.shape)} on {scale.device}")  # fmt: skip
+    d_gate_up = torch.empty(N, 2 * F, dtype=gate_up.dtype, device=gate_up.device)
+    activation = torch.empty(N, F, dtype=gate_up.dtype, device=gate_up.device)
+    d_scale = torch.zeros(N, dtype=torch.float32, device=gate_up.device)
+    if N and F:
+        strides = gate_up.stride(0), d_activation.stride(0), d_gate_up.stride(0), activation.stride(0)
+        _swiglu_backward_kernel[(N, triton.cdiv(F, _block(F)))](
+            gate_up, d_activation, d_gate_up, scale.contiguous(), activation, d_scale,
+            rows_end if rows_end is not None else d_scale, F, *strides, SCALED=True, HAS_END=rows_end is not None,
+            BLOCK_F=_block(F),
+        )  # fmt: skip
+    return d_gate_up, activation, d_scale if row_scale is not None else None
 
 
 def swiglu(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
