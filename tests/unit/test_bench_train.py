@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moekit import MoEConfig, make_problem, route
-from moekit.bench.train import PEER, grouped_mm_peer
+from moekit.bench.train import PEER, grouped_mm_peer, train_step
 from moekit.cli import main
 from moekit.reference import reference_experts
 from moekit.testing import assert_close_to_reference
@@ -46,13 +46,29 @@ def test_bench_train_times_each_path_beside_the_peer(tmp_path, capfd):
     printed = capfd.readouterr().out
     assert "training step" in printed and PEER in printed
     results = json.loads(out.read_text())["results"]
-    assert [(r["shape"], r["tokens"], r["path"]) for r in results] == [
-        (shape, t, path) for shape in ("mixtral", "qwen3") for t in (8, 32) for path in ("grouped_mm", PEER)
+    assert [(r["shape"], r["tokens"], r["stage"], r["path"]) for r in results] == [
+        (shape, t, stage, path)
+        for shape in ("mixtral", "qwen3")
+        for t in (8, 32)
+        for stage in ("experts", "layer")
+        for path in ("grouped_mm", PEER)
     ]
     for r in results:
         assert r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0
         assert r["forward_ms"] > 0 and r["inference_ms"] > 0
-    assert "fwd / inference" in printed
+    assert "fwd / inference" in printed and "layer: router, routed and shared experts" in printed
+
+
+@pytest.mark.parametrize("path", ["grouped_mm", PEER])
+def test_the_layer_step_trains_every_weight_of_the_layer(path):
+    config = MoEConfig(hidden_size=32, ffn_size=48, num_experts=6, top_k=2, num_shared_experts=1)
+    problem = make_problem(config, 11, seed=2)
+    step = train_step(problem, path, "layer")
+    step.step()
+    assert len(step.leaves) == 6  # x, the router, both expert weights, both shared weights; no top-k weights
+    assert all(leaf.grad is not None and bool(leaf.grad.abs().sum() > 0) for leaf in step.leaves)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        train_step(problem, path, "router")
 
 
 def test_bench_train_refuses_a_path_without_backward():

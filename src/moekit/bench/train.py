@@ -1,4 +1,4 @@
-"""Training step timings: forward + backward of the routed experts, per path, on one problem.
+"""Training step timings: forward + backward of the routed experts, or of the whole layer, per path, on one problem.
 
 A path is an expert backend registered with trains=True, or the peer written here: torchtitan's MoE experts as
 its users run them, torch._grouped_mm under autograd with an index gather of the tokens into expert order and an
@@ -9,6 +9,11 @@ gradients of every GEMM). Peak memory is measured on CUDA above what the step st
 weight gradients it leaves behind: the activations and workspace a path keeps. Beside the step, the path's
 forward alone is timed twice, interleaved: with the graph recorded (what a training step pays before its
 backward) and under no_grad (the inference forward), so a trainable path's forward overhead is a ratio.
+
+Stage "experts" times the routed experts on the router's fixed top-k weights (leaves: x, topk_weights, the two
+expert weights); stage "layer" the whole layer as MoELayer runs it, router logits -> routing -> routed experts
+through the path -> + shared experts (leaves: x and every weight of the layer), its FLOPs three times
+layer_flops' (the router's matmul left out).
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from moekit.bench.ceilings import Ceilings
-from moekit.bench.flops import routed_expert_flops
+from moekit.bench.flops import layer_flops, routed_expert_flops
 from moekit.bench.timing import measure, measure_interleaved
+from moekit.ep.forward import shared_experts
 from moekit.experts import EXPERT_BACKENDS
 from moekit.problem import MoEProblem
 from moekit.routing import route
 from moekit.validation import trusted_values
-from moekit.weights import MoEWeights
+from moekit.weights import MoEWeights, router_logits
+
+STAGES = ("experts", "layer")
 
 PEER = "torchtitan_peer"
 
@@ -53,6 +61,7 @@ class TrainTiming:
     path: str
     tokens: int
     status: str
+    stage: str = "experts"
     ms: float | None = None
     tflops: float | None = None
     pct_of_matmul: float | None = None
@@ -85,22 +94,30 @@ def path_support(path: str, device: torch.device, dtype: torch.dtype) -> tuple[b
     return impl.supports(device, dtype)
 
 
-def train_step(problem: MoEProblem, path: str) -> TrainStep:
-    """The training step of the routed experts through path (a training backend or PEER) on problem."""
+def train_step(problem: MoEProblem, path: str, stage: str = "experts") -> TrainStep:
+    """The training step of stage ("experts" or "layer") through path (a training backend or PEER) on problem."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     fn = grouped_mm_peer if path == PEER else EXPERT_BACKENDS.get(path).fn
-    device = problem.x.device
-    routing = route(problem.router_logits(), problem.config, problem.weights.score_correction_bias)
+    config, device = problem.config, problem.x.device
+    routing = route(problem.router_logits(), config, problem.weights.score_correction_bias)
     x = problem.x.detach().clone().requires_grad_()
+    trained = ["w_gate_up", "w_down"] + (["router_weight", "shared_gate_up", "shared_down"] if stage == "layer" else [])
+    tensors = {name: getattr(problem.weights, name) for name in trained if getattr(problem.weights, name) is not None}
+    tensors = {name: t.detach().clone().requires_grad_() for name, t in tensors.items()}
+    weights = replace(problem.weights, **tensors)
     topk_weights = routing.topk_weights.detach().clone().requires_grad_()
-    w_gate_up = problem.weights.w_gate_up.detach().clone().requires_grad_()
-    w_down = problem.weights.w_down.detach().clone().requires_grad_()
-    weights = replace(problem.weights, w_gate_up=w_gate_up, w_down=w_down)
     dy = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(1)).to(x.dtype)
-    leaves = (x, topk_weights, w_gate_up, w_down)
+    leaves = (x, *tensors.values()) + ((topk_weights,) if stage == "experts" else ())
 
     def forward():
         with trusted_values():
-            return fn(x, routing.topk_ids, topk_weights, weights)
+            if stage == "experts":
+                return fn(x, routing.topk_ids, topk_weights, weights)
+            step_routing = route(router_logits(x, weights), config, weights.score_correction_bias, check_values=False)
+            y = fn(x, step_routing.topk_ids, step_routing.topk_weights, weights)
+            shared = shared_experts(x, weights)
+            return y if shared is None else y + shared
 
     def inference():
         with torch.no_grad():
@@ -114,14 +131,16 @@ def train_step(problem: MoEProblem, path: str) -> TrainStep:
     return TrainStep(step, forward, inference, leaves)
 
 
-def time_train_step(problem: MoEProblem, path: str, ceilings: Ceilings, *, runs: int = 10) -> TrainTiming:
-    """Median ms of forward + backward of the routed experts through path (a training backend or PEER)."""
+def time_train_step(
+    problem: MoEProblem, path: str, ceilings: Ceilings, *, runs: int = 10, stage: str = "experts"
+) -> TrainTiming:
+    """Median ms of forward + backward of stage ("experts" or "layer") through path (a training backend or PEER)."""
     device, T = problem.x.device, problem.num_tokens
     ok, reason = path_support(path, device, problem.x.dtype)
     if not ok:
-        return TrainTiming(path, T, f"unsupported: {reason}")
+        return TrainTiming(path, T, f"unsupported: {reason}", stage)
     try:
-        timed = train_step(problem, path)
+        timed = train_step(problem, path, stage)
         ms = measure(timed.step, device, runs=runs).median_ms
         peak = _peak_activation_gb(timed.step, timed.leaves, device)
         forward_ms, inference_ms = (
@@ -129,10 +148,11 @@ def time_train_step(problem: MoEProblem, path: str, ceilings: Ceilings, *, runs:
         )
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
-        return TrainTiming(path, T, f"OOM: {str(error).splitlines()[0][:80]}")
-    tflops = 3 * routed_expert_flops(T, problem.config) / ms / 1e9
+        return TrainTiming(path, T, f"OOM: {str(error).splitlines()[0][:80]}", stage)
+    flops = routed_expert_flops(T, problem.config) if stage == "experts" else layer_flops(T, problem.config)
+    tflops = 3 * flops / ms / 1e9
     pct = 100 * tflops / ceilings.matmul_tflops
-    return TrainTiming(path, T, "ok", ms, tflops, pct, peak, forward_ms, inference_ms)
+    return TrainTiming(path, T, "ok", stage, ms, tflops, pct, peak, forward_ms, inference_ms)
 
 
 def _peak_activation_gb(step, leaves, device: torch.device) -> float | None:
