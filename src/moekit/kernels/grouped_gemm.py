@@ -41,14 +41,22 @@ _GROUP_M = 8
 _ALIGNED_ROW_BYTES = 16
 
 
-def _configs() -> list[triton.Config]:
+def tile_configs(tuned: list[tuple[dict, int, int]], *, interpreter: tuple, correctness: tuple) -> list[triton.Config]:
+    """The autotune configs of moekit's grouped kernels, each (block sizes, num_warps, num_stages): under
+    TRITON_INTERPRET=1 only `interpreter` (the interpreter is slow and ignores warps and stages: small blocks keep
+    the masked edges in play); with MOEKIT_GROUPED_GEMM_TUNE=0 only `correctness`, for the correctness runs on the
+    GPU (nox -s gpu's unit tests: autotuning compiles every config for every drawn shape, 90 s and more per test;
+    the perf suite and benchmarks tune); `tuned` otherwise."""
     if _INTERPRET:
-        # the interpreter is slow and ignores warps and stages; small blocks keep the masked edges in play
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    if os.environ.get("MOEKIT_GROUPED_GEMM_TUNE") == "0":
-        # correctness runs on GPU (nox -s gpu's unit tests): one config, because autotuning compiles every
-        # config for every drawn shape (90 s and more per test); the perf suite and benchmarks tune
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
+        chosen = [interpreter]
+    elif os.environ.get("MOEKIT_GROUPED_GEMM_TUNE") == "0":
+        chosen = [correctness]
+    else:
+        chosen = tuned
+    return [triton.Config(dict(blocks), num_warps=w, num_stages=s) for blocks, w, s in chosen]
+
+
+def _configs() -> list[triton.Config]:
     # Hopper (228 KiB shared memory, 64K registers per SM): 64-wide K steps for 128-byte fp16/bf16 rows,
     # wide tiles for large-M prefill, 64-row tiles for the many small experts, and 16/32-row tiles for
     # decode, where an expert sees a handful of rows and the kernel only streams its weights
@@ -65,10 +73,11 @@ def _configs() -> list[triton.Config]:
         (64, 64, 64, 4, 4),
         (64, 64, 64, 4, 3),
     ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+    return tile_configs(
+        [({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, s) for bm, bn, bk, w, s in shapes],
+        interpreter=({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, 4, 1),
+        correctness=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
+    )
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -504,7 +513,7 @@ def _launch(
         b,
         expert_offsets,
         given(row_scale),
-        d_gate_up if d_gate_up is not None else stores_to,
+        given(d_gate_up),
         given(row_addresses),
         given(gate_up),
         stores_to,  # the activation of the backward

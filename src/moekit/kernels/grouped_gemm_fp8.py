@@ -19,28 +19,29 @@ epilogue can compute, and they are the finer scale.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from moekit.kernels.grouped_gemm import _GROUP_M, _INTERPRETER_PROGRAMS, _quick_bench, _sm_count, _tile_table
+from moekit.kernels.grouped_gemm import (
+    _GROUP_M,
+    _INTERPRET,
+    _INTERPRETER_PROGRAMS,
+    _quick_bench,
+    _sm_count,
+    _tile_table,
+    tile_configs,
+)
 from moekit.kernels.quantize_rows import quantize_tile
 from moekit.quantize import BLOCK_SIZE, FP8, FP8_MAX
 from moekit.validation import check_tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _configs() -> list[triton.Config]:
     # BLOCK_K is the scale block: one scale per operand row and K step; BLOCK_N a multiple of it, so that a
     # re-quantized output tile holds whole 1 x 128 scale groups.
-    if _INTERPRET:  # two scale groups per tile row here, one in the GPU's correctness config: both are tested
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": BLOCK_SIZE}, num_warps=4, num_stages=1)]
-    if os.environ.get("MOEKIT_GROUPED_GEMM_TUNE") == "0":  # correctness runs on GPU: see grouped_gemm
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": BLOCK_SIZE}, num_warps=4, num_stages=3)]
     shapes = [
         (16, 128, 4, 4),  # decode: a few rows per expert, the kernel streams the weights
         (32, 128, 4, 4),
@@ -53,10 +54,12 @@ def _configs() -> list[triton.Config]:
         (128, 128, 4, 4),
         (128, 256, 8, 3),
     ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_SIZE}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in shapes
-    ]
+    return tile_configs(
+        [({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_SIZE}, w, s) for bm, bn, w, s in shapes],
+        # two scale groups per tile row under the interpreter, one in the GPU's correctness config: both are tested
+        interpreter=({"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": BLOCK_SIZE}, 4, 1),
+        correctness=({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": BLOCK_SIZE}, 4, 3),
+    )
 
 
 def _prune_configs(configs, named_args, **kwargs):

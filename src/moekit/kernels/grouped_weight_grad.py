@@ -9,29 +9,23 @@ tiles of Q known on the host). An expert with no rows gets a zero gradient.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from moekit.kernels.grouped_gemm import (
     _GROUP_M,
+    _INTERPRET,
     _INTERPRETER_PROGRAMS,
     OFFSET_DTYPES,
     SUPPORTED_DTYPES,
     _quick_bench,
     _sm_count,
+    tile_configs,
 )
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_P": 16, "BLOCK_Q": 16, "BLOCK_M": 16}, num_warps=4, num_stages=1)]
-    if os.environ.get("MOEKIT_GROUPED_GEMM_TUNE") == "0":  # correctness runs on GPU: one config (grouped_gemm's)
-        return [triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_M": 32}, num_warps=4, num_stages=3)]
     shapes = [
         (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 3),
@@ -40,10 +34,11 @@ def _configs() -> list[triton.Config]:
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 3),
     ]
-    return [
-        triton.Config({"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bp, bq, bm, w, s in shapes
-    ]
+    return tile_configs(
+        [({"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_M": bm}, w, s) for bp, bq, bm, w, s in shapes],
+        interpreter=({"BLOCK_P": 16, "BLOCK_Q": 16, "BLOCK_M": 16}, 4, 1),
+        correctness=({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_M": 32}, 4, 3),  # grouped_gemm's
+    )
 
 
 def _prune_configs(configs, named_args, **kwargs):
