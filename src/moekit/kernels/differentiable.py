@@ -13,15 +13,18 @@ gate_up [N, 2F] (silu and its derivative are recomputed from it, in float32: che
 Every backward runs Triton kernels; SwiGLU's is one pass (kernels.swiglu.swiglu_backward) where torch ops took
 six float32 temporaries of [N, F] and a concatenation.
 
-sorted_rows_mlp keeps rows [M, H] and the pre-activation gate_up [M, 2F] (the forward's gate/up GEMM writes it
-beside the activation); the activation [M, F] is recomputed in the backward's epilogue rather than kept, and
-nothing of the down GEMM is kept. Its backward, per expert e over its rows:
+sorted_rows_mlp is two autograd nodes, so that the pre-activation is freed as early as the peer's SwiGLU frees it:
+  _GateUpSwiGLU   rows -> (gate_up [M, 2F], activation [M, F]); keeps rows [M, H]
+  _ActivatedDown  (gate_up, activation) -> s * activation @ Wd[e].T; keeps gate_up, which autograd frees when its
+                  backward returns, before the gate/up GEMM's backward allocates d_rows and dWgu
+The activation is recomputed in the backward rather than kept, nothing else of the down GEMM is kept.
+The backward, per expert e over its rows:
   d_act = d_out @ Wd[e]: one grouped GEMM on Wd transposed, whose epilogue also gives ds = <act, d_act>,
           d_gate_up = SwiGLU's backward of s * d_act, and s * act (grouped_gemm_swiglu_backward)
   dWd[e] = d_out.T @ (s * act)   and   dWgu[e] = d_gate_up.T @ rows   (grouped_weight_grad)
   d_rows = d_gate_up @ Wgu[e]: a grouped GEMM on Wgu transposed
-Where torch._grouped_mm takes the device, dtype and sizes (backward_on_grouped_mm; bf16 on Hopper, the CPU), the
-four GEMMs run on it instead, measured faster there, with SwiGLU's backward as one Triton pass between them
+Where torch._grouped_mm takes the device, dtype and sizes (backward_on_grouped_mm; bf16 on Hopper, the CPU), each
+node's GEMMs run on it instead, measured faster there, with SwiGLU's backward as one Triton pass
 (kernels.swiglu.scaled_swiglu_backward); the Triton GEMMs above run everywhere else.
 """
 
@@ -96,65 +99,84 @@ class _SwiGLU(torch.autograd.Function):
         return swiglu_backward(gate_up, dh)
 
 
-class _SortedRowsMLP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, w_gate_up, w_down, expert_offsets, row_scale):
-        gate_up = rows.new_empty(rows.shape[0], w_gate_up.shape[1])
-        activation = grouped_gemm(rows, w_gate_up, expert_offsets, swiglu=True, gate_up_out=gate_up)
-        ctx.save_for_backward(rows, w_gate_up, w_down, expert_offsets, row_scale, gate_up)
-        return grouped_gemm(activation, w_down, expert_offsets, row_scale=row_scale)
+class _GateUpSwiGLU(torch.autograd.Function):
+    """rows [M, H] -> (gate_up [M, 2F], activation = silu(g) * u [M, F]): one grouped GEMM, SwiGLU in its epilogue.
+    Only gate_up takes a gradient: _ActivatedDown's backward turns d_activation into d_gate_up. This node keeps
+    rows alone, so the pre-activation lives in _ActivatedDown's saved tensors only and autograd frees it as soon
+    as that backward returns, before the two GEMMs here allocate (as the peer's SwiGLU frees it)."""
 
     @staticmethod
-    def backward(ctx, d_out: torch.Tensor):
-        rows, w_gate_up, w_down, expert_offsets, row_scale, gate_up = ctx.saved_tensors
-        d_out = d_out.contiguous()
+    def forward(ctx, rows, w_gate_up, expert_offsets):
+        gate_up = rows.new_empty(rows.shape[0], w_gate_up.shape[1])
+        activation = grouped_gemm(rows, w_gate_up, expert_offsets, swiglu=True, gate_up_out=gate_up)
+        ctx.mark_non_differentiable(activation)
+        ctx.save_for_backward(rows, w_gate_up, expert_offsets)
+        return gate_up, activation
+
+    @staticmethod
+    def backward(ctx, d_gate_up: torch.Tensor, _d_activation: None):
+        rows, w_gate_up, expert_offsets = ctx.saved_tensors
+        d_gate_up = d_gate_up.contiguous()
         needs = ctx.needs_input_grad
-        if backward_on_grouped_mm(rows, w_down):
-            return _grouped_mm_backward(rows, w_gate_up, w_down, expert_offsets, row_scale, gate_up, d_out, needs)
-        d_gate_up, scaled_activation, d_scale = grouped_gemm_swiglu_backward(
-            d_out, w_down, expert_offsets, gate_up, row_scale
-        )
-        d_rows = d_w_gate_up = d_w_down = None
+        d_rows = d_w_gate_up = None
+        if backward_on_grouped_mm(w_gate_up):
+            ends = expert_offsets[1:].to(torch.int32)
+            if needs[0]:  # torch._grouped_mm leaves rows past the last offset unspecified: padding gets zero
+                padding = torch.arange(rows.shape[0], device=rows.device) >= expert_offsets[-1]
+                d_rows = torch._grouped_mm(d_gate_up, w_gate_up, offs=ends).masked_fill_(padding[:, None], 0)
+            if needs[1]:
+                d_w_gate_up = torch._grouped_mm(d_gate_up.t(), rows, offs=ends)
+            return d_rows, d_w_gate_up, None
         if needs[0]:
             d_rows = torch.zeros_like(rows)  # padding rows past expert_offsets[E] get zero
             grouped_gemm(d_gate_up, w_gate_up.transpose(1, 2), expert_offsets, out=d_rows)
         if needs[1]:
             d_w_gate_up = grouped_weight_grad(d_gate_up, rows, expert_offsets)
-        if needs[2]:
-            d_w_down = grouped_weight_grad(d_out, scaled_activation, expert_offsets)
-        return d_rows, d_w_gate_up, d_w_down, None, d_scale if needs[4] else None
+        return d_rows, d_w_gate_up, None
 
 
-def backward_on_grouped_mm(rows: torch.Tensor, w_down: torch.Tensor) -> bool:
-    """Whether sorted_rows_mlp's backward GEMMs run on torch._grouped_mm: where it takes the device, the dtype
-    and the sizes (16-byte rows). On an H200 (bf16, T = 8192) it ran each of them 1.1x-3.5x faster than this
-    module's Triton kernels (tools/backward_pieces.py: d_act 640 vs 238 TFLOP/s, dW_gate_up 612 vs 345 at
-    Mixtral's shape), so the Triton kernels remain for the rest (and are tested on their own)."""
+class _ActivatedDown(torch.autograd.Function):
+    """(gate_up [M, 2F], activation [M, F] = its SwiGLU) -> out = s * activation @ Wd[e].T [M, H]. Keeps gate_up,
+    not the activation: the backward recomputes s * activation from gate_up in the pass that gives d_gate_up."""
+
+    @staticmethod
+    def forward(ctx, gate_up, activation, w_down, expert_offsets, row_scale):
+        ctx.save_for_backward(gate_up, w_down, expert_offsets, row_scale)
+        return grouped_gemm(activation, w_down, expert_offsets, row_scale=row_scale)
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor):
+        gate_up, w_down, expert_offsets, row_scale = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        needs = ctx.needs_input_grad
+        d_w_down = None
+        if backward_on_grouped_mm(w_down):
+            ends = expert_offsets[1:].to(torch.int32)
+            d_activation = torch._grouped_mm(d_out, w_down, offs=ends)
+            # rows past the last offset are unspecified there: the SwiGLU pass reads them as zeros
+            d_gate_up, scaled_activation, d_scale = scaled_swiglu_backward(gate_up, d_activation, row_scale, ends[-1:])
+            del d_activation  # [M, F] freed before dW_down allocates
+            if needs[2]:
+                d_w_down = torch._grouped_mm(d_out.t(), scaled_activation, offs=ends)
+        else:
+            d_gate_up, scaled_activation, d_scale = grouped_gemm_swiglu_backward(
+                d_out, w_down, expert_offsets, gate_up, row_scale
+            )
+            if needs[2]:
+                d_w_down = grouped_weight_grad(d_out, scaled_activation, expert_offsets)
+        return d_gate_up, None, d_w_down, None, d_scale if needs[4] else None
+
+
+def backward_on_grouped_mm(weight: torch.Tensor) -> bool:
+    """Whether sorted_rows_mlp's backward GEMMs on weight ([E, 2F, H] or [E, H, F]) run on torch._grouped_mm:
+    where it takes the device, the dtype and the sizes (16-byte rows). On an H200 (bf16, T = 8192) it ran each of
+    them 1.1x-3.5x faster than this module's Triton kernels (tools/backward_pieces.py: d_act 640 vs 238 TFLOP/s,
+    dW_gate_up 612 vs 345 at Mixtral's shape), so the Triton kernels remain for the rest (tested on their own)."""
     from moekit.experts.grouped_mm import grouped_mm_support, sixteen_byte_rows
 
-    multiple = sixteen_byte_rows(rows.dtype)
-    aligned = rows.shape[1] % multiple == 0 and w_down.shape[2] % multiple == 0
-    return aligned and grouped_mm_support(rows.device, rows.dtype)[0]
-
-
-def _grouped_mm_backward(rows, w_gate_up, w_down, expert_offsets, row_scale, gate_up, d_out, needs):
-    """_SortedRowsMLP's backward with the four GEMMs on torch._grouped_mm and SwiGLU's backward (with the row
-    scale's gradient and the scaled activation) as one Triton pass between them; the gradients of padding rows
-    past expert_offsets[E] are zero, as the Triton path's."""
-    ends = expert_offsets[1:].to(torch.int32)
-    d_activation = torch._grouped_mm(d_out, w_down, offs=ends)
-    # torch._grouped_mm leaves rows past the last offset unspecified: the SwiGLU pass reads them as zeros
-    d_gate_up, scaled_activation, d_scale = scaled_swiglu_backward(gate_up, d_activation, row_scale, ends[-1:])
-    del d_activation  # [M, F] freed before the GEMMs below allocate: a lower peak
-    d_rows = d_w_gate_up = d_w_down = None
-    if needs[0]:
-        padding = torch.arange(rows.shape[0], device=rows.device) >= expert_offsets[-1]
-        d_rows = torch._grouped_mm(d_gate_up, w_gate_up, offs=ends).masked_fill_(padding[:, None], 0)
-    if needs[1]:
-        d_w_gate_up = torch._grouped_mm(d_gate_up.t(), rows, offs=ends)
-    if needs[2]:
-        d_w_down = torch._grouped_mm(d_out.t(), scaled_activation, offs=ends)
-    return d_rows, d_w_gate_up, d_w_down, None, d_scale if needs[4] else None
+    multiple = sixteen_byte_rows(weight.dtype)
+    aligned = weight.shape[1] % multiple == 0 and weight.shape[2] % multiple == 0
+    return aligned and grouped_mm_support(weight.device, weight.dtype)[0]
 
 
 def permute_tokens(x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
@@ -186,4 +208,5 @@ def sorted_rows_mlp(
 ) -> torch.Tensor:
     """The two grouped GEMMs of triton_grouped with a backward to rows, both weights and row_scale:
     rows [M, H] sorted by expert, w_gate_up [E, 2F, H], w_down [E, H, F], row_scale [M] float32 -> [M, H]."""
-    return _SortedRowsMLP.apply(rows, w_gate_up, w_down, expert_offsets, row_scale)
+    gate_up, activation = _GateUpSwiGLU.apply(rows, w_gate_up, expert_offsets)
+    return _ActivatedDown.apply(gate_up, activation, w_down, expert_offsets, row_scale)
