@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moekit import MoEConfig, make_problem, route
-from moekit.bench.train import PEER, grouped_mm_peer, train_step
+from moekit.bench.train import PEER, grouped_mm_peer, peak_activation_gb, train_step
 from moekit.cli import main
 from moekit.reference import reference_experts
 from moekit.testing import assert_close_to_reference
@@ -74,3 +74,19 @@ def test_the_layer_step_trains_every_weight_of_the_layer(path):
 def test_bench_train_refuses_a_path_without_backward():
     with pytest.raises(SystemExit, match="'grouped_loop' has no backward; training paths"):
         main("bench train --device cpu --shrink 64 --tokens-list 8 --paths grouped_loop".split())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["triton_grouped", "grouped_mm_fused", "grouped_mm"])
+def test_a_training_path_keeps_no_more_activation_memory_than_the_peer(path):
+    """Peak memory of a step above its start and the gradients it leaves (bench train's figure), at a size where
+    the [M, 2F] pre-activation and its gradient dominate: a path that holds both through the backward's GEMMs
+    (triton_grouped did, 2.3x the peer's) fails."""
+    config = MoEConfig(hidden_size=1024, ffn_size=4096, num_experts=8, top_k=2, dtype=torch.bfloat16)
+    problem = make_problem(config, 4096, seed=3, device="cuda")
+    peak = {}
+    for p in (path, PEER):
+        step = train_step(problem, p)
+        step.step()  # compiled and tuned first: the autotuner's trial buffers are no activations
+        peak[p] = peak_activation_gb(step.step, step.leaves, problem.x.device)
+    assert peak[path] <= 1.05 * peak[PEER], f"{path} keeps {peak[path]:.3f} GB, the peer {peak[PEER]:.3f} GB"

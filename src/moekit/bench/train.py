@@ -142,7 +142,7 @@ def time_train_step(
     try:
         timed = train_step(problem, path, stage)
         ms = measure(timed.step, device, runs=runs).median_ms
-        peak = _peak_activation_gb(timed.step, timed.leaves, device)
+        peak = peak_activation_gb(timed.step, timed.leaves, device)
         forward_ms, inference_ms = (
             t.median_ms for t in measure_interleaved([timed.forward, timed.inference], device, runs=runs)
         )
@@ -155,7 +155,7 @@ def time_train_step(
     return TrainTiming(path, T, "ok", stage, ms, tflops, pct, peak, forward_ms, inference_ms)
 
 
-def _peak_activation_gb(step, leaves, device: torch.device) -> float | None:
+def peak_activation_gb(step, leaves, device: torch.device) -> float | None:
     """GB a step allocates at its peak beyond its starting memory and the gradients it leaves (CUDA only)."""
     if device.type != "cuda":
         return None
