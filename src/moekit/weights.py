@@ -97,6 +97,23 @@ def _split_bf16_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return logits.view(x.shape[0], parts.shape[0] // w.shape[0], w.shape[0]).sum(dim=1)
 
 
+class _SplitBf16Logits(torch.autograd.Function):
+    """_split_bf16_logits with a backward (torch.mm's out_dtype form has none), in float32 on the CUDA cores:
+    dx = dlogits @ w (rounded to x's dtype), dw = dlogits.T @ x; [T, E] x [E, H] GEMMs, a small share of a step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return _split_bf16_logits(x, w)
+
+    @staticmethod
+    def backward(ctx, d_logits: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dx = (d_logits @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = d_logits.T @ x.float() if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
 def router_logits(x: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
     """x [T, H] -> logits [T, E] in float32 (float64 for float64 x), router_logit_bias added. bf16 x on CUDA
     with a float32 router weight takes the tensor cores at float32 accuracy (_split_bf16_logits)."""
@@ -108,7 +125,7 @@ def router_logits(x: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
         and w.dtype == torch.float32
         and _mm_has_float32_out(x.device.index if x.device.index is not None else torch.cuda.current_device())
     ):
-        logits = _split_bf16_logits(x, w)
+        logits = _SplitBf16Logits.apply(x, w)
     else:
         logits = x.to(acc) @ w.to(acc).T
     if weights.router_logit_bias is not None:

@@ -4,6 +4,8 @@ Each test measures, in the same run, the path's error and the error of its twin 
 weight in two bf16 parts (16 significant bits) where the path keeps three (24, float32's), so a path that
 drops precision fails rather than passing under a bound that admits it."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -79,3 +81,19 @@ def test_cuda_bf16_logits_are_float32_accurate(tokens):
     assert _mm_has_float32_out(torch.cuda.current_device()), "this torch has no torch.mm(out_dtype=float32)"
     x, weights, expected = _problem("cuda", torch.bfloat16, tokens)
     _assert_between(router_logits(x, weights), x, weights.router_weight, expected, f"CUDA bf16 logits, T={tokens}")
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_logits_differentiate():
+    """The tensor-core path's gradients (torch.mm's float32-out form has no derivative; router_logits gives
+    one) against float64 autograd of the same values: dx in bf16, the router weight's in float32."""
+    from moekit.testing.numerics import assert_close_to_reference, gradient_tolerance
+
+    x, weights, _ = _problem("cuda", torch.bfloat16, 333)
+    x, w = x.clone().requires_grad_(), weights.router_weight.clone().requires_grad_()
+    d_logits = torch.randn(x.shape[0], w.shape[0], device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    router_logits(x, replace(weights, router_weight=w)).backward(d_logits)
+    ref = [t.detach().double().requires_grad_() for t in (x, w)]
+    (ref[0] @ ref[1].T).backward(d_logits.double())
+    for name, got, expected in (("dx", x.grad, ref[0].grad), ("d router_weight", w.grad, ref[1].grad)):
+        assert_close_to_reference(got, expected, got.dtype, name, gradient_tolerance(got.dtype))
