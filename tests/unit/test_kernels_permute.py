@@ -53,6 +53,36 @@ def test_permute_and_unpermute_kernels_match_torch(kernels, dtype, device, case)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=routed(), wide=st.booleans(), asked=st.sampled_from([(True, True), (True, False), (False, True)]))
+def test_unpermute_backward_kernel_matches_float64_autograd(kernels, dtype, device, case, wide, asked):
+    """d_rows (padding rows zero) and d_weights of the weighted unpermute, each alone and both,
+    against float64 autograd of unpermute_reduce; wide rows take several H blocks per token."""
+    permute, _ = kernels
+    ids, E, H, pad_to, g = case
+    H = H + 2100 if wide else H
+    T, K = ids.shape
+    layout = expert_layout(ids.to(device), E, pad_to=pad_to)
+    rows = torch.randn(layout.num_rows, H, generator=g).to(device, dtype)
+    weights = (torch.rand(T, K, generator=g) + 0.1).to(device)
+    dy = torch.randn(T, H, generator=g).to(device, dtype)
+    d_rows, d_weights = permute.unpermute_reduce_backward_triton(dy, rows, layout, weights, *asked)
+
+    ref_rows, ref_weights = rows.double().requires_grad_(), weights.double().requires_grad_()
+    if T:
+        unpermute_reduce(ref_rows, layout, ref_weights).backward(dy.double())
+    ref_d_rows = ref_rows.grad if ref_rows.grad is not None else torch.zeros_like(ref_rows)
+    ref_d_weights = ref_weights.grad if ref_weights.grad is not None else torch.zeros_like(ref_weights)
+    assert (d_rows is not None, d_weights is not None) == asked
+    if d_rows is not None:
+        assert d_rows.dtype == dtype and bool(torch.isfinite(d_rows).all()), "a row was left unwritten"
+        assert_close_to_reference(d_rows, ref_d_rows, dtype, f"d_rows, pad_to {pad_to}, H {H}")
+    if d_weights is not None:
+        assert d_weights.dtype == weights.dtype
+        assert_close_to_reference(d_weights, ref_d_weights, dtype, f"d_weights, pad_to {pad_to}, H {H}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(0, 40), f=st.integers(1, 1500), seed=st.integers(0, 2**31 - 1))
 def test_swiglu_kernel_matches_torch(kernels, dtype, device, n, f, seed):
     _, swiglu = kernels

@@ -2,8 +2,9 @@
 
   permute            rows[r(t, k)] = x[t]               dx[t] = sum_k d_rows[r(t, k)]   (the unweighted unpermute)
   unpermute_sum      y[t] = sum_k rows[r(t, k)]          d_rows[r(t, k)] = dy[t]         (the permute of dy)
-  unpermute_reduce   y[t] = sum_k w[t, k] rows[r(t, k)]  d_rows[r(t, k)] = w[t, k] dy[t] (the permute of dy, scaled)
+  unpermute_reduce   y[t] = sum_k w[t, k] rows[r(t, k)]  d_rows[r(t, k)] = w[t, k] dy[t]
                                                          dw[t, k] = <rows[r(t, k)], dy[t]> (float32 sums)
+                                                         (one pass over dy: unpermute_reduce_backward_triton)
   swiglu             h = silu(g) * u                     dg = dh * u * silu'(g), du = dh * silu(g)
   sorted_rows_mlp    out = s * (silu(g) * u) @ Wd[e].T   four grouped launches, below
                      [g, u] = rows @ Wgu[e].T
@@ -34,7 +35,7 @@ import torch
 
 from moekit.kernels.grouped_gemm import grouped_gemm, grouped_gemm_swiglu_backward
 from moekit.kernels.grouped_weight_grad import grouped_weight_grad
-from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_triton
+from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_backward_triton, unpermute_reduce_triton
 from moekit.kernels.swiglu import scaled_swiglu_backward, swiglu_backward
 from moekit.kernels.swiglu import swiglu as swiglu_triton
 from moekit.permute import ExpertLayout
@@ -72,18 +73,8 @@ class _UnpermuteReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         rows, topk_weights = ctx.saved_tensors
-        layout = ctx.layout
-        T, K = topk_weights.shape
-        dy = dy.contiguous()
-        d_rows = d_weights = None
-        if ctx.needs_input_grad[0]:
-            spread = permute_tokens_triton(dy, layout)  # dy[t] at each of t's rows
-            row_weights = torch.zeros(layout.num_rows, dtype=torch.float32, device=dy.device)
-            row_weights[layout.assignment_rows] = topk_weights.reshape(-1).float()
-            d_rows = (spread.float() * row_weights[:, None]).to(rows.dtype)
-        if ctx.needs_input_grad[2]:
-            mine = rows.index_select(0, layout.assignment_rows).view(T, K, rows.shape[1]).float()
-            d_weights = (mine * dy.float()[:, None, :]).sum(-1).to(topk_weights.dtype)
+        needs = ctx.needs_input_grad
+        d_rows, d_weights = unpermute_reduce_backward_triton(dy, rows, ctx.layout, topk_weights, needs[0], needs[2])
         return d_rows, None, d_weights
 
 

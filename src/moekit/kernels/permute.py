@@ -48,6 +48,41 @@ def _unpermute_kernel(
     tl.store(y_ptr + token * stride_y + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _unpermute_backward_kernel(
+    dy_ptr,
+    rows_ptr,
+    d_rows_ptr,
+    d_weights_ptr,
+    assignment_rows_ptr,
+    weights_ptr,
+    H,
+    K,
+    stride_dy,
+    stride_rows,
+    stride_d_rows,
+    D_ROWS: tl.constexpr,
+    D_WEIGHTS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    for k in range(K):
+        row = tl.load(assignment_rows_ptr + token * K + k)
+        weight = tl.load(weights_ptr + token * K + k).to(tl.float32)
+        dot = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for start in range(0, H, BLOCK_H):  # dy[t] is read K times: from the cache after the first
+            cols = start + tl.arange(0, BLOCK_H)
+            mask = cols < H
+            grad = tl.load(dy_ptr + token * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            if D_ROWS:
+                tl.store(d_rows_ptr + row * stride_d_rows + cols, (weight * grad).to(d_rows_ptr.dtype.element_ty),
+                         mask=mask)  # fmt: skip
+            if D_WEIGHTS:
+                dot += tl.load(rows_ptr + row * stride_rows + cols, mask=mask, other=0.0).to(tl.float32) * grad
+        if D_WEIGHTS:
+            tl.store(d_weights_ptr + token * K + k, tl.sum(dot).to(d_weights_ptr.dtype.element_ty))
+
+
 def _block_h(H: int) -> int:
     return min(1024, triton.next_power_of_2(max(H, 1)))
 
@@ -92,3 +127,43 @@ def unpermute_reduce_triton(rows: torch.Tensor, layout: ExpertLayout, topk_weigh
             BLOCK_H=block_h,
         )
     return y
+
+
+def unpermute_reduce_backward_triton(
+    dy: torch.Tensor,
+    rows: torch.Tensor,
+    layout: ExpertLayout,
+    topk_weights: torch.Tensor,
+    d_rows: bool,
+    d_weights: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of y = unpermute_reduce_triton(rows, layout, topk_weights) in one pass over dy [T, H]:
+    d_rows [num_rows, H] (row of (t, k) = w[t, k] * dy[t], padding rows zero) and d_weights [T, K]
+    (<row of (t, k), dy[t]> in float32, in topk_weights' dtype), each computed only where asked for."""
+    T, H = dy.shape
+    if T != layout.num_tokens or rows.shape[1] != H or rows.stride(1) != 1:
+        raise ValueError(f"dy must be [{layout.num_tokens}, H] and rows contiguous [rows, H], got "
+                         f"{tuple(dy.shape)} and {tuple(rows.shape)}")  # fmt: skip
+    dy = dy.contiguous()
+    out_rows = (rows.new_zeros if layout.pad_to > 1 else rows.new_empty)(rows.shape) if d_rows else None
+    out_weights = torch.empty(T, layout.top_k, dtype=topk_weights.dtype, device=dy.device) if d_weights else None
+    if T and H and (d_rows or d_weights):
+        _unpermute_backward_kernel[(T,)](
+            dy,
+            rows,
+            out_rows if d_rows else dy,
+            out_weights if d_weights else dy,
+            layout.assignment_rows,
+            topk_weights.contiguous(),
+            H,
+            layout.top_k,
+            dy.stride(0),
+            rows.stride(0),
+            out_rows.stride(0) if d_rows else 0,
+            D_ROWS=d_rows,
+            D_WEIGHTS=d_weights,
+            BLOCK_H=_block_h(H),
+        )
+    elif d_weights:
+        out_weights.zero_()
+    return out_rows, out_weights
