@@ -6,7 +6,7 @@ nothing), K = E, more experts than hidden units; float64 end to end (exact to 1e
 tolerance)."""
 
 import functools
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -72,21 +72,23 @@ def trained_dispatchers(world_size: int) -> list[str]:
 
 
 def step(problem, dispatcher: str | None, backend: str, rank: int) -> dict[str, torch.Tensor]:
-    """Gradients of <layer(x of this rank), dy of this rank>: dx and every parameter's. Each .grad starts poisoned
-    (random values backward must add to, taken off again); two more backward passes on the retained graph must
-    give equal gradients ("repeatable": no state left in the exchanges)."""
-    layer = MoELayer(problem.config, backend=backend, dispatcher=dispatcher, weights=problem.weights, max_tokens=16)
+    """Gradients of <layer(x of this rank), dy of this rank>: dx and every parameter's, on the CPU. Each .grad
+    starts poisoned (random values backward must add to, taken off again); two more backward passes on the
+    retained graph must give equal gradients ("repeatable": no state left in the exchanges)."""
+    device = problem.x.device
+    layer = MoELayer(problem.config, backend=backend, dispatcher=dispatcher, weights=problem.weights, max_tokens=16,
+                     device=device)  # fmt: skip
     layer.requires_grad_(True)
     x = problem.x[rank_slice(rank)].clone().requires_grad_()
     leaves = {"x": x, **{name: p for name, p in layer.named_parameters() if name in LEAVES}}
     g = torch.Generator().manual_seed(rank)
-    poisons = {name: torch.randn(t.shape, generator=g, dtype=t.dtype) for name, t in leaves.items()}
+    poisons = {name: torch.randn(t.shape, generator=g, dtype=t.dtype).to(device) for name, t in leaves.items()}
     for name, t in leaves.items():
         t.grad = poisons[name].clone()
     y = layer(x)
-    dy = upstream(problem)[rank_slice(rank)].to(y.dtype)
+    dy = upstream(problem)[rank_slice(rank)].to(device, y.dtype)
     y.backward(dy, retain_graph=True)
-    grads = {name: t.grad - poisons[name] for name, t in leaves.items()}
+    grads = {name: (t.grad - poisons[name]).cpu() for name, t in leaves.items()}
     once, twice = (
         torch.autograd.grad(y, list(leaves.values()), dy, retain_graph=True, allow_unused=True, materialize_grads=True)
         for _ in range(2)
@@ -123,14 +125,11 @@ def oracle(name: str, world_size: int) -> dict[str, torch.Tensor]:
     return {"x": x.grad, **{name: t.grad for name, t in leaves.items()}}
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_expert_parallel_gradients_match_the_oracle(world_size):
-    results = world(world_size)
-    assert {"nccl", "padded", "symmetric"} <= set(trained_dispatchers(world_size))
+def assert_ranks_match_the_oracle(results: list[dict], world_size: int, dispatchers: list[str], dtypes):
     for name in cases(world_size):
         expected = oracle(name, world_size)
-        for dispatcher in trained_dispatchers(world_size):
-            for dtype in (F64, F32):
+        for dispatcher in dispatchers:
+            for dtype in dtypes:
                 assert all(r[name, dispatcher, dtype]["repeatable"] for r in results), (name, dispatcher, dtype)
                 got = {"x": torch.cat([r[name, dispatcher, dtype]["x"] for r in results])}
                 got |= {leaf: sum(r[name, dispatcher, dtype][leaf] for r in results) for leaf in LEAVES}
@@ -139,3 +138,37 @@ def test_expert_parallel_gradients_match_the_oracle(world_size):
                     # the router weight is a float32 parameter in every layer: its gradient is rounded to it
                     tolerance = None if value.dtype == F64 else gradient_tolerance(value.dtype)
                     assert_close_to_reference(value, expected[leaf], value.dtype, what, tolerance)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_expert_parallel_gradients_match_the_oracle(world_size):
+    assert {"nccl", "padded", "symmetric"} <= set(trained_dispatchers(world_size))
+    assert_ranks_match_the_oracle(world(world_size), world_size, trained_dispatchers(world_size), (F64, F32))
+
+
+# the Triton dispatchers store into each other's buffers and wait on flags: separate processes on one GPU (gloo
+# carries the setup), which the CPU's simulated group, all ranks in one process in lockstep, cannot run backward on
+SHARED_GPU_DISPATCHERS = ["padded_triton", "symmetric_triton"]
+
+
+def on_cuda(problem):
+    tensors = {f.name: getattr(problem.weights, f.name) for f in fields(problem.weights)}
+    weights = replace(problem.weights, **{k: t.cuda() for k, t in tensors.items() if t is not None})
+    return replace(problem, x=problem.x.cuda(), weights=weights)
+
+
+def shared_gpu_gradients_rank(rank: int, world_size: int) -> dict:
+    torch.cuda.set_device(0)
+    out = {}
+    for name, (config, change) in cases(world_size).items():
+        problem = on_cuda(problem_of(config, change, world_size, F32))
+        for dispatcher in SHARED_GPU_DISPATCHERS:  # triton_grouped: the padded rows' device offsets
+            out[name, dispatcher, F32] = step(problem, dispatcher, "triton_grouped", rank)
+    return out
+
+
+@pytest.mark.gpu
+def test_triton_dispatchers_train_on_ranks_sharing_a_gpu():
+    assert set(SHARED_GPU_DISPATCHERS) <= set(DISPATCHERS.training_names())
+    results = spawn_ranks(shared_gpu_gradients_rank, 2, backend="gloo", timeout_s=300)
+    assert_ranks_match_the_oracle(results, 2, SHARED_GPU_DISPATCHERS, (F32,))

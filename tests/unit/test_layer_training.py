@@ -108,5 +108,5 @@ def test_a_dispatcher_without_backward_is_refused_by_name():
 
     from moekit.ep.forward import check_trainable
 
-    with pytest.raises(ValueError, match=r"dispatcher 'symmetric_triton' has no backward.*'nccl'"):
-        check_trainable(SimpleNamespace(name="symmetric_triton"), "grouped_mm", init_weights(CONFIG, seed=0), {})
+    with pytest.raises(ValueError, match=r"dispatcher 'nvshmem_triton' has no backward.*'nccl'"):
+        check_trainable(SimpleNamespace(name="nvshmem_triton"), "grouped_mm", init_weights(CONFIG, seed=0), {})

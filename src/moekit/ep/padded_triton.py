@@ -51,7 +51,7 @@ class Arrival:
         wait_for_messages(self.flags, self.epoch)
 
 
-@DISPATCHERS.register("padded_triton")
+@DISPATCHERS.register("padded_triton", trains=True)
 class PaddedTritonDispatcher(OnSymmetricHeap, PaddedDispatcher):
     """padded, its equal-split exchanges done by a Triton put kernel into symmetric buffers and a flag wait."""
 

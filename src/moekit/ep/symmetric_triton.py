@@ -65,7 +65,7 @@ class PendingCombine:
     sent: tuple[torch.Tensor | None, ...]
 
 
-@DISPATCHERS.register("symmetric_triton")
+@DISPATCHERS.register("symmetric_triton", trains=True)
 class SymmetricTritonDispatcher(OnSymmetricHeap, SymmetricLayout):
     """The symmetric layout with device-initiated stores into the peers' buffers (module docstring)."""
 
