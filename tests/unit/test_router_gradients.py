@@ -79,3 +79,25 @@ def test_fused_select_has_the_gradient_of_softmax_topk(triton_device, K, renorma
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert "fused_select" in TRAINING
+
+
+@pytest.mark.parametrize("router", TRAINING)
+def test_every_training_router_has_its_float64_gradient_on_each_device(device, router):
+    """A router's fast path on the device (grouped_topk's and fused_select's Triton kernels on CUDA) in float32
+    against the torch ops in float64 on the same logits: the same choice, the same gradient. A kernel whose
+    weights carry no gradient (grouped_topk's did: its router weight's gradient was zero on CUDA) fails."""
+    from moekit.testing import assert_close_to_reference
+
+    ok, reason = ROUTERS.get(router).supports(device, torch.float32)
+    if not ok:
+        pytest.skip(reason)
+    config = config_for(router, 8, 3, True, 2.5)
+    twin = config_for("softmax_topk" if router == "fused_select" else router, 8, 3, True, 2.5)
+    logits = torch.randn(9, 8, generator=torch.Generator().manual_seed(7)) * 2
+    g = torch.randn(9, 3, generator=torch.Generator().manual_seed(8))
+    fast, slow = logits.to(device).requires_grad_(), logits.double().requires_grad_()
+    got, expected = route(fast, config), route(slow, twin)
+    assert torch.equal(got.topk_ids.cpu(), expected.topk_ids.cpu()), f"{router} chose other experts"
+    got_grad = torch.autograd.grad(got.topk_weights, fast, g.to(device))[0]
+    expected_grad = torch.autograd.grad(expected.topk_weights, slow, g.double())[0]
+    assert_close_to_reference(got_grad.cpu(), expected_grad, torch.float32, f"{router} on {device}: d logits")

@@ -2,6 +2,8 @@
 
 On CUDA (float16/bfloat16/float32 logits, Triton installed) it is one Triton kernel
 (moekit.kernels.grouped_topk); elsewhere, and for float64 logits, the torch ops below, which define it.
+Under autograd the kernel's choice stands and the weights are recomputed from the logits in torch ops
+(chosen_weights), so that they carry the gradient the kernel's output does not.
 """
 
 import torch
@@ -16,7 +18,10 @@ def grouped_topk(logits: torch.Tensor, config, correction_bias=None) -> Routing:
     if triton_on_cuda(logits.device, logits.dtype):
         from moekit.kernels.grouped_topk import grouped_topk_triton  # imports triton: only when it runs
 
-        return Routing(*grouped_topk_triton(logits, config, correction_bias))
+        ids, weights = grouped_topk_triton(logits, config, correction_bias)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            weights = chosen_weights(logits, ids, config)
+        return Routing(ids, weights)
     return grouped_topk_torch(logits, config, correction_bias)
 
 
@@ -37,7 +42,13 @@ def grouped_topk_torch(logits: torch.Tensor, config, correction_bias=None) -> Ro
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
     expert_mask = group_mask.repeat_interleave(config.experts_per_group, dim=1)
     ids = stable_topk(biased.masked_fill(~expert_mask, float("-inf")), config.top_k)[1]
-    weights = scores.gather(1, ids)
+    return Routing(ids.to(torch.int32), chosen_weights(logits, ids, config))
+
+
+def chosen_weights(logits: torch.Tensor, ids: torch.Tensor, config) -> torch.Tensor:
+    """logits [T, E], the chosen ids [T, K] -> their weights [T, K]: the unbiased sigmoid scores, renormalised
+    to sum to 1 when config.renormalize, times routed_scaling_factor."""
+    weights = torch.sigmoid(logits.to(score_dtype(logits))).gather(1, ids.long())
     if config.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return Routing(ids.to(torch.int32), weights * config.routed_scaling_factor)
+    return weights * config.routed_scaling_factor
