@@ -101,11 +101,14 @@ class _GateUpSwiGLU(torch.autograd.Function):
         gate_up = rows.new_empty(rows.shape[0], w_gate_up.shape[1])
         activation = grouped_gemm(rows, w_gate_up, expert_offsets, swiglu=True, gate_up_out=gate_up)
         ctx.mark_non_differentiable(activation)
+        ctx.set_materialize_grads(False)  # no [M, F] of zeros for the activation's absent gradient
         ctx.save_for_backward(rows, w_gate_up, expert_offsets)
         return gate_up, activation
 
     @staticmethod
-    def backward(ctx, d_gate_up: torch.Tensor, _d_activation: None):
+    def backward(ctx, d_gate_up: torch.Tensor | None, _d_activation: None):
+        if d_gate_up is None:
+            return None, None, None
         rows, w_gate_up, expert_offsets = ctx.saved_tensors
         d_gate_up = d_gate_up.contiguous()
         needs = ctx.needs_input_grad
