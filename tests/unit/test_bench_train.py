@@ -79,10 +79,11 @@ def test_bench_train_refuses_a_path_without_backward():
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["triton_grouped", "grouped_mm_fused", "grouped_mm"])
 def test_a_training_path_keeps_no_more_activation_memory_than_the_peer(path):
-    """Peak memory of a step above its start and the gradients it leaves (bench train's figure), at a size where
-    the [M, 2F] pre-activation and its gradient dominate: a path that holds both through the backward's GEMMs
-    (triton_grouped did, 2.3x the peer's) fails."""
-    config = MoEConfig(hidden_size=1024, ffn_size=4096, num_experts=8, top_k=2, dtype=torch.bfloat16)
+    """Peak memory of a step above its start and the gradients it leaves (bench train's figure), at Mixtral's
+    sizes. Measured on nvidia-h200 at T=4096: 0.604 GB for grouped_mm, grouped_mm_fused and the peer, 0.839 for
+    triton_grouped while it kept an [M, F] of zeros for its activation's absent gradient (at T=8192 1.68, and the
+    peer's 1.21 once fixed)."""
+    config = MoEConfig(hidden_size=4096, ffn_size=14336, num_experts=8, top_k=2, dtype=torch.bfloat16)
     problem = make_problem(config, 4096, seed=3, device="cuda")
     peak = {}
     for p in (path, PEER):
