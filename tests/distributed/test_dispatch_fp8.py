@@ -19,6 +19,7 @@ skip and the layout ones still run.
 from __future__ import annotations
 
 import functools
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -289,10 +290,9 @@ def per_rank_routing(case, problem, weights, world_size: int):
     return torch.cat(ids), torch.cat(w)
 
 
-@NEEDS_TRITON
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_fp8_layer_matches_the_fp8_recipe_and_the_oracle(world_size):
-    results = world(world_size)
+def assert_fp8_layers_match(layers: list[dict], world_size: int) -> None:
+    """Each rank's FP8 layer outputs (run_layers' dict per rank), concatenated, against the single-process FP8
+    recipe (the kernels' own error, activations re-quantized to a neighbour) and the float64 oracle."""
     for case in layer_cases(world_size):
         problem, weights = layer_problem(case)
         ids, w = per_rank_routing(case, problem, weights, world_size)
@@ -301,10 +301,9 @@ def test_fp8_layer_matches_the_fp8_recipe_and_the_oracle(world_size):
         exact = reference_moe(problem.x, weights, case[1]).y
         for scheme in SCHEMES:
             q = quantize_weights(weights, scheme)
-            y = torch.cat([r["layers"][case[0], scheme] for r in results])
+            y = torch.cat([r[case[0], scheme] for r in layers])
             what = f"{world_size} ranks, {case[0]}, {scheme}"
             assert y.dtype == F32 and y.shape == problem.x.shape, what
-            # the kernels' own error (the interpreter's float32 sums), and activations re-quantized to a neighbour
             recipe = reference_experts_fp8(problem.x, ids, w, q, ACTIVATION) + reference_shared_experts(
                 problem.x, weights
             )
@@ -313,9 +312,43 @@ def test_fp8_layer_matches_the_fp8_recipe_and_the_oracle(world_size):
                 y, recipe, F32, f"{what} vs the FP8 recipe", fp8_kernel_tolerance(F32) + 3 * flips
             )
             assert_close_to_reference(y, exact, torch.float8_e4m3fn, f"{what} vs the float64 oracle")
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_fp8_layer_matches_the_fp8_recipe_and_the_oracle(world_size):
+    results = world(world_size)
+    assert_fp8_layers_match([r["layers"] for r in results], world_size)
+    for case in layer_cases(world_size):
         overlapped = torch.cat([r["layers"][case[0], "overlapped"] for r in results])
         sync = torch.cat([r["layers"][case[0], "block"] for r in results])
         torch.testing.assert_close(overlapped, sync, rtol=1e-6, atol=1e-6, msg=f"{case[0]}: chunks + shared_overlap")
+
+
+def run_layers_sharing_a_gpu(rank: int, world_size: int) -> dict:
+    """run_layers' FP8 layers on cuda:0, every rank's process on the same GPU (gloo carries the exchanges)."""
+    torch.cuda.set_device(0)
+    out = {}
+    for case in layer_cases(world_size):
+        name, config, tokens = case[0], case[1], case[2]
+        problem, weights = layer_problem(case)
+        weights = replace(weights, **{f.name: getattr(weights, f.name).cuda() for f in fields(weights)
+                                      if getattr(weights, f.name) is not None})  # fmt: skip
+        x = problem.x[rank_slice(tokens, rank)].cuda()
+        for scheme in SCHEMES:
+            layer = MoELayer(config, weights=weights, quantization=scheme, dispatcher="nccl", max_tokens=MAX_TOKENS,
+                             device="cuda")  # fmt: skip
+            out[name, scheme] = layer(x).cpu()
+    return out
+
+
+@pytest.mark.gpu
+def test_fp8_layer_on_ranks_sharing_a_gpu_matches_the_fp8_recipe_and_the_oracle():
+    """The compiled FP8 kernels and the FP8 dispatch on 2 ranks sharing one GPU (NCCL refuses that; gloo)."""
+    ok, reason = fp8_triton_support(torch.device("cuda"), F32)
+    if not ok:
+        pytest.skip(reason)
+    assert_fp8_layers_match(spawn_ranks(run_layers_sharing_a_gpu, 2, backend="gloo", timeout_s=240), 2)
 
 
 @NEEDS_TRITON
