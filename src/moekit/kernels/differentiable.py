@@ -106,9 +106,7 @@ class _GateUpSwiGLU(torch.autograd.Function):
         return gate_up, activation
 
     @staticmethod
-    def backward(ctx, d_gate_up: torch.Tensor | None, _d_activation: None):
-        if d_gate_up is None:
-            return None, None, None
+    def backward(ctx, d_gate_up: torch.Tensor, _d_activation: None):  # gate_up always feeds _ActivatedDown
         rows, w_gate_up, expert_offsets = ctx.saved_tensors
         d_gate_up = d_gate_up.contiguous()
         needs = ctx.needs_input_grad
