@@ -20,7 +20,7 @@ def grouped_topk(logits: torch.Tensor, config, correction_bias=None) -> Routing:
 
         ids, weights = grouped_topk_triton(logits, config, correction_bias)
         if torch.is_grad_enabled() and logits.requires_grad:
-            weights = chosen_weights(logits, ids, config)
+            weights = chosen_weights(torch.sigmoid(logits.to(score_dtype(logits))), ids, config)
         return Routing(ids, weights)
     return grouped_topk_torch(logits, config, correction_bias)
 
@@ -42,13 +42,13 @@ def grouped_topk_torch(logits: torch.Tensor, config, correction_bias=None) -> Ro
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
     expert_mask = group_mask.repeat_interleave(config.experts_per_group, dim=1)
     ids = stable_topk(biased.masked_fill(~expert_mask, float("-inf")), config.top_k)[1]
-    return Routing(ids.to(torch.int32), chosen_weights(logits, ids, config))
+    return Routing(ids.to(torch.int32), chosen_weights(scores, ids, config))
 
 
-def chosen_weights(logits: torch.Tensor, ids: torch.Tensor, config) -> torch.Tensor:
-    """logits [T, E], the chosen ids [T, K] -> their weights [T, K]: the unbiased sigmoid scores, renormalised
-    to sum to 1 when config.renormalize, times routed_scaling_factor."""
-    weights = torch.sigmoid(logits.to(score_dtype(logits))).gather(1, ids.long())
+def chosen_weights(scores: torch.Tensor, ids: torch.Tensor, config) -> torch.Tensor:
+    """scores [T, E] (the unbiased sigmoid of the logits), the chosen ids [T, K] -> their weights [T, K]: the
+    chosen scores, renormalised to sum to 1 when config.renormalize, times routed_scaling_factor."""
+    weights = scores.gather(1, ids.long())
     if config.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * config.routed_scaling_factor
