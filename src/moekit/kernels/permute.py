@@ -83,8 +83,10 @@ def _unpermute_backward_kernel(
             tl.store(d_weights_ptr + token * K + k, tl.sum(dot).to(d_weights_ptr.dtype.element_ty))
 
 
-def _block_h(H: int) -> int:
-    return min(1024, triton.next_power_of_2(max(H, 1)))
+def row_block(width: int) -> int:
+    """The block of the kernels that give one row (or token) to a program and walk its width in blocks: the width's
+    power of two, at most 1024 (permute, unpermute, SwiGLU, the slot sums, the row quantization)."""
+    return min(1024, triton.next_power_of_2(max(width, 1)))
 
 
 def permute_tokens_triton(x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
@@ -95,7 +97,7 @@ def permute_tokens_triton(x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor
     x = x.contiguous()
     rows = x.new_zeros(layout.num_rows, H) if layout.pad_to > 1 else x.new_empty(layout.num_rows, H)
     if T and H:
-        block_h = _block_h(H)
+        block_h = row_block(H)
         _permute_kernel[(T, triton.cdiv(H, block_h))](
             x, rows, layout.assignment_rows, H, layout.top_k, x.stride(0), rows.stride(0), BLOCK_H=block_h
         )
@@ -113,7 +115,7 @@ def unpermute_reduce_triton(rows: torch.Tensor, layout: ExpertLayout, topk_weigh
     y = rows.new_empty(T, H)
     if T and H:
         weights = topk_weights.contiguous() if topk_weights is not None else rows
-        block_h = _block_h(H)
+        block_h = row_block(H)
         _unpermute_kernel[(T, triton.cdiv(H, block_h))](
             rows,
             y,
@@ -162,7 +164,7 @@ def unpermute_reduce_backward_triton(
             out_rows.stride(0) if d_rows else 0,
             D_ROWS=d_rows,
             D_WEIGHTS=d_weights,
-            BLOCK_H=_block_h(H),
+            BLOCK_H=row_block(H),
         )
     elif d_weights:
         out_weights.zero_()

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.kernels.permute import row_block
 from moekit.permute import ExpertLayout
 from moekit.quantize import BLOCK_SIZE, FP8, FP8_MAX, QuantizedRows, check_scheme_and_block
 from moekit.validation import check_tensor
@@ -113,7 +114,7 @@ def quantize_rows_triton(
             ROWWISE=scheme == "row",
             HAS_DESTINATIONS=layout is not None,
             FP8_MAX=FP8_MAX,
-            BLOCK=block_size if scheme == "block" else min(1024, triton.next_power_of_2(H)),
+            BLOCK=block_size if scheme == "block" else row_block(H),
         )
     elif scheme == "row":
         scale.fill_(1.0)  # H = 0: every row is an all-zero group

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.kernels.permute import row_block
+
 
 @triton.jit
 def _sum_into_slots_kernel(
@@ -51,7 +53,7 @@ def sum_into_slots(
     out = torch.empty(num_slots, H, dtype=out_dtype, device=rows.device)
     if num_slots == 0 or H == 0:
         return out
-    block_h = min(1024, triton.next_power_of_2(H))
+    block_h = row_block(H)
     _sum_into_slots_kernel[(num_slots, triton.cdiv(H, block_h))](
         rows, row, weight if weight is not None else starts, starts, add if add is not None else out, out, H,
         rows.stride(0), add.stride(0) if add is not None else 0, out.stride(0), HAS_WEIGHT=weight is not None,

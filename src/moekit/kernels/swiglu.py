@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.kernels.permute import row_block
+
 
 @triton.jit
 def _swiglu_kernel(gate_up_ptr, out_ptr, F, stride_in, stride_out, BLOCK_F: tl.constexpr):
@@ -71,10 +73,6 @@ def _check_gate_up(gate_up: torch.Tensor) -> tuple[int, int]:
     return gate_up.shape[0], gate_up.shape[1] // 2
 
 
-def _block(F: int) -> int:
-    return min(1024, triton.next_power_of_2(F))
-
-
 def _check_dh(name: str, dh: torch.Tensor, N: int, F: int, gate_up: torch.Tensor) -> torch.Tensor:
     if dh.shape != (N, F) or dh.device != gate_up.device:
         raise ValueError(f"{name} must be [{N}, {F}] on {gate_up.device}, got {tuple(dh.shape)} on {dh.device}")
@@ -88,8 +86,8 @@ def swiglu_backward(gate_up: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     d_gate_up = torch.empty(N, 2 * F, dtype=gate_up.dtype, device=gate_up.device)
     if N and F:
         strides = gate_up.stride(0), dh.stride(0), d_gate_up.stride(0), 0
-        _swiglu_backward_kernel[(N, triton.cdiv(F, _block(F)))](
-            gate_up, dh, d_gate_up, dh, dh, dh, dh, F, *strides, SCALED=False, HAS_END=False, BLOCK_F=_block(F)
+        _swiglu_backward_kernel[(N, triton.cdiv(F, row_block(F)))](
+            gate_up, dh, d_gate_up, dh, dh, dh, dh, F, *strides, SCALED=False, HAS_END=False, BLOCK_F=row_block(F)
         )  # the scale and end pointers are not read: dh stands in
     return d_gate_up
 
@@ -115,10 +113,10 @@ def scaled_swiglu_backward(
     d_scale = torch.zeros(N, dtype=torch.float32, device=gate_up.device)
     if N and F:
         strides = gate_up.stride(0), d_activation.stride(0), d_gate_up.stride(0), activation.stride(0)
-        _swiglu_backward_kernel[(N, triton.cdiv(F, _block(F)))](
+        _swiglu_backward_kernel[(N, triton.cdiv(F, row_block(F)))](
             gate_up, d_activation, d_gate_up, scale.contiguous(), activation, d_scale,
             rows_end if rows_end is not None else d_scale, F, *strides, SCALED=True, HAS_END=rows_end is not None,
-            BLOCK_F=_block(F),
+            BLOCK_F=row_block(F),
         )  # fmt: skip
     return d_gate_up, activation, d_scale if row_scale is not None else None
 
@@ -132,6 +130,6 @@ def swiglu(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         raise ValueError(f"out must be [{N}, {F}] {gate_up.dtype} with contiguous rows")
     if N == 0 or F == 0:
         return out
-    block_f = _block(F)
+    block_f = row_block(F)
     _swiglu_kernel[(N, triton.cdiv(F, block_f))](gate_up, out, F, gate_up.stride(0), out.stride(0), BLOCK_F=block_f)
     return out
