@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -29,6 +29,10 @@ class MoEWeights:
     score_correction_bias: torch.Tensor | None = None
     shared_gate_up: torch.Tensor | None = None
     shared_down: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> MoEWeights:
+        """The same weights on device (absent ones stay None)."""
+        return replace(self, **{f.name: t.to(device) for f in fields(self) if (t := getattr(self, f.name)) is not None})
 
 
 def init_weights(

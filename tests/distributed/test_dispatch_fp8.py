@@ -19,7 +19,6 @@ skip and the layout ones still run.
 from __future__ import annotations
 
 import functools
-from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -332,8 +331,7 @@ def run_layers_sharing_a_gpu(rank: int, world_size: int) -> dict:
     for case in layer_cases(world_size):
         name, config, tokens = case[0], case[1], case[2]
         problem, weights = layer_problem(case)
-        weights = replace(weights, **{f.name: getattr(weights, f.name).cuda() for f in fields(weights)
-                                      if getattr(weights, f.name) is not None})  # fmt: skip
+        weights = weights.to("cuda")
         x = problem.x[rank_slice(tokens, rank)].cuda()
         for scheme in SCHEMES:
             layer = MoELayer(config, weights=weights, quantization=scheme, dispatcher="nccl", max_tokens=MAX_TOKENS,

@@ -6,7 +6,7 @@ nothing), K = E, more experts than hidden units; float64 end to end (exact to 1e
 tolerance)."""
 
 import functools
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -152,9 +152,7 @@ SHARED_GPU_DISPATCHERS = ["padded_triton", "symmetric_triton"]
 
 
 def on_cuda(problem):
-    tensors = {f.name: getattr(problem.weights, f.name) for f in fields(problem.weights)}
-    weights = replace(problem.weights, **{k: t.cuda() for k, t in tensors.items() if t is not None})
-    return replace(problem, x=problem.x.cuda(), weights=weights)
+    return replace(problem, x=problem.x.cuda(), weights=problem.weights.to("cuda"))
 
 
 def shared_gpu_gradients_rank(rank: int, world_size: int) -> dict:
