@@ -34,13 +34,14 @@ def out_dtypes(device: torch.device) -> list[torch.dtype]:
 
 
 @st.composite
-def problems(draw):
-    """Expert row counts (empty experts, every row on one), K and N around and off the 128 block, both scale
-    forms of each operand, outlier rows (amax 1e4 times the rest) and all-zero blocks."""
+def problems(draw, k_multiple: int = 1):
+    """Expert row counts (empty experts, every row on one), K (a multiple of k_multiple) and N around and off the
+    128 block, both scale forms of each operand, outlier rows (amax 1e4 times the rest) and all-zero blocks."""
     E = draw(st.integers(1, 4))
     counts = draw(st.one_of(st.lists(st.integers(0, 24), min_size=E, max_size=E),
                             st.just([0] * (E - 1) + [29])))  # fmt: skip
-    K, N = draw(st.integers(1, 300)), 2 * draw(st.integers(1, 300))  # SwiGLU outputs span 1 to 3 tiles of 128
+    K = k_multiple * draw(st.integers(1, 300 // k_multiple))
+    N = 2 * draw(st.integers(1, 300))  # SwiGLU outputs span 1 to 3 tiles of 128
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     M = sum(counts) + draw(st.integers(0, 3))  # padding rows past offsets[E]
     a = torch.randn(M, K, generator=g) * torch.exp(torch.randn(M, 1, generator=g))
@@ -90,6 +91,28 @@ def test_grouped_gemm_fp8_is_the_float64_product_of_the_dequantized_operands(dev
         expected = expected * row_scale[: offsets[-1]].double()[:, None]
     what = f"a {a_scheme}, b {b_scheme}, swiglu {swiglu}, row scale {with_row_scale}, counts {counts}"
     assert_close_to_reference(out[: offsets[-1]], expected, out_dtype, what, fp8_kernel_tolerance(out_dtype))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems(k_multiple=16), swiglu=st.booleans(), quantize_out=st.booleans())
+def test_tensor_descriptor_loads_give_the_pointer_loads_result(dev, monkeypatch, problem, swiglu, quantize_out):
+    """The copy-engine path reads whole tiles (the next expert's rows, the up rows past a gate tile, zeros past K)
+    and drops what is not the tile's by its zero scales; the masked pointer loads read zeros there. Both give the
+    same output and scales, bit for bit. The interpreter runs the descriptor path too."""
+    import moekit.kernels.grouped_gemm as kernels
+
+    counts, a, b, a_scheme, b_scheme = problem
+    qa, qb = quantize_rows(a, a_scheme), quantize(b, b_scheme)
+    operands = (qa.values.to(dev), qa.scale.to(dev), qb.values.to(dev), qb.scale.to(dev), offsets_of(counts, dev))
+    options = {"out_dtype": torch.float32, "swiglu": swiglu or quantize_out, "quantize_out": quantize_out}
+    results = {}
+    for loads in (True, False):
+        monkeypatch.setattr(kernels, "copy_engine_loads", lambda device, loads=loads: loads)
+        results[loads] = grouped_gemm_fp8(*operands, **options)
+    used = sum(counts)
+    for with_tma, with_pointers in zip(results[True], results[False]):
+        if with_pointers is not None:
+            assert torch.equal(with_tma[:used].float(), with_pointers[:used].float()), (a_scheme, b_scheme, counts)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
