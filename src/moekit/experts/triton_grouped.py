@@ -35,7 +35,10 @@ def triton_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
         from moekit.kernels import differentiable
 
         rows = differentiable.permute_tokens(x, layout)
-        return differentiable.unpermute_sum(sorted_rows_mlp(rows, layout.expert_offsets, weights, row_weights), layout)
+        out = differentiable.sorted_rows_mlp(
+            rows, weights.w_gate_up, weights.w_down, layout.expert_offsets, row_weights, padded=False
+        )  # the layout has no padding rows: it ends at T * K
+        return differentiable.unpermute_sum(out, layout)
     rows = permute_tokens_triton(x, layout)
     out = sorted_rows_mlp(rows, layout.expert_offsets, weights, row_weights)
     return unpermute_reduce_triton(out, layout, None)

@@ -97,7 +97,8 @@ class _GateUpSwiGLU(torch.autograd.Function):
     as that backward returns, before the two GEMMs here allocate (as the peer's SwiGLU frees it)."""
 
     @staticmethod
-    def forward(ctx, rows, w_gate_up, expert_offsets):
+    def forward(ctx, rows, w_gate_up, expert_offsets, padded):
+        ctx.padded = padded
         gate_up = rows.new_empty(rows.shape[0], w_gate_up.shape[1])
         activation = grouped_gemm(rows, w_gate_up, expert_offsets, swiglu=True, gate_up_out=gate_up)
         ctx.mark_non_differentiable(activation)
@@ -113,18 +114,20 @@ class _GateUpSwiGLU(torch.autograd.Function):
         d_rows = d_w_gate_up = None
         if backward_on_grouped_mm(w_gate_up):
             ends = expert_offsets[1:].to(torch.int32)
-            if needs[0]:  # torch._grouped_mm leaves rows past the last offset unspecified: padding gets zero
-                padding = torch.arange(rows.shape[0], device=rows.device) >= expert_offsets[-1]
-                d_rows = torch._grouped_mm(d_gate_up, w_gate_up, offs=ends).masked_fill_(padding[:, None], 0)
+            if needs[0]:
+                d_rows = torch._grouped_mm(d_gate_up, w_gate_up, offs=ends)
+                if ctx.padded:  # torch._grouped_mm leaves rows past the last offset unspecified: padding gets zero
+                    padding = torch.arange(rows.shape[0], device=rows.device) >= expert_offsets[-1]
+                    d_rows.masked_fill_(padding[:, None], 0)
             if needs[1]:
                 d_w_gate_up = torch._grouped_mm(d_gate_up.t(), rows, offs=ends)
-            return d_rows, d_w_gate_up, None
+            return d_rows, d_w_gate_up, None, None
         if needs[0]:
             d_rows = torch.zeros_like(rows)  # padding rows past expert_offsets[E] get zero
             grouped_gemm(d_gate_up, w_gate_up.transpose(1, 2), expert_offsets, out=d_rows)
         if needs[1]:
             d_w_gate_up = grouped_weight_grad(d_gate_up, rows, expert_offsets)
-        return d_rows, d_w_gate_up, None
+        return d_rows, d_w_gate_up, None, None
 
 
 class _ActivatedDown(torch.autograd.Function):
@@ -197,8 +200,12 @@ def sorted_rows_mlp(
     w_down: torch.Tensor,
     expert_offsets: torch.Tensor,
     row_scale: torch.Tensor | None = None,
+    *,
+    padded: bool = True,
 ) -> torch.Tensor:
     """The two grouped GEMMs of triton_grouped with a backward to rows, both weights and row_scale:
-    rows [M, H] sorted by expert, w_gate_up [E, 2F, H], w_down [E, H, F], row_scale [M] float32 -> [M, H]."""
-    gate_up, activation = _GateUpSwiGLU.apply(rows, w_gate_up, expert_offsets)
+    rows [M, H] sorted by expert, w_gate_up [E, 2F, H], w_down [E, H, F], row_scale [M] float32 -> [M, H].
+    padded=False promises that expert_offsets[E] = M (no padding rows): the backward on torch._grouped_mm then
+    skips zeroing d_rows past it, which is a read and a write of all [M, H]."""
+    gate_up, activation = _GateUpSwiGLU.apply(rows, w_gate_up, expert_offsets, padded)
     return _ActivatedDown.apply(gate_up, activation, w_down, expert_offsets, row_scale)
