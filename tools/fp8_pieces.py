@@ -19,7 +19,7 @@ from moekit.kernels.grouped_gemm_fp8 import grouped_gemm_fp8
 from moekit.kernels.quantize_rows import quantize_rows_triton
 from moekit.permute import expert_layout
 from moekit.problem import make_problem
-from moekit.quantize import quantize_rows, quantize_weights
+from moekit.quantize import QuantizedRows, quantize_rows, quantize_weights
 from moekit.routing import route
 
 
@@ -38,7 +38,7 @@ def pieces(shape: str, tokens: int, scheme: str) -> list[dict]:
     rows = quantize_rows_triton(problem.x, scheme, layout)
     act, act_scale = grouped_gemm_fp8(rows.values, rows.scale, gu.values, gu.scale, offsets, swiglu=True,
                                       quantize_out=True)  # fmt: skip
-    act_rowwise = quantize_rows(act.float() * act_scale.repeat_interleave(128, dim=1)[:, : act.shape[1]], "row")
+    act_rowwise = quantize_rows(QuantizedRows(act, act_scale, "block").dequantize(), "row")
     row_weights = torch.rand(rows.values.shape[0], device="cuda")
     M, H, F, E = rows.values.shape[0], config.hidden_size, config.ffn_size, config.num_experts
     cases = {  # name: (FLOPs, moekit's call, the peer's call or None)

@@ -122,8 +122,8 @@ class _GateUpSwiGLU(torch.autograd.Function):
             if needs[1]:
                 d_w_gate_up = torch._grouped_mm(d_gate_up.t(), rows, offs=ends)
             return d_rows, d_w_gate_up, None, None
-        if needs[0]:
-            d_rows = torch.zeros_like(rows)  # padding rows past expert_offsets[E] get zero
+        if needs[0]:  # the kernel writes rows below expert_offsets[E]: padding rows past it get zero
+            d_rows = torch.zeros_like(rows) if ctx.padded else torch.empty_like(rows)
             grouped_gemm(d_gate_up, w_gate_up.transpose(1, 2), expert_offsets, out=d_rows)
         if needs[1]:
             d_w_gate_up = grouped_weight_grad(d_gate_up, rows, expert_offsets)
@@ -205,7 +205,7 @@ def sorted_rows_mlp(
 ) -> torch.Tensor:
     """The two grouped GEMMs of triton_grouped with a backward to rows, both weights and row_scale:
     rows [M, H] sorted by expert, w_gate_up [E, 2F, H], w_down [E, H, F], row_scale [M] float32 -> [M, H].
-    padded=False promises that expert_offsets[E] = M (no padding rows): the backward on torch._grouped_mm then
-    skips zeroing d_rows past it, which is a read and a write of all [M, H]."""
+    padded=False promises that expert_offsets[E] = M (no padding rows): the backward then does not zero d_rows
+    past it (on torch._grouped_mm a masked fill, a read and a write of all [M, H]; on the Triton GEMM a fill)."""
     gate_up, activation = _GateUpSwiGLU.apply(rows, w_gate_up, expert_offsets, padded)
     return _ActivatedDown.apply(gate_up, activation, w_down, expert_offsets, row_scale)
