@@ -2,7 +2,7 @@
 alone (triton.testing.do_bench, median) beside the torch._grouped_mm call that computes the same product (what the
 torchtitan-style peer runs), with TFLOP/s; says which piece a slow step loses its time in.
 
-  python tools/backward_pieces.py --shapes mixtral,deepseek_v3 --tokens 8192 [--json PATH]
+  python tools/backward_pieces.py --shapes mixtral,deepseek_v3 --tokens 4096,8192 [--json PATH]
 """
 
 import argparse
@@ -66,10 +66,11 @@ def pieces(shape: str, tokens: int, device: str = "cuda") -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="mixtral,deepseek_v3")
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--tokens", default="8192", help="comma-separated T")
     parser.add_argument("--json")
     args = parser.parse_args()
-    results = [r for shape in args.shapes.split(",") for r in pieces(shape, args.tokens)]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    results = [r for shape in args.shapes.split(",") for t in tokens for r in pieces(shape, t)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)

@@ -59,6 +59,31 @@ def test_grouped_weight_grad_matches_float64_loop(triton_device, dtype, data):
         assert_close_to_reference(out[e], ref, dtype, f"grouped_weight_grad expert {e} of {counts}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@SETTINGS
+@given(data=st.data())
+def test_ragged_descriptor_loads_give_the_pointer_loads_result(triton_device, monkeypatch, dtype, data):
+    """The copy-engine path reads whole row blocks, bounded per expert by its ragged descriptors; the masked
+    pointer loads read only the expert's rows. Both give the same gradient, bit for bit, with NaN and inf in the
+    padding rows past offsets[E] (a row of the next expert or of the padding in the sum would show). The
+    interpreter runs the descriptor path too."""
+    import moekit.kernels.grouped_gemm as kernels
+
+    counts, pad = data.draw(expert_row_counts(), label="counts"), data.draw(st.integers(0, 3), label="pad")
+    P, Q = (8 * data.draw(st.integers(1, 5), label=f"{name} / (16 bytes)") for name in "PQ")  # TMA's 16-byte rows
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    M = sum(counts) + pad
+    a = randn(M, P, generator=g, dtype=dtype, device=triton_device)
+    b = randn(M, Q, generator=g, dtype=dtype, device=triton_device)
+    a[sum(counts) :], b[sum(counts) :] = math.nan, math.inf
+    offsets = offsets_of(counts, triton_device)
+    outs = {}
+    for loads in (True, False):
+        monkeypatch.setattr(kernels, "copy_engine_loads", lambda device, loads=loads: loads)
+        outs[loads] = grouped_weight_grad(a, b, offsets)
+    assert torch.equal(outs[True], outs[False])
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @SETTINGS
 @given(counts=expert_row_counts(), K=st.integers(1, 40), F_=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
@@ -124,6 +149,7 @@ def test_grouped_gemm_swiglu_backward_matches_float64_autograd(triton_device, dt
         assert d_scale is None
 
 
+@pytest.mark.parametrize("triton_gemms", [None, "all"], ids=["default-gemms", "triton-gemms"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @SETTINGS
 @given(
@@ -134,10 +160,16 @@ def test_grouped_gemm_swiglu_backward_matches_float64_autograd(triton_device, dt
     scaled=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_sorted_rows_mlp_backward_matches_float64_autograd(triton_device, dtype, counts, sizes, pad, scaled, seed):
-    """The whole backward of the expert MLP on sorted rows, each GEMM's on either path (backward_on_grouped_mm):
-    gradients of rows (zero on padding rows past offsets[E]), both weights and the row scale."""
+def test_sorted_rows_mlp_backward_matches_float64_autograd(
+    triton_device, monkeypatch, triton_gemms, dtype, counts, sizes, pad, scaled, seed
+):
+    """The whole backward of the expert MLP on sorted rows, each GEMM's on either path (backward_on_grouped_mm;
+    MOEKIT_TRITON_BACKWARD=all puts the aligned sizes on the Triton kernels too): gradients of rows (zero on
+    padding rows past offsets[E]), both weights and the row scale."""
     from moekit.kernels import differentiable
+
+    if triton_gemms:
+        monkeypatch.setenv("MOEKIT_TRITON_BACKWARD", triton_gemms)
 
     (H, F_), g = sizes, torch.Generator().manual_seed(seed)
     E, valid = len(counts), sum(counts)
@@ -159,8 +191,11 @@ def test_sorted_rows_mlp_backward_matches_float64_autograd(triton_device, dtype,
         y = (F.silu(gate) * up) @ ref_leaves[2][e].T
         ref_out.append(y * ref_leaves[3][r, None] if scaled else y)
     expected = torch.autograd.grad(torch.cat(ref_out), ref_leaves, d_out[:valid].double().cpu(), allow_unused=True)
-    paths = ["torch._grouped_mm" if differentiable.backward_on_grouped_mm(w) else "Triton" for w in (w_gate_up, w_down)]
-    what = f"gate/up backward on {paths[0]}, down on {paths[1]}, counts {counts}, H {H}, F {F_}, pad {pad}"
+    paths = {
+        gemm: "torch._grouped_mm" if differentiable.backward_on_grouped_mm(w, gemm) else "Triton"
+        for gemm, w in zip(differentiable.BACKWARD_GEMMS, (w_gate_up, w_gate_up, w_down, w_down))
+    }
+    what = f"backward GEMMs {paths}, counts {counts}, H {H}, F {F_}, pad {pad}"
     assert bool((got[0][valid:] == 0).all()), f"{what}: padding rows got a gradient"
     for name, value, ref in zip(("rows", "w_gate_up", "w_down", "row_scale"), got, expected):
         ref = ref if ref is not None else torch.zeros(value.shape, dtype=torch.float64)

@@ -109,19 +109,27 @@ def test_tensor_descriptor_loads_give_the_pointer_loads_result(dev, monkeypatch,
     """The copy-engine path reads whole tiles (the next expert's rows, padding rows, the up rows past a gate tile,
     zeros past K) and stores only the tile's own rows and columns; the masked pointer loads read none of those.
     Both give the same output, bit for bit, and leave the padding rows of a given out as they were, even with NaN
-    in the padding rows of a. The interpreter runs the descriptor path too."""
+    in the padding rows of a. The weight is read either along K (the forward's) or, as the transposed view of an
+    [E, K, N] tensor, along N (the backward's input gradients: one expert per descriptor slice, so the K tail
+    reads zeros, not the next expert's rows). The interpreter runs the descriptor path too."""
     import moekit.kernels.grouped_gemm as kernels
 
     dtype = data.draw(st.sampled_from(dtypes_for(dev)), label="dtype")
     counts, pad = data.draw(expert_row_counts(), label="counts"), data.draw(st.integers(0, 3), label="pad")
-    K = 16 // dtype.itemsize * data.draw(st.integers(1, 6), label="K / (16 bytes)")  # TMA's 16-byte rows
+    sixteen_bytes = 16 // dtype.itemsize
+    K = sixteen_bytes * data.draw(st.integers(1, 6), label="K / (16 bytes)")  # TMA's 16-byte rows
+    along_n = data.draw(st.booleans(), label="weight rows along N")
     n, swiglu = data.draw(st.integers(1, 48), label="N or F"), data.draw(st.booleans(), label="swiglu")
+    n = sixteen_bytes * -(-n // sixteen_bytes) if along_n else n
     a, b, offsets, row_scale = make_inputs(dev, dtype, counts, pad, K, 2 * n if swiglu else n, seed=0)
+    if along_n:
+        b = b.transpose(1, 2).contiguous().transpose(1, 2)  # same values, stride (K * N, 1, N)
     a[sum(counts) :] = math.nan
     row_scale = row_scale if data.draw(st.booleans(), label="scale") else None
     outs = {}
     for loads in (True, False):
         monkeypatch.setattr(kernels, "copy_engine_loads", lambda device, loads=loads: loads)
+        assert kernels.tma_loads(a, b) or kernels.transposed_tma_loads(a, b) or not loads, "descriptors not taken"
         outs[loads] = torch.full((a.shape[0], n), math.nan, dtype=dtype, device=dev)
         grouped_gemm(a, b, offsets, swiglu=swiglu, row_scale=row_scale, out=outs[loads])
     valid = sum(counts)

@@ -31,9 +31,11 @@ node's GEMMs run on it instead, measured faster there, with SwiGLU's backward as
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from moekit.kernels.grouped_gemm import grouped_gemm, grouped_gemm_swiglu_backward
+from moekit.kernels.grouped_gemm import copy_engine_loads, grouped_gemm, grouped_gemm_swiglu_backward
 from moekit.kernels.grouped_weight_grad import grouped_weight_grad
 from moekit.kernels.permute import permute_tokens_triton, unpermute_reduce_backward_triton, unpermute_reduce_triton
 from moekit.kernels.swiglu import scaled_swiglu_backward, swiglu_backward
@@ -112,21 +114,17 @@ class _GateUpSwiGLU(torch.autograd.Function):
         d_gate_up = d_gate_up.contiguous()
         needs = ctx.needs_input_grad
         d_rows = d_w_gate_up = None
-        if backward_on_grouped_mm(w_gate_up):
-            ends = expert_offsets[1:].to(torch.int32)
-            if needs[0]:
-                d_rows = torch._grouped_mm(d_gate_up, w_gate_up, offs=ends)
-                if ctx.padded:  # torch._grouped_mm leaves rows past the last offset unspecified: padding gets zero
-                    padding = torch.arange(rows.shape[0], device=rows.device) >= expert_offsets[-1]
-                    d_rows.masked_fill_(padding[:, None], 0)
-            if needs[1]:
-                d_w_gate_up = torch._grouped_mm(d_gate_up.t(), rows, offs=ends)
-            return d_rows, d_w_gate_up, None, None
-        if needs[0]:  # the kernel writes rows below expert_offsets[E]: padding rows past it get zero
+        ends = expert_offsets[1:].to(torch.int32)
+        if needs[0] and backward_on_grouped_mm(w_gate_up, "gate_up.input"):
+            d_rows = torch._grouped_mm(d_gate_up, w_gate_up, offs=ends)
+            if ctx.padded:  # torch._grouped_mm leaves rows past the last offset unspecified: padding gets zero
+                padding = torch.arange(rows.shape[0], device=rows.device) >= expert_offsets[-1]
+                d_rows.masked_fill_(padding[:, None], 0)
+        elif needs[0]:  # the kernel writes rows below expert_offsets[E]: padding rows past it get zero
             d_rows = torch.zeros_like(rows) if ctx.padded else torch.empty_like(rows)
             grouped_gemm(d_gate_up, w_gate_up.transpose(1, 2), expert_offsets, out=d_rows)
         if needs[1]:
-            d_w_gate_up = grouped_weight_grad(d_gate_up, rows, expert_offsets)
+            d_w_gate_up = weight_grad(d_gate_up, rows, expert_offsets, ends, w_gate_up, "gate_up.weight")
         return d_rows, d_w_gate_up, None, None
 
 
@@ -144,34 +142,64 @@ class _ActivatedDown(torch.autograd.Function):
         gate_up, w_down, expert_offsets, row_scale = ctx.saved_tensors
         d_out = d_out.contiguous()
         needs = ctx.needs_input_grad
-        d_w_down = None
-        if backward_on_grouped_mm(w_down):
-            ends = expert_offsets[1:].to(torch.int32)
+        ends = expert_offsets[1:].to(torch.int32)
+        if backward_on_grouped_mm(w_down, "down.input"):
             d_activation = torch._grouped_mm(d_out, w_down, offs=ends)
             # rows past the last offset are unspecified there: the SwiGLU pass reads them as zeros
             d_gate_up, scaled_activation, d_scale = scaled_swiglu_backward(gate_up, d_activation, row_scale, ends[-1:])
             del d_activation  # [M, F] freed before dW_down allocates
-            if needs[2]:
-                d_w_down = torch._grouped_mm(d_out.t(), scaled_activation, offs=ends)
         else:
             d_gate_up, scaled_activation, d_scale = grouped_gemm_swiglu_backward(
                 d_out, w_down, expert_offsets, gate_up, row_scale
             )
-            if needs[2]:
-                d_w_down = grouped_weight_grad(d_out, scaled_activation, expert_offsets)
+        d_w_down = None
+        if needs[2]:
+            d_w_down = weight_grad(d_out, scaled_activation, expert_offsets, ends, w_down, "down.weight")
         return d_gate_up, None, d_w_down, None, d_scale if needs[4] else None
 
 
-def backward_on_grouped_mm(weight: torch.Tensor) -> bool:
-    """Whether sorted_rows_mlp's backward GEMMs on weight ([E, 2F, H] or [E, H, F]) run on torch._grouped_mm:
-    where it takes the device, the dtype and the sizes (16-byte rows). On an H200 (bf16, T = 8192) it ran each of
-    them 1.1x-3.5x faster than this module's Triton kernels (tools/backward_pieces.py: d_act 640 vs 238 TFLOP/s,
-    dW_gate_up 612 vs 345 at Mixtral's shape), so the Triton kernels remain for the rest (tested on their own)."""
+def weight_grad(d_out, inputs, expert_offsets, ends, weight, gemm) -> torch.Tensor:
+    """weight's gradient, d_out[rows of e].T @ inputs[rows of e] per expert, on the path backward_on_grouped_mm
+    picks for gemm: d_out [M, P], inputs [M, Q] -> [E, P, Q]."""
+    if backward_on_grouped_mm(weight, gemm):
+        return torch._grouped_mm(d_out.t(), inputs, offs=ends)
+    return grouped_weight_grad(d_out, inputs, expert_offsets)
+
+
+# sorted_rows_mlp's backward GEMMs, each named by its weight and the gradient it gives
+BACKWARD_GEMMS = ("gate_up.input", "gate_up.weight", "down.input", "down.weight")
+# those that run on the Triton kernels where the tiles load through tensor descriptors, though torch._grouped_mm
+# could take them: measured faster on an H200 (tools/backward_pieces.py, bf16): d_rows at T = 8192 684 against
+# 655 TFLOP/s (Mixtral), 513 against 484 (Qwen3-30B-A3B), and 358 against 276 at T = 4096 (DeepSeek-V3)
+_TRITON_WITH_DESCRIPTORS = ("gate_up.input",)
+
+
+def backward_on_grouped_mm(weight: torch.Tensor, gemm: str) -> bool:
+    """Whether sorted_rows_mlp's backward GEMM `gemm` (one of BACKWARD_GEMMS) on weight ([E, 2F, H] or [E, H, F])
+    runs on torch._grouped_mm rather than on the Triton kernels: where torch takes the device, the dtype and the
+    sizes (16-byte rows), unless the GEMM is one that the Triton kernels run faster with descriptor loads.
+    MOEKIT_TRITON_BACKWARD (comma-separated names, or "all", or "" for none) names the Triton ones instead, to
+    compare. With pointer loads torch._grouped_mm ran every one of them 1.1x-3.5x faster on an H200 (d_act 640 vs
+    238 TFLOP/s, dW_gate_up 612 vs 345 at Mixtral's shape, T = 8192)."""
     from moekit.experts.grouped_mm import grouped_mm_support, sixteen_byte_rows
 
+    if gemm not in BACKWARD_GEMMS:
+        raise ValueError(f"gemm must be one of {BACKWARD_GEMMS}, got {gemm!r}")
+    if gemm in _triton_gemms(weight.device):
+        return False
     multiple = sixteen_byte_rows(weight.dtype)
     aligned = weight.shape[1] % multiple == 0 and weight.shape[2] % multiple == 0
     return aligned and grouped_mm_support(weight.device, weight.dtype)[0]
+
+
+def _triton_gemms(device: torch.device) -> tuple[str, ...]:
+    chosen = os.environ.get("MOEKIT_TRITON_BACKWARD")
+    if chosen is None:
+        return _TRITON_WITH_DESCRIPTORS if copy_engine_loads(device) else ()
+    names = BACKWARD_GEMMS if chosen == "all" else tuple(name for name in chosen.split(",") if name)
+    if unknown := [name for name in names if name not in BACKWARD_GEMMS]:
+        raise ValueError(f"MOEKIT_TRITON_BACKWARD names {unknown}: expected names from {BACKWARD_GEMMS} or 'all'")
+    return names
 
 
 def permute_tokens(x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:

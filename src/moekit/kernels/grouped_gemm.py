@@ -162,6 +162,7 @@ def _grouped_gemm_body(
     ADDRESS_ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr,
     BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -175,7 +176,10 @@ def _grouped_gemm_body(
     offs_k = tl.arange(0, BLOCK_K)
     if TMA:  # Hopper's copy engine loads the operand tiles (K and the rows past a tensor's end read as zeros)
         a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
-        b_desc = tl.make_tensor_descriptor(b_ptr, [E * N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
+        if B_TRANSPOSED:  # b is a transposed view of [E, K, N]: one expert per descriptor slice, K bounded in it
+            b_desc = tl.make_tensor_descriptor(b_ptr, [E, K, N], [stride_be, stride_bk, 1], [1, BLOCK_K, BLOCK_N])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, [E * N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
     # a while loop, not range(): the bound is a device value, and the interpreter's program id is not an index
     tile = tl.program_id(0)
     while tile < total_tiles:
@@ -216,14 +220,14 @@ def _grouped_gemm_body(
             k_ok = offs_k < K - k0 * BLOCK_K
             if TMA:  # whole tiles: the next expert's rows and columns past N_OUT land in rows and columns not stored
                 a_tile = a_desc.load([row_start + pid_m * BLOCK_M, k0 * BLOCK_K])
-                b_tile = b_desc.load([e * N + pid_n * BLOCK_N, k0 * BLOCK_K]).T
+                b_tile = _load_b_tile(b_desc, e, N, pid_n * BLOCK_N, k0 * BLOCK_K, B_TRANSPOSED)
             else:
                 a_tile = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b_tile = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
             if SWIGLU:
                 if TMA:
-                    up_tile = b_desc.load([e * N + N_OUT + pid_n * BLOCK_N, k0 * BLOCK_K]).T
+                    up_tile = _load_b_tile(b_desc, e, N, N_OUT + pid_n * BLOCK_N, k0 * BLOCK_K, B_TRANSPOSED)
                 else:
                     up_tile = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc_up = tl.dot(a_tile, up_tile, acc_up, input_precision=DOT_PRECISION)
@@ -279,9 +283,20 @@ def _grouped_gemm_body(
         tile += tl.num_programs(0)
 
 
+@triton.jit
+def _load_b_tile(b_desc, e, N, col, k, B_TRANSPOSED: tl.constexpr):
+    """Expert e's weight tile as [BLOCK_K, BLOCK_N] at (k, col), through the descriptor of _grouped_gemm_body."""
+    if B_TRANSPOSED:  # one return: a jit function's code after a constexpr-true branch's return still compiles
+        tile = b_desc.load([e, k, col])
+        tile = tl.reshape(tile, tile.shape[1:])
+    else:
+        tile = b_desc.load([e * N + col, k]).T
+    return tile
+
+
 _AUTOTUNE = dict(
     configs=_configs(),
-    key=["N", "K", "SWIGLU", "SAVE_GATE_UP", "SWIGLU_BACKWARD", "ROWS_PER_EXPERT", "TMA"],
+    key=["N", "K", "SWIGLU", "SAVE_GATE_UP", "SWIGLU_BACKWARD", "ROWS_PER_EXPERT", "TMA", "B_TRANSPOSED"],
     prune_configs_by={"early_config_prune": _prune_configs},
     do_bench=_quick_bench,
 )
@@ -295,25 +310,42 @@ def copy_engine_loads(device: torch.device) -> bool:
     on device: compiled for compute capability 9.0 or newer, unless MOEKIT_TMA=0 (the pointer loads, to compare)."""
     if os.environ.get("MOEKIT_TMA") == "0" or _INTERPRET:
         return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
 
 
-def tma_loads(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Tensor-descriptor loads of a [M, K] and b [E, N, K]: where copy_engine_loads allows them, both are contiguous
-    along K with 16-byte aligned bases and rows, and b's experts are stacked (b read as [E * N, K]). Sets the
-    scratch memory the programs write their descriptors in."""
-    rows_aligned = all(t.stride(-1) == 1 and (t.stride(-2) * t.element_size()) % 16 == 0 for t in (a, b))
-    bases_aligned = all(t.data_ptr() % 16 == 0 for t in (a, b))
-    stacked = b.stride(0) == b.shape[1] * b.stride(1)
-    if not (rows_aligned and bases_aligned and stacked and copy_engine_loads(a.device)):
+def row_descriptors(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor can be read through a tensor descriptor of its last two dimensions (where
+    copy_engine_loads allows them): contiguous along the last one, 16-byte aligned base and rows. Sets the scratch
+    memory the programs write their descriptors in."""
+    rows_aligned = all(t.stride(-1) == 1 and (t.stride(-2) * t.element_size()) % 16 == 0 for t in tensors)
+    bases_aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
+    if not (rows_aligned and bases_aligned and copy_engine_loads(tensors[0].device)):
         return False
     triton.set_allocator(_descriptor_scratch)
     return True
 
 
+def tma_loads(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Tensor-descriptor loads of a [M, K] and b [E, N, K]: row_descriptors for both, and b's experts stacked (b
+    read as [E * N, K])."""
+    return b.stride(0) == b.shape[1] * b.stride(1) and row_descriptors(a, b)
+
+
+def transposed_tma_loads(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Tensor-descriptor loads of a [M, K] and b [E, N, K] given as the transposed view of an [E, K, N] weight
+    (the backward's input gradients): row_descriptors for a and that weight, whose expert stride is aligned too."""
+    weight = b.transpose(1, 2)
+    return (weight.stride(0) * weight.element_size()) % 16 == 0 and row_descriptors(a, weight)
+
+
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Global memory for the programs' tensor descriptors (triton.set_allocator)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 @functools.cache
@@ -543,6 +575,7 @@ def _launch(
     else:
         programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
     tma = tma_loads(a, b)
+    b_transposed = not tma and transposed_tma_loads(a, b)
 
     def grid(meta):
         # sum_e cdiv(count_e, BLOCK_M) < M / BLOCK_M + E: a host-side bound on the tile count that needs no
@@ -587,7 +620,8 @@ def _launch(
         ADDRESS_ALIGN=address_align,
         # float32 inputs are held to float32 accuracy; tf32 would lose 13 bits of every operand
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        TMA=tma,
+        TMA=tma or b_transposed,
+        B_TRANSPOSED=b_transposed,
         BLOCK_E=triton.next_power_of_2(E),
         GROUP_M=_GROUP_M,
     )
