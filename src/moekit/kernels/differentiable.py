@@ -24,9 +24,10 @@ The backward, per expert e over its rows:
           d_gate_up = SwiGLU's backward of s * d_act, and s * act (grouped_gemm_swiglu_backward)
   dWd[e] = d_out.T @ (s * act)   and   dWgu[e] = d_gate_up.T @ rows   (grouped_weight_grad)
   d_rows = d_gate_up @ Wgu[e]: a grouped GEMM on Wgu transposed
-Where torch._grouped_mm takes the device, dtype and sizes (backward_on_grouped_mm; bf16 on Hopper, the CPU), each
-node's GEMMs run on it instead, measured faster there, with SwiGLU's backward as one Triton pass
-(kernels.swiglu.scaled_swiglu_backward); the Triton GEMMs above run everywhere else.
+Where torch._grouped_mm takes the device, dtype and sizes (backward_on_grouped_mm; bf16 on Hopper, the CPU), the
+GEMMs it runs faster run on it instead, SwiGLU's backward then one Triton pass (kernels.swiglu.scaled_swiglu_backward):
+on Hopper all but d_rows, whose Triton GEMM with descriptor loads is the faster one; the Triton GEMMs above run
+everywhere else.
 """
 
 from __future__ import annotations
@@ -169,8 +170,11 @@ def weight_grad(d_out, inputs, expert_offsets, ends, weight, gemm) -> torch.Tens
 # sorted_rows_mlp's backward GEMMs, each named by its weight and the gradient it gives
 BACKWARD_GEMMS = ("gate_up.input", "gate_up.weight", "down.input", "down.weight")
 # those that run on the Triton kernels where the tiles load through tensor descriptors, though torch._grouped_mm
-# could take them: measured faster on an H200 (tools/backward_pieces.py, bf16): d_rows at T = 8192 684 against
-# 655 TFLOP/s (Mixtral), 513 against 484 (Qwen3-30B-A3B), and 358 against 276 at T = 4096 (DeepSeek-V3)
+# could take them: measured faster on an H200 (tools/backward_pieces.py, bf16): d_rows at T = 8192 701 against
+# 648 TFLOP/s (Mixtral), 551 against 506 (Qwen3-30B-A3B), 522 against 451 (DeepSeek-V3; 398 against 290 at
+# T = 4096). The weight gradients stay on torch: Triton's ties it at DeepSeek-V3's shape, wins 5-7% at Qwen3's and
+# loses 4% on Mixtral's down weight, and moved no training step past the run-to-run spread; d_act's SwiGLU
+# epilogue holds the Triton GEMM to 150-290 TFLOP/s against torch's 430-660 with a separate SwiGLU pass.
 _TRITON_WITH_DESCRIPTORS = ("gate_up.input",)
 
 
