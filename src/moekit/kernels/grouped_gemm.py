@@ -22,6 +22,7 @@ pointer loads remain for the rest (transposed weights in the backward, the inter
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -321,7 +322,7 @@ def row_descriptors(*tensors: torch.Tensor) -> bool:
     bases_aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
     if not (rows_aligned and bases_aligned and copy_engine_loads(tensors[0].device)):
         return False
-    triton.set_allocator(_descriptor_scratch)
+    triton.set_allocator(_DescriptorScratch(tensors[0].device))
     return True
 
 
@@ -338,9 +339,15 @@ def transposed_tma_loads(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (weight.stride(0) * weight.element_size()) % 16 == 0 and row_descriptors(a, weight)
 
 
-def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the programs' tensor descriptors (triton.set_allocator)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+@dataclasses.dataclass(frozen=True)
+class _DescriptorScratch:
+    """Global memory for the programs' tensor descriptors (triton.set_allocator), on the launch's device: an
+    expert-parallel rank's tensors need not be on the current device."""
+
+    device: torch.device
+
+    def __call__(self, size: int, alignment: int, stream) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=self.device)
 
 
 @functools.cache
