@@ -229,3 +229,18 @@ def test_sorted_rows_mlp_backward_matches_float64_autograd(
 def test_backward_kernels_reject_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_backward_gemm_names_are_checked(monkeypatch):
+    """An unknown GEMM name, from a caller or in MOEKIT_TRITON_BACKWARD, is an error naming it, not a silent
+    fall-back to torch._grouped_mm."""
+    from moekit.kernels import differentiable
+
+    weight = torch.randn(2, 16, 8)
+    with pytest.raises(ValueError, match="gemm must be one of .*'down.bias'"):
+        differentiable.backward_on_grouped_mm(weight, "down.bias")
+    monkeypatch.setenv("MOEKIT_TRITON_BACKWARD", "gate_up.input,gate_up.wieght")
+    with pytest.raises(ValueError, match=r"MOEKIT_TRITON_BACKWARD names \['gate_up.wieght'\]"):
+        differentiable.backward_on_grouped_mm(weight, "gate_up.input")
+    monkeypatch.setenv("MOEKIT_TRITON_BACKWARD", "down.weight")
+    assert not differentiable.backward_on_grouped_mm(weight, "down.weight")

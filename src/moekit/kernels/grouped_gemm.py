@@ -311,7 +311,7 @@ def copy_engine_loads(device: torch.device) -> bool:
     on device: compiled for compute capability 9.0 or newer, unless MOEKIT_TMA=0 (the pointer loads, to compare)."""
     if os.environ.get("MOEKIT_TMA") == "0" or _INTERPRET:
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return _capability(device_index(device)) >= (9, 0)
 
 
 def row_descriptors(*tensors: torch.Tensor) -> bool:
@@ -350,14 +350,19 @@ class _DescriptorScratch:
         return torch.empty(size, dtype=torch.int8, device=self.device)
 
 
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
+def device_index(device: torch.device) -> int:
+    """A CUDA device's index, the current device's for a bare "cuda"."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _check_tensor(name: str, value) -> None:
@@ -580,7 +585,7 @@ def _launch(
     if _INTERPRET:
         programs = _INTERPRETER_PROGRAMS
     else:
-        programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        programs = _sm_count(device_index(a.device))
     tma = tma_loads(a, b)
     b_transposed = not tma and transposed_tma_loads(a, b)
 

@@ -35,6 +35,7 @@ from moekit.kernels.grouped_gemm import (
     _quick_bench,
     _sm_count,
     _tile_table,
+    device_index,
     tile_configs,
     tma_loads,
 )
@@ -327,7 +328,7 @@ def grouped_gemm_fp8(
         if _INTERPRET:
             programs = _INTERPRETER_PROGRAMS
         else:
-            programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+            programs = _sm_count(device_index(a.device))
 
         tma = tma_loads(a, b)
 

@@ -28,6 +28,7 @@ from moekit.kernels.grouped_gemm import (
     SUPPORTED_DTYPES,
     _quick_bench,
     _sm_count,
+    device_index,
     row_descriptors,
     tile_configs,
 )
@@ -132,8 +133,8 @@ def _grouped_weight_grad_kernel(
         p_ok = p < P
         q_ok = q < Q
         if TMA:  # rows from row_end on read as zeros
-            a_tile = _load_ragged(a_desc, row_start, row_end, row, pid_p * BLOCK_P).T
-            b_tile = _load_ragged(b_desc, row_start, row_end, row, pid_q * BLOCK_Q)
+            a_tile = _load_ragged(a_desc, row_end, row, pid_p * BLOCK_P).T
+            b_tile = _load_ragged(b_desc, row_end, row, pid_q * BLOCK_Q)
         else:
             rows = row + offs_m
             row_ok = rows < row_end
@@ -164,7 +165,7 @@ def _steps_of_program(offsets_ptr, E, tiles_per_expert, pid, programs, BLOCK_M: 
     valid = experts < E
     start = tl.load(offsets_ptr + experts, mask=valid, other=0).to(tl.int32)
     end = tl.load(offsets_ptr + experts + 1, mask=valid, other=0).to(tl.int32)
-    blocks = tl.maximum(tl.cdiv(tl.maximum(end - start, 0), BLOCK_M), 1)
+    blocks = _steps_per_tile(start, end, BLOCK_M)
     first = experts * tiles_per_expert
     last = first + tiles_per_expert - 1
     j_first = tl.where(first > pid, (first - pid + programs - 1) // programs, 0)
@@ -187,15 +188,20 @@ def _tile_of(tile, offsets_ptr, E, tiles_per_expert, num_p_tiles, num_q_tiles, G
     pid_q = (local % tiles_per_group) // group_rows
     row_start = tl.load(offsets_ptr + e).to(tl.int32)
     row_end = tl.load(offsets_ptr + e + 1).to(tl.int32)
-    blocks = tl.maximum(tl.cdiv(tl.maximum(row_end - row_start, 0), BLOCK_M), 1)
-    return e, pid_p, pid_q, row_start, row_end, blocks
+    return e, pid_p, pid_q, row_start, row_end, _steps_per_tile(row_start, row_end, BLOCK_M)
+
+
+@triton.jit
+def _steps_per_tile(row_start, row_end, BLOCK_M: tl.constexpr):
+    """Row blocks of an expert's rows row_start:row_end, and one (of zeros) for an expert with none."""
+    return tl.maximum(tl.cdiv(tl.maximum(row_end - row_start, 0), BLOCK_M), 1)
 
 
 @triton.jit
 def _ragged_descriptor(base_ptr, width, stride_row, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """A descriptor of the [rows, width] tensor at base_ptr, as 4-D (wrap, end row, row, column) coordinates
-    that _load_ragged fills in: the address is (end row - (2**30 - row)) rows on, and only the row coordinate's
-    bound (2**30) is checked against the expert's rows."""
+    that _load_ragged fills in: the address is (end row - (2**30 - row coordinate)) rows on, and only the row
+    coordinate's bound (2**30) is checked, so rows from the end row on read as zeros."""
     stride = stride_row.to(tl.int64)
     return tl.make_tensor_descriptor(
         base_ptr,
@@ -206,10 +212,9 @@ def _ragged_descriptor(base_ptr, width, stride_row, BLOCK_ROWS: tl.constexpr, BL
 
 
 @triton.jit
-def _load_ragged(desc, row_start, row_end, row, col):
-    """The [BLOCK_ROWS, BLOCK_COLS] tile at (row, col) of the rows row_start:row_end, zeros from row_end on."""
-    count = row_end - row_start
-    tile = desc.load([_RAGGED_ROWS, row_end, _RAGGED_ROWS - count + (row - row_start), col])
+def _load_ragged(desc, row_end, row, col):
+    """The [BLOCK_ROWS, BLOCK_COLS] tile at (row, col), zeros from row row_end on."""
+    tile = desc.load([_RAGGED_ROWS, row_end, _RAGGED_ROWS - (row_end - row), col])
     return tl.reshape(tile, tile.shape[2:])
 
 
@@ -258,7 +263,7 @@ def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.
     if _INTERPRET:
         programs = _INTERPRETER_PROGRAMS
     else:
-        programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        programs = _sm_count(device_index(a.device))
 
     def grid(meta):
         return (min(programs, E * triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"])),)
