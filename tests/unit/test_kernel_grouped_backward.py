@@ -182,21 +182,77 @@ def test_sorted_rows_mlp_backward_matches_float64_autograd(
     leaves = [t.clone().requires_grad_() for t in (rows, w_gate_up, w_down, *([scale] if scaled else []))]
     out = differentiable.sorted_rows_mlp(*leaves[:3], offsets, leaves[3] if scaled else None)
     got = torch.autograd.grad(out, leaves, d_out)
+    what = f"backward GEMMs {backward_paths(w_gate_up, w_down)}, counts {counts}, H {H}, F {F_}, pad {pad}"
+    assert bool((got[0][valid:] == 0).all()), f"{what}: padding rows got a gradient"
+    check_mlp(out, got, leaves, offsets, d_out, dtype, what)
 
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@SETTINGS
+@given(
+    counts=expert_row_counts(max_rows=24),
+    sizes=st.sampled_from([(16, 8), (8, 24), (32, 16)]),  # 16-byte rows in every dtype: torch._grouped_mm's
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sorted_rows_mlp_with_grouped_mm_forward_matches_float64_autograd(triton_device, dtype, counts, sizes, seed):
+    """grouped_mm_fused's training form: the forward's GEMMs on torch._grouped_mm with the Triton SwiGLU between
+    them (no padding rows, no row scale), the same backward."""
+    from moekit.experts.grouped_mm import grouped_mm_support
+    from moekit.kernels import differentiable
+
+    ok, reason = grouped_mm_support(triton_device, dtype)
+    if not ok:
+        pytest.skip(reason)
+    (H, F_), g = sizes, torch.Generator().manual_seed(seed)
+    E, M = len(counts), sum(counts)
+    rows = randn(M, H, generator=g, dtype=dtype, device=triton_device)
+    w_gate_up = randn(E, 2 * F_, H, generator=g, dtype=dtype, device=triton_device) / H**0.5
+    w_down = randn(E, H, F_, generator=g, dtype=dtype, device=triton_device) / F_**0.5
+    d_out = randn(M, H, generator=g, dtype=dtype, device=triton_device)
+    offsets = offsets_of(counts, triton_device)
+    leaves = [t.clone().requires_grad_() for t in (rows, w_gate_up, w_down)]
+    out = differentiable.sorted_rows_mlp(*leaves, offsets, padded=False, forward_on_grouped_mm=True)
+    got = torch.autograd.grad(out, leaves, d_out)
+    what = f"forward on torch._grouped_mm, backward GEMMs {backward_paths(w_gate_up, w_down)}, counts {counts}"
+    check_mlp(out, got, leaves, offsets, d_out, dtype, what)
+
+
+def test_a_grouped_mm_forward_refuses_padding_and_a_row_scale():
+    from moekit.kernels import differentiable
+
+    rows, w_gate_up, w_down = torch.randn(4, 8), torch.randn(2, 16, 8), torch.randn(2, 8, 8)
+    offsets = torch.tensor([0, 1, 3])
+    for padded, scale in ((True, None), (False, torch.ones(4))):
+        with pytest.raises(ValueError, match="forward_on_grouped_mm needs padded=False .* and row_scale=None"):
+            differentiable.sorted_rows_mlp(rows, w_gate_up, w_down, offsets, scale, padded=padded,
+                                           forward_on_grouped_mm=True)  # fmt: skip
+
+
+def backward_paths(w_gate_up, w_down) -> dict[str, str]:
+    """Which path each of sorted_rows_mlp's backward GEMMs takes for these weights."""
+    from moekit.kernels import differentiable
+
+    return {
+        gemm: "torch._grouped_mm" if differentiable.backward_on_grouped_mm(w, gemm) else "Triton"
+        for gemm, w in zip(differentiable.BACKWARD_GEMMS, (w_gate_up, w_gate_up, w_down, w_down))
+    }
+
+
+def check_mlp(out, got, leaves, offsets, d_out, dtype, what) -> None:
+    """out and got (d rows, d w_gate_up, d w_down[, d row_scale]) against the per-expert loop on leaves (rows,
+    w_gate_up, w_down[, row_scale]) and its float64 autograd; rows past offsets[E] are padding, not compared."""
+    scaled, bounds = len(leaves) == 4, offsets.tolist()
+    valid = bounds[-1]
     ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
-    bounds, ref_out = offsets.tolist(), []
-    for e in range(E):
+    ref_out = []
+    for e in range(len(bounds) - 1):
         r = slice(bounds[e], bounds[e + 1])
         gate, up = (ref_leaves[0][r] @ ref_leaves[1][e].T).chunk(2, dim=1)
         y = (F.silu(gate) * up) @ ref_leaves[2][e].T
         ref_out.append(y * ref_leaves[3][r, None] if scaled else y)
-    expected = torch.autograd.grad(torch.cat(ref_out), ref_leaves, d_out[:valid].double().cpu(), allow_unused=True)
-    paths = {
-        gemm: "torch._grouped_mm" if differentiable.backward_on_grouped_mm(w, gemm) else "Triton"
-        for gemm, w in zip(differentiable.BACKWARD_GEMMS, (w_gate_up, w_gate_up, w_down, w_down))
-    }
-    what = f"backward GEMMs {paths}, counts {counts}, H {H}, F {F_}, pad {pad}"
-    assert bool((got[0][valid:] == 0).all()), f"{what}: padding rows got a gradient"
+    ref_out = torch.cat(ref_out)
+    assert_close_to_reference(out[:valid], ref_out, dtype, f"{what}: output")
+    expected = torch.autograd.grad(ref_out, ref_leaves, d_out[:valid].double().cpu(), allow_unused=True)
     for name, value, ref in zip(("rows", "w_gate_up", "w_down", "row_scale"), got, expected):
         ref = ref if ref is not None else torch.zeros(value.shape, dtype=torch.float64)
         value = value[:valid] if name in ("rows", "row_scale") else value
@@ -229,6 +285,32 @@ def test_sorted_rows_mlp_backward_matches_float64_autograd(
 def test_backward_kernels_reject_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.gpu
+def test_small_weights_take_their_gradients_on_triton_where_descriptors_load(monkeypatch):
+    """The default split on Hopper: d_rows on Triton, d_act on torch._grouped_mm, and the weight gradients on
+    Triton for weights of at most 2**22 elements per expert (Qwen3-30B-A3B's), on torch for larger ones."""
+    from moekit.kernels import differentiable
+    from moekit.kernels.grouped_gemm import copy_engine_loads
+
+    monkeypatch.delenv("MOEKIT_TRITON_BACKWARD", raising=False)
+    if not copy_engine_loads(torch.device("cuda")):
+        pytest.skip("tensor-descriptor loads need compute capability 9.0")
+    small = torch.empty(2, 1536, 2048, dtype=torch.bfloat16, device="cuda")
+    large = torch.empty(2, 4096, 7168, dtype=torch.bfloat16, device="cuda")
+    weights = {"small": small, "large": large}
+    on_torch = {
+        (gemm, name): differentiable.backward_on_grouped_mm(w, gemm)
+        for gemm in differentiable.BACKWARD_GEMMS
+        for name, w in weights.items()
+    }
+    assert on_torch == {
+        ("gate_up.input", "small"): False, ("gate_up.input", "large"): False,
+        ("down.input", "small"): True, ("down.input", "large"): True,
+        ("gate_up.weight", "small"): False, ("gate_up.weight", "large"): True,
+        ("down.weight", "small"): False, ("down.weight", "large"): True,
+    }  # fmt: skip
 
 
 def test_backward_gemm_names_are_checked(monkeypatch):

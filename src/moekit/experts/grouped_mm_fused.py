@@ -15,6 +15,9 @@ from moekit.experts.grouped_mm import (
 )
 from moekit.experts.registry import EXPERT_BACKENDS, sorted_rows_form
 from moekit.kernels.availability import triton_support
+from moekit.permute import expert_layout
+from moekit.registry import needs_grad
+from moekit.validation import check_routing
 from moekit.weights import MoEWeights
 
 
@@ -27,10 +30,22 @@ def grouped_mm_fused_support(device: torch.device, dtype: torch.dtype) -> tuple[
     "grouped_mm_fused", supports=grouped_mm_fused_support, size_multiple=sixteen_byte_rows, trains=True
 )
 def grouped_mm_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
-    """x [T, H] -> y [T, H]: Triton permute, grouped gate+up, Triton SwiGLU, grouped down, Triton weighted unpermute;
-    under autograd each Triton step's backward is the others' kernels (moekit.kernels.differentiable)."""
+    """x [T, H] -> y [T, H]: Triton permute, grouped gate+up, Triton SwiGLU, grouped down, Triton weighted unpermute.
+    With grad-requiring inputs in grad mode the same forward runs under triton_grouped's autograd nodes
+    (differentiable.sorted_rows_mlp): its backward GEMMs each run on the faster of torch._grouped_mm and Triton,
+    and of the forward it keeps rows and gate_up alone (torch's autograd also kept the activation)."""
     from moekit.kernels import differentiable
 
+    if torch.is_grad_enabled() and needs_grad((x, topk_weights, weights)):
+        num_experts = weights.w_gate_up.shape[0]
+        check_routing(topk_ids, topk_weights, num_experts)
+        check_alignment(x, weights)
+        layout = expert_layout(topk_ids, num_experts)
+        rows = differentiable.permute_tokens(x, layout)
+        out = differentiable.sorted_rows_mlp(
+            rows, weights.w_gate_up, weights.w_down, layout.expert_offsets, padded=False, forward_on_grouped_mm=True
+        )  # the layout has no padding rows: it ends at T * K
+        return differentiable.unpermute_reduce(out, layout, topk_weights)
     return grouped_mm_pipeline(
         x,
         topk_ids,

@@ -26,8 +26,8 @@ The backward, per expert e over its rows:
   d_rows = d_gate_up @ Wgu[e]: a grouped GEMM on Wgu transposed
 Where torch._grouped_mm takes the device, dtype and sizes (backward_on_grouped_mm; bf16 on Hopper, the CPU), the
 GEMMs it runs faster run on it instead, SwiGLU's backward then one Triton pass (kernels.swiglu.scaled_swiglu_backward):
-on Hopper all but d_rows, whose Triton GEMM with descriptor loads is the faster one; the Triton GEMMs above run
-everywhere else.
+on Hopper all but d_rows and the weight gradients of small weights, whose Triton GEMMs with descriptor loads are
+the faster ones; the Triton GEMMs above run everywhere else.
 """
 
 from __future__ import annotations
@@ -100,10 +100,14 @@ class _GateUpSwiGLU(torch.autograd.Function):
     as that backward returns, before the two GEMMs here allocate (as the peer's SwiGLU frees it)."""
 
     @staticmethod
-    def forward(ctx, rows, w_gate_up, expert_offsets, padded):
+    def forward(ctx, rows, w_gate_up, expert_offsets, padded, on_grouped_mm):
         ctx.padded = padded
-        gate_up = rows.new_empty(rows.shape[0], w_gate_up.shape[1])
-        activation = grouped_gemm(rows, w_gate_up, expert_offsets, swiglu=True, gate_up_out=gate_up)
+        if on_grouped_mm:
+            gate_up = torch._grouped_mm(rows, w_gate_up.transpose(1, 2), offs=expert_offsets[1:].to(torch.int32))
+            activation = swiglu_triton(gate_up)
+        else:
+            gate_up = rows.new_empty(rows.shape[0], w_gate_up.shape[1])
+            activation = grouped_gemm(rows, w_gate_up, expert_offsets, swiglu=True, gate_up_out=gate_up)
         ctx.mark_non_differentiable(activation)
         ctx.set_materialize_grads(False)  # no [M, F] of zeros for the activation's absent gradient
         ctx.save_for_backward(rows, w_gate_up, expert_offsets)
@@ -126,7 +130,7 @@ class _GateUpSwiGLU(torch.autograd.Function):
             grouped_gemm(d_gate_up, w_gate_up.transpose(1, 2), expert_offsets, out=d_rows)
         if needs[1]:
             d_w_gate_up = weight_grad(d_gate_up, rows, expert_offsets, ends, w_gate_up, "gate_up.weight")
-        return d_rows, d_w_gate_up, None, None
+        return d_rows, d_w_gate_up, None, None, None
 
 
 class _ActivatedDown(torch.autograd.Function):
@@ -134,8 +138,10 @@ class _ActivatedDown(torch.autograd.Function):
     not the activation: the backward recomputes s * activation from gate_up in the pass that gives d_gate_up."""
 
     @staticmethod
-    def forward(ctx, gate_up, activation, w_down, expert_offsets, row_scale):
+    def forward(ctx, gate_up, activation, w_down, expert_offsets, row_scale, on_grouped_mm):
         ctx.save_for_backward(gate_up, w_down, expert_offsets, row_scale)
+        if on_grouped_mm:  # row_scale is None (checked by sorted_rows_mlp)
+            return torch._grouped_mm(activation, w_down.transpose(1, 2), offs=expert_offsets[1:].to(torch.int32))
         return grouped_gemm(activation, w_down, expert_offsets, row_scale=row_scale)
 
     @staticmethod
@@ -156,7 +162,7 @@ class _ActivatedDown(torch.autograd.Function):
         d_w_down = None
         if needs[2]:
             d_w_down = weight_grad(d_out, scaled_activation, expert_offsets, ends, w_down, "down.weight")
-        return d_gate_up, None, d_w_down, None, d_scale if needs[4] else None
+        return d_gate_up, None, d_w_down, None, d_scale if needs[4] else None, None
 
 
 def weight_grad(d_out, inputs, expert_offsets, ends, weight, gemm) -> torch.Tensor:
@@ -172,16 +178,23 @@ BACKWARD_GEMMS = ("gate_up.input", "gate_up.weight", "down.input", "down.weight"
 # those that run on the Triton kernels where the tiles load through tensor descriptors, though torch._grouped_mm
 # could take them: measured faster on an H200 (tools/backward_pieces.py, bf16): d_rows at T = 8192 701 against
 # 648 TFLOP/s (Mixtral), 551 against 506 (Qwen3-30B-A3B), 522 against 451 (DeepSeek-V3; 398 against 290 at
-# T = 4096). The weight gradients stay on torch: Triton's ties it at DeepSeek-V3's shape, wins 5-7% at Qwen3's and
-# loses 4% on Mixtral's down weight, and moved no training step past the run-to-run spread; d_act's SwiGLU
-# epilogue holds the Triton GEMM to 150-290 TFLOP/s against torch's 430-660 with a separate SwiGLU pass.
+# T = 4096). d_act's SwiGLU epilogue holds the Triton GEMM to 150-290 TFLOP/s against torch's 430-660 with a
+# separate SwiGLU pass: it stays on torch.
 _TRITON_WITH_DESCRIPTORS = ("gate_up.input",)
+# The weight gradients of small weights (at most this many elements per expert) also run on Triton there: at
+# Qwen3-30B-A3B's shape (1536 x 2048 and 2048 x 768, T = 4096) Triton's ran 433 and 423 TFLOP/s against torch's
+# 363 and 371 on an H200, and its training step 2.80-3.02 against 2.87-3.19 ms (grouped_mm_fused, two runs each);
+# at DeepSeek-V3's (4096 x 7168) the two tie and its T = 8192 step was 3-6% slower, at Mixtral's (28672 x 4096)
+# the steps moved both ways.
+_SMALL_WEIGHT_ELEMENTS = 2**22
+_WEIGHT_GRADIENTS = ("gate_up.weight", "down.weight")
 
 
 def backward_on_grouped_mm(weight: torch.Tensor, gemm: str) -> bool:
     """Whether sorted_rows_mlp's backward GEMM `gemm` (one of BACKWARD_GEMMS) on weight ([E, 2F, H] or [E, H, F])
     runs on torch._grouped_mm rather than on the Triton kernels: where torch takes the device, the dtype and the
-    sizes (16-byte rows), unless the GEMM is one that the Triton kernels run faster with descriptor loads.
+    sizes (16-byte rows), unless the GEMM is one that the Triton kernels run faster with descriptor loads (d_rows,
+    and the weight gradients of small weights).
     MOEKIT_TRITON_BACKWARD (comma-separated names, or "all", or "" for none) names the Triton ones instead, to
     compare. With pointer loads torch._grouped_mm ran every one of them 1.1x-3.5x faster on an H200 (d_act 640 vs
     238 TFLOP/s, dW_gate_up 612 vs 345 at Mixtral's shape, T = 8192)."""
@@ -189,17 +202,20 @@ def backward_on_grouped_mm(weight: torch.Tensor, gemm: str) -> bool:
 
     if gemm not in BACKWARD_GEMMS:
         raise ValueError(f"gemm must be one of {BACKWARD_GEMMS}, got {gemm!r}")
-    if gemm in _triton_gemms(weight.device):
+    if gemm in _triton_gemms(weight):
         return False
     multiple = sixteen_byte_rows(weight.dtype)
     aligned = weight.shape[1] % multiple == 0 and weight.shape[2] % multiple == 0
     return aligned and grouped_mm_support(weight.device, weight.dtype)[0]
 
 
-def _triton_gemms(device: torch.device) -> tuple[str, ...]:
+def _triton_gemms(weight: torch.Tensor) -> tuple[str, ...]:
     chosen = os.environ.get("MOEKIT_TRITON_BACKWARD")
     if chosen is None:
-        return _TRITON_WITH_DESCRIPTORS if copy_engine_loads(device) else ()
+        if not copy_engine_loads(weight.device):
+            return ()
+        small = weight.shape[1] * weight.shape[2] <= _SMALL_WEIGHT_ELEMENTS
+        return _TRITON_WITH_DESCRIPTORS + (_WEIGHT_GRADIENTS if small else ())
     names = BACKWARD_GEMMS if chosen == "all" else tuple(name for name in chosen.split(",") if name)
     if unknown := [name for name in names if name not in BACKWARD_GEMMS]:
         raise ValueError(f"MOEKIT_TRITON_BACKWARD names {unknown}: expected names from {BACKWARD_GEMMS} or 'all'")
@@ -234,10 +250,20 @@ def sorted_rows_mlp(
     row_scale: torch.Tensor | None = None,
     *,
     padded: bool = True,
+    forward_on_grouped_mm: bool = False,
 ) -> torch.Tensor:
     """The two grouped GEMMs of triton_grouped with a backward to rows, both weights and row_scale:
     rows [M, H] sorted by expert, w_gate_up [E, 2F, H], w_down [E, H, F], row_scale [M] float32 -> [M, H].
     padded=False promises that expert_offsets[E] = M (no padding rows): the backward then does not zero d_rows
-    past it (on torch._grouped_mm a masked fill, a read and a write of all [M, H]; on the Triton GEMM a fill)."""
-    gate_up, activation = _GateUpSwiGLU.apply(rows, w_gate_up, expert_offsets, padded)
-    return _ActivatedDown.apply(gate_up, activation, w_down, expert_offsets, row_scale)
+    past it (on torch._grouped_mm a masked fill, a read and a write of all [M, H]; on the Triton GEMM a fill).
+    forward_on_grouped_mm runs the forward's GEMMs on torch._grouped_mm with the Triton SwiGLU pass between them
+    (grouped_mm_fused's forward; the backward is the same); it needs padded=False, because torch leaves the rows
+    past expert_offsets[E] unspecified and SwiGLU's backward would read them, and no row_scale (the caller weighs
+    the rows in its unpermute)."""
+    if forward_on_grouped_mm and (padded or row_scale is not None):
+        raise ValueError(
+            "forward_on_grouped_mm needs padded=False (torch._grouped_mm leaves padding rows unspecified) and "
+            f"row_scale=None, got padded={padded}, row_scale {'given' if row_scale is not None else 'None'}"
+        )
+    gate_up, activation = _GateUpSwiGLU.apply(rows, w_gate_up, expert_offsets, padded, forward_on_grouped_mm)
+    return _ActivatedDown.apply(gate_up, activation, w_down, expert_offsets, row_scale, forward_on_grouped_mm)
