@@ -5,7 +5,7 @@ import gc
 import pytest
 import torch
 
-from moekit.bench.timing import as_cuda_graph, measure_interleaved
+from moekit.bench.timing import as_cuda_graph, measure_interleaved, measure_queued
 
 
 def test_measure_interleaved_times_each_callable_and_refuses_no_runs():
@@ -15,6 +15,15 @@ def test_measure_interleaved_times_each_callable_and_refuses_no_runs():
     assert all(t.runs == 4 and 0 <= t.min_ms <= t.median_ms for t in timings)
     with pytest.raises(ValueError, match="runs must be >= 1"):
         measure_interleaved([lambda: None], torch.device("cpu"), runs=0)
+
+
+def test_measure_queued_times_batches_of_calls_and_refuses_no_calls():
+    calls = []
+    timing = measure_queued(lambda: calls.append(1), torch.device("cpu"), calls=3, warmup=6, runs=4)
+    assert len(calls) == 3 * (2 + 4)  # two warm-up batches, then four timed batches of three calls
+    assert timing.runs == 4 and 0 <= timing.min_ms <= timing.median_ms
+    with pytest.raises(ValueError, match="calls must be >= 1"):
+        measure_queued(lambda: None, torch.device("cpu"), calls=0)
 
 
 def _graph_of_a_local_input(out: torch.Tensor):

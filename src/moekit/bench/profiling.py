@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
 
 from moekit.bench.tables import print_table
@@ -35,7 +36,9 @@ def top_kernels(prof: profile, device: torch.device, limit: int = 15) -> list[Ke
     def self_us(event) -> float:
         return event.self_device_time_total if gpu else event.self_cpu_time_total
 
-    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    # on CUDA the kernels alone: the operators that launched them also carry their kernels' device time
+    kind = DeviceType.CUDA if gpu else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind and self_us(e) > 0]
     total = sum(self_us(e) for e in events)
     events.sort(key=self_us, reverse=True)
     return [KernelTime(e.key[:NAME_WIDTH], e.count, self_us(e) / 1e3, self_us(e) / total) for e in events[:limit]]

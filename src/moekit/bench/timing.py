@@ -60,6 +60,23 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return measure_interleaved([fn], device, warmup=warmup, runs=runs)[0]
 
 
+def measure_queued(
+    fn: Callable[[], object], device: torch.device, *, calls: int = 5, warmup: int = 3, runs: int = 20
+) -> Timing:
+    """Milliseconds per call of fn with `calls` calls queued back to back between two events, no synchronisation
+    between them: the rate of a loop whose host runs ahead of the device (a training loop), where `measure` also
+    counts the host's launch latency up to each call's first kernels. The median over `runs` such batches."""
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+
+    def batch() -> None:
+        for _ in range(calls):
+            fn()
+
+    timing = measure(batch, device, warmup=max(1, warmup // calls), runs=runs)
+    return Timing(timing.median_ms / calls, timing.min_ms / calls, timing.runs)
+
+
 def as_cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
     """fn captured in a CUDA graph (after a warm-up on a side stream): returns a callable replaying it.
 

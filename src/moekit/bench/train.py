@@ -8,7 +8,10 @@ steps, so each step allocates them as a training step does. FLOPs are three time
 gradients of every GEMM). Peak memory is measured on CUDA above what the step starts with (weights, x) and the
 weight gradients it leaves behind: the activations and workspace a path keeps. Beside the step, the path's
 forward alone is timed twice, interleaved: with the graph recorded (what a training step pays before its
-backward) and under no_grad (the inference forward), so a trainable path's forward overhead is a ratio.
+backward) and under no_grad (the inference forward), so a trainable path's forward overhead is a ratio. A step is
+timed alone (synchronised: the host's launch latency up to its first kernels counts, as it does for a single
+step) and queued, five steps back to back between two events (the rate of a training loop, whose host runs
+ahead of the device: a step of many short kernels runs faster so, a step of long GEMMs at the same time).
 
 Stage "experts" times the routed experts on the router's fixed top-k weights (leaves: x, topk_weights, the two
 expert weights); stage "layer" the whole layer as MoELayer runs it, router logits -> routing -> routed experts
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 from moekit.bench.ceilings import Ceilings
 from moekit.bench.flops import layer_flops, routed_expert_flops
-from moekit.bench.timing import measure, measure_interleaved
+from moekit.bench.timing import measure, measure_interleaved, measure_queued
 from moekit.ep.forward import shared_experts
 from moekit.experts import EXPERT_BACKENDS
 from moekit.problem import MoEProblem
@@ -68,6 +71,8 @@ class TrainTiming:
     peak_activation_gb: float | None = None
     forward_ms: float | None = None  # the forward recording its graph
     inference_ms: float | None = None  # the same forward under no_grad
+    queued_ms: float | None = None  # steps queued back to back (measure_queued): a training loop's rate
+    queued_pct_of_matmul: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +147,7 @@ def time_train_step(
     try:
         timed = train_step(problem, path, stage)
         ms = measure(timed.step, device, runs=runs).median_ms
+        queued_ms = measure_queued(timed.step, device, runs=runs).median_ms
         peak = peak_activation_gb(timed.step, timed.leaves, device)
         forward_ms, inference_ms = (
             t.median_ms for t in measure_interleaved([timed.forward, timed.inference], device, runs=runs)
@@ -151,8 +157,8 @@ def time_train_step(
         return TrainTiming(path, T, f"OOM: {str(error).splitlines()[0][:80]}", stage)
     flops = routed_expert_flops(T, problem.config) if stage == "experts" else layer_flops(T, problem.config)
     tflops = 3 * flops / ms / 1e9
-    pct = 100 * tflops / ceilings.matmul_tflops
-    return TrainTiming(path, T, "ok", stage, ms, tflops, pct, peak, forward_ms, inference_ms)
+    pct, queued_pct = (100 * 3 * flops / t / 1e9 / ceilings.matmul_tflops for t in (ms, queued_ms))
+    return TrainTiming(path, T, "ok", stage, ms, tflops, pct, peak, forward_ms, inference_ms, queued_ms, queued_pct)
 
 
 def peak_activation_gb(step, leaves, device: torch.device) -> float | None:

@@ -18,7 +18,8 @@ from moekit.experts import EXPERT_BACKENDS
 from moekit.problem import make_problem
 
 DEFAULT_PATHS = ["grouped_mm", "grouped_mm_fused", "triton_grouped", PEER]
-COLUMNS = ["path", "T", "ms", "TFLOP/s", "% matmul", "peak act. GB", "x peer", "fwd ms", "fwd / inference"]
+COLUMNS = ["path", "T", "ms", "TFLOP/s", "% matmul", "queued ms", "queued % matmul", "peak act. GB", "x peer",
+           "fwd ms", "fwd / inference"]  # fmt: skip
 
 
 def add_train_parser(sub, common) -> None:
@@ -91,7 +92,7 @@ def _table_rows(timed: list, tokens: int) -> list[list]:
         ratio = f"{peer_ms / t.ms:.2f}" if peer_ms and t.ms else "-"
         ms = t.ms if t.ms is not None else NotRun(t.path, t.status)
         overhead = f"{t.forward_ms / t.inference_ms:.2f}" if t.forward_ms and t.inference_ms else "-"
-        rows.append([t.path, tokens, ms, t.tflops or "-", t.pct_of_matmul or "-",
-                     t.peak_activation_gb if t.peak_activation_gb is not None else "-", ratio,
-                     t.forward_ms or "-", overhead])  # fmt: skip
+        peak = t.peak_activation_gb if t.peak_activation_gb is not None else "-"
+        rows.append([t.path, tokens, ms, t.tflops or "-", t.pct_of_matmul or "-", t.queued_ms or "-",
+                     t.queued_pct_of_matmul or "-", peak, ratio, t.forward_ms or "-", overhead])  # fmt: skip
     return rows
