@@ -18,15 +18,15 @@ class ExpertLayout:
     """Where each (token, slot) assignment sits in the expert-sorted row buffer.
 
     sorted_assignments [T*K] int64: flat assignment index t*K + k of the i-th assignment in expert order
-    sorted_token_ids   [T*K] int64: token index t of the i-th assignment in expert order
     assignment_rows    [T*K] int64: buffer row of each flat assignment
     expert_counts      [E]   int64: assignments per expert
     expert_offsets     [E+1] int64: first buffer row of each expert, then the end of the used rows
     num_tokens T, top_k K; num_rows: rows of the buffer (T*K without padding); pad_to: the block multiple
+    sorted_token_ids   [T*K] int64: token index t of the i-th assignment in expert order, computed when asked:
+                       a training step keeps its layout until the backward, and the Triton kernels never read it
     """
 
     sorted_assignments: torch.Tensor
-    sorted_token_ids: torch.Tensor
     assignment_rows: torch.Tensor
     expert_counts: torch.Tensor
     expert_offsets: torch.Tensor
@@ -34,6 +34,10 @@ class ExpertLayout:
     top_k: int
     num_rows: int
     pad_to: int
+
+    @property
+    def sorted_token_ids(self) -> torch.Tensor:
+        return self.sorted_assignments // max(self.top_k, 1)
 
 
 def expert_layout(topk_ids: torch.Tensor, num_experts: int, *, pad_to: int = 1) -> ExpertLayout:
@@ -59,9 +63,7 @@ def expert_layout(topk_ids: torch.Tensor, num_experts: int, *, pad_to: int = 1) 
     assignment_rows = torch.empty_like(sorted_assignments)
     assignment_rows[sorted_assignments] = sorted_rows
     num_rows = T * K + (num_experts * (pad_to - 1) if pad_to > 1 else 0)
-    return ExpertLayout(
-        sorted_assignments, sorted_assignments // max(K, 1), assignment_rows, counts, offsets, T, K, num_rows, pad_to
-    )
+    return ExpertLayout(sorted_assignments, assignment_rows, counts, offsets, T, K, num_rows, pad_to)
 
 
 def permute_tokens(x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
