@@ -12,7 +12,7 @@ for part in "${parts[@]}"; do
     compile) for shape in mixtral qwen3 deepseek_v3; do
         timeout "${LIMIT:-240}" python tools/backward_pieces.py --shapes "$shape" --tokens "${tokens##*,}" > /dev/null 2>&1 &
       done; wait ;;
-    tests) MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run "${LIMIT:-240}" python -m pytest -q -p no:cacheprovider \
+    tests) MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run "${LIMIT:-240}" python -m pytest -q -rf -p no:cacheprovider \
       -n 8 tests/unit/test_kernel_grouped_backward.py tests/unit/test_kernel_grouped_gemm.py \
       tests/unit/test_expert_gradients.py tests/unit/test_layer_training.py ;;
     pieces) run "${LIMIT:-300}" python tools/backward_pieces.py --shapes mixtral,qwen3,deepseek_v3 --tokens "$tokens" \

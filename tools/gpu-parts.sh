@@ -9,7 +9,8 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 run() {
   local log rc
   log=$(mktemp)
-  timeout "$1" "${@:2}" > "$log" 2>&1; rc=$?
+  # SIGINT first: pytest then still prints its summary (which tests failed) when the limit cuts a run short
+  timeout -s INT -k 20 "$1" "${@:2}" > "$log" 2>&1; rc=$?
   { echo "### ${*:2}"; cat "$log"; echo "rc=$rc"; } >> "$out/summary.txt"
   rm -f "$log"
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine: the training tests compiled, then `moekit bench train` (issue #23), into $OUT.
-#   tools/gpu-train.sh [compile|tests|bench]...   (default: compile tests bench; TOKENS=4096,8192 picks the bench's
+#   tools/gpu-train.sh [compile|tests|bench|steps]...   (default: compile tests bench; TOKENS=4096,8192 picks the bench's
 #   token counts, LIMIT the seconds each part may take)
 # compile: one throwaway step per shape, the shapes in parallel processes, so the Triton kernels of every autotune
 # config compile on all the host's cores into Triton's disk cache; the bench then tunes (alone on the GPU) without
@@ -14,10 +14,12 @@ for part in "${parts[@]}"; do
         run "${LIMIT:-240}" python -m moekit bench train --runs 1 --shapes "$shape" --tokens-list "${tokens##*,}" \
           --paths triton_grouped --quiet &
       done; wait ;;
-    tests) MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run "${LIMIT:-240}" python -m pytest -q -p no:cacheprovider \
+    tests) MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run "${LIMIT:-240}" python -m pytest -q -rf -p no:cacheprovider \
       -n 4 tests/unit/test_kernel_grouped_backward.py tests/unit/test_kernel_grouped_gemm.py \
       tests/unit/test_expert_gradients.py tests/unit/test_router_gradients.py tests/unit/test_layer_training.py \
-      tests/unit/test_bench_train.py ;;
+      tests/unit/test_bench_train.py tests/unit/test_timing.py tests/unit/test_profiling.py ;;
+    steps) run "${LIMIT:-120}" python tools/step_kernels.py --shape qwen3 --tokens 4096 \
+      --paths grouped_mm_fused,triton_grouped,torchtitan_peer ;;
     bench) run "${LIMIT:-400}" python -m moekit bench train --runs 10 --tokens-list "$tokens" --quiet \
       --json "$out/train.json" ;;
   esac
