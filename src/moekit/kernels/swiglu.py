@@ -35,13 +35,15 @@ def _swiglu_backward_kernel(
     stride_dh,
     stride_out,
     stride_act,
+    ACTIVATION: tl.constexpr,
     SCALED: tl.constexpr,
     HAS_END: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    """One row's F-block of SwiGLU's backward. SCALED: h = s * silu(g) * u with a row scale s; also writes
-    s * silu(g) * u and adds this block's share of <silu(g) * u, dh> to d_scale[row] (float32 atomics). HAS_END:
-    rows from end_ptr's value on are padding, read as zeros (their outputs are zero)."""
+    """One row's F-block of SwiGLU's backward. ACTIVATION: also writes the recomputed activation silu(g) * u (times
+    s if SCALED). SCALED: h = s * silu(g) * u with a row scale s; adds this block's share of <silu(g) * u, dh> to
+    d_scale[row] (float32 atomics). HAS_END: rows from end_ptr's value on are padding, read as zeros (their outputs
+    are zero)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = cols < F
@@ -52,13 +54,15 @@ def _swiglu_backward_kernel(
     dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
+    activation = silu * up
     if SCALED:
         scale = tl.load(scale_ptr + row)
-        activation = silu * up
         tl.atomic_add(d_scale_ptr + row, tl.sum(tl.where(mask, activation * dh, 0.0), axis=0))
-        tl.store(activation_ptr + row * stride_act + cols, (scale * activation).to(activation_ptr.dtype.element_ty),
-                 mask=cols < F)  # fmt: skip
+        activation = scale * activation
         dh = dh * scale
+    if ACTIVATION:
+        tl.store(activation_ptr + row * stride_act + cols, activation.to(activation_ptr.dtype.element_ty),
+                 mask=cols < F)  # fmt: skip
     d_gate = dh * up * (sig + silu * (1.0 - sig))
     out = d_gate_up_ptr + row * stride_out
     tl.store(out + cols, d_gate.to(d_gate_up_ptr.dtype.element_ty), mask=cols < F)  # zeros on padding rows
@@ -87,8 +91,9 @@ def swiglu_backward(gate_up: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     if N and F:
         strides = gate_up.stride(0), dh.stride(0), d_gate_up.stride(0), 0
         _swiglu_backward_kernel[(N, triton.cdiv(F, row_block(F)))](
-            gate_up, dh, d_gate_up, dh, dh, dh, dh, F, *strides, SCALED=False, HAS_END=False, BLOCK_F=row_block(F)
-        )  # the scale and end pointers are not read: dh stands in
+            gate_up, dh, d_gate_up, dh, dh, dh, dh, F, *strides, ACTIVATION=False, SCALED=False, HAS_END=False,
+            BLOCK_F=row_block(F),
+        )  # the scale, activation and end pointers are not read: dh stands in
     return d_gate_up
 
 
@@ -104,21 +109,22 @@ def scaled_swiglu_backward(
     integer tensor on the device; rows from its value on are padding, not read, and get zeros in all three."""
     N, F = _check_gate_up(gate_up)
     d_activation = _check_dh("d_activation", d_activation, N, F, gate_up)
-    scale = row_scale if row_scale is not None else torch.ones(N, dtype=torch.float32, device=gate_up.device)
-    if scale.shape != (N,) or scale.dtype != torch.float32 or scale.device != gate_up.device:
-        raise ValueError(f"row_scale must be float32 [{N}] on {gate_up.device}, got {scale.dtype} "
-                         f"{tuple(scale.shape)} on {scale.device}")  # fmt: skip
+    scaled = row_scale is not None
+    if scaled and (row_scale.shape != (N,) or row_scale.dtype != torch.float32 or row_scale.device != gate_up.device):
+        raise ValueError(f"row_scale must be float32 [{N}] on {gate_up.device}, got {row_scale.dtype} "
+                         f"{tuple(row_scale.shape)} on {row_scale.device}")  # fmt: skip
     d_gate_up = torch.empty(N, 2 * F, dtype=gate_up.dtype, device=gate_up.device)
     activation = torch.empty(N, F, dtype=gate_up.dtype, device=gate_up.device)
-    d_scale = torch.zeros(N, dtype=torch.float32, device=gate_up.device)
+    d_scale = torch.zeros(N, dtype=torch.float32, device=gate_up.device) if scaled else None
     if N and F:
         strides = gate_up.stride(0), d_activation.stride(0), d_gate_up.stride(0), activation.stride(0)
+        unread = activation  # stands in for the pointers a flag leaves unread
         _swiglu_backward_kernel[(N, triton.cdiv(F, row_block(F)))](
-            gate_up, d_activation, d_gate_up, scale.contiguous(), activation, d_scale,
-            rows_end if rows_end is not None else d_scale, F, *strides, SCALED=True, HAS_END=rows_end is not None,
-            BLOCK_F=row_block(F),
+            gate_up, d_activation, d_gate_up, row_scale.contiguous() if scaled else unread, activation,
+            d_scale if scaled else unread, rows_end if rows_end is not None else unread, F, *strides,
+            ACTIVATION=True, SCALED=scaled, HAS_END=rows_end is not None, BLOCK_F=row_block(F),
         )  # fmt: skip
-    return d_gate_up, activation, d_scale if row_scale is not None else None
+    return d_gate_up, activation, d_scale
 
 
 def swiglu(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
