@@ -100,26 +100,25 @@ class _GateUpSwiGLU(torch.autograd.Function):
     as that backward returns, before the two GEMMs here allocate (as the peer's SwiGLU frees it)."""
 
     @staticmethod
-    def forward(ctx, rows, w_gate_up, expert_offsets, padded, on_grouped_mm):
+    def forward(ctx, rows, w_gate_up, expert_offsets, ends, padded, on_grouped_mm):
         ctx.padded = padded
         if on_grouped_mm:
-            gate_up = torch._grouped_mm(rows, w_gate_up.transpose(1, 2), offs=expert_offsets[1:].to(torch.int32))
+            gate_up = torch._grouped_mm(rows, w_gate_up.transpose(1, 2), offs=ends)
             activation = swiglu_triton(gate_up)
         else:
             gate_up = rows.new_empty(rows.shape[0], w_gate_up.shape[1])
             activation = grouped_gemm(rows, w_gate_up, expert_offsets, swiglu=True, gate_up_out=gate_up)
         ctx.mark_non_differentiable(activation)
         ctx.set_materialize_grads(False)  # no [M, F] of zeros for the activation's absent gradient
-        ctx.save_for_backward(rows, w_gate_up, expert_offsets)
+        ctx.save_for_backward(rows, w_gate_up, expert_offsets, ends)
         return gate_up, activation
 
     @staticmethod
     def backward(ctx, d_gate_up: torch.Tensor, _d_activation: None):  # gate_up always feeds _ActivatedDown
-        rows, w_gate_up, expert_offsets = ctx.saved_tensors
+        rows, w_gate_up, expert_offsets, ends = ctx.saved_tensors
         d_gate_up = d_gate_up.contiguous()
         needs = ctx.needs_input_grad
         d_rows = d_w_gate_up = None
-        ends = expert_offsets[1:].to(torch.int32)
         if needs[0] and backward_on_grouped_mm(w_gate_up, "gate_up.input"):
             d_rows = torch._grouped_mm(d_gate_up, w_gate_up, offs=ends)
             if ctx.padded:  # torch._grouped_mm leaves rows past the last offset unspecified: padding gets zero
@@ -130,7 +129,7 @@ class _GateUpSwiGLU(torch.autograd.Function):
             grouped_gemm(d_gate_up, w_gate_up.transpose(1, 2), expert_offsets, out=d_rows)
         if needs[1]:
             d_w_gate_up = weight_grad(d_gate_up, rows, expert_offsets, ends, w_gate_up, "gate_up.weight")
-        return d_rows, d_w_gate_up, None, None, None
+        return d_rows, d_w_gate_up, None, None, None, None
 
 
 class _ActivatedDown(torch.autograd.Function):
@@ -138,18 +137,17 @@ class _ActivatedDown(torch.autograd.Function):
     not the activation: the backward recomputes s * activation from gate_up in the pass that gives d_gate_up."""
 
     @staticmethod
-    def forward(ctx, gate_up, activation, w_down, expert_offsets, row_scale, on_grouped_mm):
-        ctx.save_for_backward(gate_up, w_down, expert_offsets, row_scale)
+    def forward(ctx, gate_up, activation, w_down, expert_offsets, ends, row_scale, on_grouped_mm):
+        ctx.save_for_backward(gate_up, w_down, expert_offsets, ends, row_scale)
         if on_grouped_mm:  # row_scale is None (checked by sorted_rows_mlp)
-            return torch._grouped_mm(activation, w_down.transpose(1, 2), offs=expert_offsets[1:].to(torch.int32))
+            return torch._grouped_mm(activation, w_down.transpose(1, 2), offs=ends)
         return grouped_gemm(activation, w_down, expert_offsets, row_scale=row_scale)
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor):
-        gate_up, w_down, expert_offsets, row_scale = ctx.saved_tensors
+        gate_up, w_down, expert_offsets, ends, row_scale = ctx.saved_tensors
         d_out = d_out.contiguous()
         needs = ctx.needs_input_grad
-        ends = expert_offsets[1:].to(torch.int32)
         if backward_on_grouped_mm(w_down, "down.input"):
             d_activation = torch._grouped_mm(d_out, w_down, offs=ends)
             # rows past the last offset are unspecified there: the SwiGLU pass reads them as zeros
@@ -162,7 +160,7 @@ class _ActivatedDown(torch.autograd.Function):
         d_w_down = None
         if needs[2]:
             d_w_down = weight_grad(d_out, scaled_activation, expert_offsets, ends, w_down, "down.weight")
-        return d_gate_up, None, d_w_down, None, d_scale if needs[4] else None, None
+        return d_gate_up, None, d_w_down, None, None, d_scale if needs[5] else None, None
 
 
 def weight_grad(d_out, inputs, expert_offsets, ends, weight, gemm) -> torch.Tensor:
@@ -265,5 +263,6 @@ def sorted_rows_mlp(
             "forward_on_grouped_mm needs padded=False (torch._grouped_mm leaves padding rows unspecified) and "
             f"row_scale=None, got padded={padded}, row_scale {'given' if row_scale is not None else 'None'}"
         )
-    gate_up, activation = _GateUpSwiGLU.apply(rows, w_gate_up, expert_offsets, padded, forward_on_grouped_mm)
-    return _ActivatedDown.apply(gate_up, activation, w_down, expert_offsets, row_scale, forward_on_grouped_mm)
+    ends = expert_offsets[1:].to(torch.int32)  # torch._grouped_mm's offsets, for both nodes and their backwards
+    gate_up, activation = _GateUpSwiGLU.apply(rows, w_gate_up, expert_offsets, ends, padded, forward_on_grouped_mm)
+    return _ActivatedDown.apply(gate_up, activation, w_down, expert_offsets, ends, row_scale, forward_on_grouped_mm)
