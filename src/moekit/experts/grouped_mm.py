@@ -2,6 +2,7 @@
 with no host synchronisation between routing and output (capturable in a CUDA graph)."""
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -70,23 +71,23 @@ def grouped_mm_pipeline(
     weights: MoEWeights,
     *,
     permute: Callable,
-    swiglu: Callable,
+    mlp: Callable,
     unpermute: Callable,
 ) -> torch.Tensor:
-    """x [T, H] -> y [T, H] around two torch._grouped_mm launches, with the glue passed in:
-    permute(x, layout) -> rows [T*K, H], swiglu(gate_up [T*K, 2F]) -> [T*K, F],
-    unpermute(out [T*K, H], layout, topk_weights) -> y [T, H]."""
+    """x [T, H] -> y [T, H] around the expert MLP on expert-sorted rows, with the stages passed in:
+    permute(x, layout) -> rows [T*K, H], mlp(rows, expert_offsets [E + 1], weights) -> [T*K, H] (the two
+    torch._grouped_mm launches, grouped_mlp), unpermute(out [T*K, H], layout, topk_weights) -> y [T, H]."""
     num_experts = weights.w_gate_up.shape[0]
     check_routing(topk_ids, topk_weights, num_experts)
     check_alignment(x, weights)
     layout = expert_layout(topk_ids, num_experts)
-    out = grouped_mlp(permute(x, layout), layout.expert_offsets, weights, swiglu)
+    out = mlp(permute(x, layout), layout.expert_offsets, weights)
     return unpermute(out, layout, topk_weights)
 
 
 @EXPERT_BACKENDS.register("grouped_mm", supports=grouped_mm_support, size_multiple=sixteen_byte_rows, trains=True)
 def grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights):
     """x [T, H] -> y [T, H]: permute, grouped gate+up, SiLU * up, grouped down, weighted unpermute."""
-    return grouped_mm_pipeline(
-        x, topk_ids, topk_weights, weights, permute=permute_tokens, swiglu=torch_swiglu, unpermute=unpermute_reduce
-    )
+    mlp = partial(grouped_mlp, swiglu=torch_swiglu)
+    return grouped_mm_pipeline(x, topk_ids, topk_weights, weights, permute=permute_tokens, mlp=mlp,
+                               unpermute=unpermute_reduce)  # fmt: skip

@@ -4,6 +4,8 @@ activation as chunk + silu + mul, then the unpermute as a gather, a float32 copy
 [T*K, H]. Here the permute reads each token once, SwiGLU is one pass over [T*K, 2F], and the unpermute reads
 each row once and sums a token's K rows (times its router weights) in float32 registers. No host sync."""
 
+from functools import partial
+
 import torch
 
 from moekit.experts.grouped_mm import (
@@ -15,9 +17,7 @@ from moekit.experts.grouped_mm import (
 )
 from moekit.experts.registry import EXPERT_BACKENDS, sorted_rows_form
 from moekit.kernels.availability import triton_support
-from moekit.permute import expert_layout
 from moekit.registry import needs_grad
-from moekit.validation import check_routing
 from moekit.weights import MoEWeights
 
 
@@ -37,23 +37,27 @@ def grouped_mm_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     from moekit.kernels import differentiable
 
     if torch.is_grad_enabled() and needs_grad((x, topk_weights, weights)):
-        num_experts = weights.w_gate_up.shape[0]
-        check_routing(topk_ids, topk_weights, num_experts)
-        check_alignment(x, weights)
-        layout = expert_layout(topk_ids, num_experts)
-        rows = differentiable.permute_tokens(x, layout)
-        out = differentiable.sorted_rows_mlp(
-            rows, weights.w_gate_up, weights.w_down, layout.expert_offsets, padded=False, forward_on_grouped_mm=True
-        )  # the layout has no padding rows: it ends at T * K
-        return differentiable.unpermute_reduce(out, layout, topk_weights)
+        mlp = _mlp_under_autograd
+    else:
+        mlp = partial(grouped_mlp, swiglu=differentiable.swiglu)
     return grouped_mm_pipeline(
         x,
         topk_ids,
         topk_weights,
         weights,
         permute=differentiable.permute_tokens,
-        swiglu=differentiable.swiglu,
+        mlp=mlp,
         unpermute=differentiable.unpermute_reduce,
+    )
+
+
+def _mlp_under_autograd(rows: torch.Tensor, expert_offsets: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
+    """rows [M, H] grouped by expert -> [M, H] through triton_grouped's autograd nodes, the forward's GEMMs on
+    torch._grouped_mm; the pipeline's layout has no padding rows (it ends at T * K)."""
+    from moekit.kernels import differentiable
+
+    return differentiable.sorted_rows_mlp(
+        rows, weights.w_gate_up, weights.w_down, expert_offsets, padded=False, forward_on_grouped_mm=True
     )
 
 
