@@ -90,10 +90,11 @@ def swiglu_backward(gate_up: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     d_gate_up = torch.empty(N, 2 * F, dtype=gate_up.dtype, device=gate_up.device)
     if N and F:
         strides = gate_up.stride(0), dh.stride(0), d_gate_up.stride(0), 0
+        # the scale, activation and end pointers are not read: dh stands in
         _swiglu_backward_kernel[(N, triton.cdiv(F, row_block(F)))](
             gate_up, dh, d_gate_up, dh, dh, dh, dh, F, *strides, ACTIVATION=False, SCALED=False, HAS_END=False,
             BLOCK_F=row_block(F),
-        )  # the scale, activation and end pointers are not read: dh stands in
+        )  # fmt: skip
     return d_gate_up
 
 
