@@ -17,10 +17,12 @@ for part in "${parts[@]}"; do
     tests) MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run "${LIMIT:-240}" python -m pytest -q -rf -p no:cacheprovider \
       -n 4 tests/unit/test_kernel_grouped_backward.py tests/unit/test_kernel_grouped_gemm.py \
       tests/unit/test_expert_gradients.py tests/unit/test_router_gradients.py tests/unit/test_layer_training.py \
-      tests/unit/test_bench_train.py tests/unit/test_timing.py tests/unit/test_profiling.py ;;
+      tests/unit/test_bench_train.py tests/unit/test_timing.py tests/unit/test_profiling.py \
+      tests/unit/test_cuda_graph_training.py tests/unit/test_cuda_graph.py ;;
     steps) run "${LIMIT:-120}" python tools/step_kernels.py --shape qwen3 --tokens 4096 \
       --paths grouped_mm_fused,triton_grouped,torchtitan_peer ;;
     bench) run "${LIMIT:-400}" python -m moekit bench train --runs 10 --tokens-list "$tokens" --quiet \
+      --paths "${PATHS:-grouped_mm,grouped_mm_fused,triton_grouped,cuda_graph}" --stages "${STAGES:-experts,layer}" \
       --json "$out/train.json" ;;
   esac
 done

@@ -10,6 +10,7 @@ import torch
 from moekit import MoEConfig, make_problem, route
 from moekit.bench.train import PEER, grouped_mm_peer, peak_activation_gb, train_step
 from moekit.cli import main
+from moekit.experts.cuda_graph import release_graphs
 from moekit.reference import reference_experts
 from moekit.testing import assert_close_to_reference
 from moekit.testing.numerics import gradient_tolerance
@@ -79,7 +80,7 @@ def test_bench_train_refuses_a_path_without_backward():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["triton_grouped", "grouped_mm_fused", "grouped_mm"])
+@pytest.mark.parametrize("path", ["triton_grouped", "grouped_mm_fused", "grouped_mm", "cuda_graph"])
 def test_a_training_path_keeps_no_more_activation_memory_than_the_peer(path):
     """Peak memory of a step above its start and the gradients it leaves (bench train's figure), at Mixtral's
     sizes. Measured on nvidia-h200 at T=4096: 0.604 GB for grouped_mm, grouped_mm_fused and the peer, 0.839 for
@@ -92,4 +93,5 @@ def test_a_training_path_keeps_no_more_activation_memory_than_the_peer(path):
         step = train_step(problem, p)
         step.step()  # compiled and tuned first: the autotuner's trial buffers are no activations
         peak[p] = peak_activation_gb(step.step, step.leaves, problem.x.device)
+        release_graphs()  # a captured step's pool would count in the next path's figure
     assert peak[path] <= 1.05 * peak[PEER], f"{path} keeps {peak[path]:.3f} GB, the peer {peak[PEER]:.3f} GB"

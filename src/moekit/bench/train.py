@@ -6,7 +6,8 @@ index_add of the weighted rows back (`grouped_mm_peer`). One step: the expert fo
 two weight tensors (all requiring grad), then backward of a fixed random dy; gradients are set to None between
 steps, so each step allocates them as a training step does. FLOPs are three times the forward's (the two
 gradients of every GEMM). Peak memory is measured on CUDA above what the step starts with (weights, x) and the
-weight gradients it leaves behind: the activations and workspace a path keeps. Beside the step, the path's
+weight gradients it leaves behind: the activations and workspace a path keeps; for a captured step (cuda_graph)
+also the memory its graphs' pool holds between steps, which is where its activations live. Beside the step, the path's
 forward alone is timed twice, interleaved: with the graph recorded (what a training step pays before its
 backward) and under no_grad (the inference forward), so a trainable path's forward overhead is a ratio. A step is
 timed alone (synchronised: the host's launch latency up to its first kernels counts, as it does for a single
@@ -32,6 +33,8 @@ from moekit.bench.flops import layer_flops, routed_expert_flops
 from moekit.bench.timing import measure, measure_interleaved, measure_queued
 from moekit.ep.forward import shared_experts
 from moekit.experts import EXPERT_BACKENDS
+from moekit.experts.cuda_graph import release_graphs
+from moekit.experts.cuda_graph_training import training_graph_segments
 from moekit.problem import MoEProblem
 from moekit.routing import route
 from moekit.validation import trusted_values
@@ -144,6 +147,7 @@ def time_train_step(
     ok, reason = path_support(path, device, problem.x.dtype)
     if not ok:
         return TrainTiming(path, T, f"unsupported: {reason}", stage)
+    release_graphs()  # another path's captured steps hold their activations and gradients
     try:
         timed = train_step(problem, path, stage)
         ms = measure(timed.step, device, runs=runs).median_ms
@@ -153,6 +157,7 @@ def time_train_step(
             t.median_ms for t in measure_interleaved([timed.forward, timed.inference], device, runs=runs)
         )
     except torch.OutOfMemoryError as error:
+        release_graphs()
         torch.cuda.empty_cache()
         return TrainTiming(path, T, f"OOM: {str(error).splitlines()[0][:80]}", stage)
     flops = routed_expert_flops(T, problem.config) if stage == "experts" else layer_flops(T, problem.config)
@@ -162,7 +167,9 @@ def time_train_step(
 
 
 def peak_activation_gb(step, leaves, device: torch.device) -> float | None:
-    """GB a step allocates at its peak beyond its starting memory and the gradients it leaves (CUDA only)."""
+    """GB a step allocates at its peak beyond its starting memory and the gradients it leaves, plus what captured
+    training steps' graph pools hold (allocated before the step: activations, workspace), their gradients apart
+    (CUDA only)."""
     if device.type != "cuda":
         return None
     for leaf in leaves:
@@ -172,5 +179,13 @@ def peak_activation_gb(step, leaves, device: torch.device) -> float | None:
     torch.cuda.reset_peak_memory_stats(device)
     step()
     torch.cuda.synchronize(device)
-    grads = sum(leaf.grad.numel() * leaf.grad.element_size() for leaf in leaves if leaf.grad is not None)
-    return (torch.cuda.max_memory_allocated(device) - start - grads) / 1e9
+    segments = training_graph_segments()
+
+    def in_a_pool(t: torch.Tensor) -> bool:
+        return any(address <= t.data_ptr() < address + size for address, size in segments)
+
+    grads = [leaf.grad for leaf in leaves if leaf.grad is not None]
+    new_grads = sum(g.numel() * g.element_size() for g in grads if not in_a_pool(g))
+    pool_grads = sum(g.numel() * g.element_size() for g in grads if in_a_pool(g))
+    held = sum(size for _, size in segments) - pool_grads
+    return (torch.cuda.max_memory_allocated(device) - start - new_grads + held) / 1e9

@@ -17,7 +17,7 @@ from moekit.config import MoEConfig
 from moekit.experts import EXPERT_BACKENDS
 from moekit.problem import make_problem
 
-DEFAULT_PATHS = ["grouped_mm", "grouped_mm_fused", "triton_grouped", PEER]
+DEFAULT_PATHS = ["grouped_mm", "grouped_mm_fused", "triton_grouped", "cuda_graph", PEER]
 COLUMNS = ["path", "T", "ms", "TFLOP/s", "% matmul", "queued ms", "queued % matmul", "peak act. GB", "x peer",
            "fwd ms", "fwd / inference"]  # fmt: skip
 

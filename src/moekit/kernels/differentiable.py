@@ -184,7 +184,7 @@ _TRITON_WITH_DESCRIPTORS = ("gate_up.input",)
 # 363 and 371 on an H200, and its training step 2.80-3.02 against 2.87-3.19 ms (grouped_mm_fused, two runs each);
 # at DeepSeek-V3's (4096 x 7168) the two tie and its T = 8192 step was 3-6% slower, at Mixtral's (28672 x 4096)
 # the steps moved both ways.
-_SMALL_WEIGHT_ELEMENTS = 2**22
+SMALL_WEIGHT_ELEMENTS = 2**22
 _WEIGHT_GRADIENTS = ("gate_up.weight", "down.weight")
 
 
@@ -212,7 +212,7 @@ def _triton_gemms(weight: torch.Tensor) -> tuple[str, ...]:
     if chosen is None:
         if not copy_engine_loads(weight.device):
             return ()
-        small = weight.shape[1] * weight.shape[2] <= _SMALL_WEIGHT_ELEMENTS
+        small = weight.shape[1] * weight.shape[2] <= SMALL_WEIGHT_ELEMENTS
         return _TRITON_WITH_DESCRIPTORS + (_WEIGHT_GRADIENTS if small else ())
     names = BACKWARD_GEMMS if chosen == "all" else tuple(name for name in chosen.split(",") if name)
     if unknown := [name for name in names if name not in BACKWARD_GEMMS]:
