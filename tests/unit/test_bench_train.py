@@ -94,4 +94,6 @@ def test_a_training_path_keeps_no_more_activation_memory_than_the_peer(path):
         step.step()  # compiled and tuned first: the autotuner's trial buffers are no activations
         peak[p] = peak_activation_gb(step.step, step.leaves, problem.x.device)
         release_graphs()  # a captured step's pool would count in the next path's figure
-    assert peak[path] <= 1.05 * peak[PEER], f"{path} keeps {peak[path]:.3f} GB, the peer {peak[PEER]:.3f} GB"
+    # cuda_graph's pool also keeps its forward output's and dx's buffers ([T, H] each) between steps
+    kept = 2 * problem.x.numel() * problem.x.element_size() / 1e9 if path == "cuda_graph" else 0
+    assert peak[path] <= 1.05 * peak[PEER] + kept, f"{path} keeps {peak[path]:.3f} GB, the peer {peak[PEER]:.3f} GB"

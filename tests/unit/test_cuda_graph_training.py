@@ -90,6 +90,7 @@ def test_gradients_accumulate_over_replays(sizes):
 
 
 def test_a_second_backward_of_one_replay_accumulates():
+    """The captured backward frees the activations: a second one replays the forward again first."""
     problem, weights, path = problem_and_leaves("small experts")
     x, ids, topk_weights, dy = inputs(problem, 2)
     y = EXPERT_BACKENDS.get("cuda_graph").fn(x, ids, topk_weights, weights)
@@ -113,6 +114,17 @@ def test_a_kept_weight_gradient_raises_rather_than_being_overwritten():
     with pytest.raises(RuntimeError, match="w_gate_up gradient of the last backward is still held"):
         y.backward(dy)
     assert torch.equal(kept, value), "the kept gradient was overwritten"
+    release_graphs()
+
+
+def test_a_backward_after_the_weights_changed_in_place_raises():
+    problem, weights, _ = problem_and_leaves("small experts")
+    x, ids, topk_weights, dy = inputs(problem, 2)
+    y = EXPERT_BACKENDS.get("cuda_graph").fn(x, ids, topk_weights, weights)
+    with torch.no_grad():
+        weights.w_down.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified in place between this forward and its backward"):
+        y.backward(dy)
     release_graphs()
 
 

@@ -6,12 +6,14 @@ Triton's autotuner wrappers: that host work, not the GPU, set the pace of Qwen3-
 torch.cuda.make_graphed_callables does the same but hands out its static gradient buffers as the gradients: the
 .grad a weight takes over from one backward is overwritten by the next, so gradients accumulated over two backwards
 come out as twice the second (pytorch/pytorch#181723). Here nothing is overwritten unseen:
-- dx and d topk_weights ([T, H] and [T, K]) are copied out of the graph;
+- y, dx and d topk_weights ([T, H], [T, H], [T, K]) are copied out of the graph (its pool keeps their buffers);
 - the weight gradients are handed out as the graph's buffers (a copy of them costs a fifth of Qwen3-30B-A3B's step):
   a .grad still holding its buffer at the next backward first moves to memory of its own, so accumulation stays
   right, and a buffer held anywhere else (a .grad kept after zero_grad, torch.autograd.grad's result) raises;
-- the saved activations live in the graph, so a backward after a later forward of the same graph raises.
-The capture keeps the autograd graph (retain_graph), so a second backward of one forward replays correctly.
+- the saved activations live in the graph, so a backward after a later forward of the same graph raises, and so
+  does one after its weights were changed in place (as autograd's version check does).
+The captured backward frees the activations as it goes, as eager autograd does, so the pool is about the eager
+step's peak; a second backward of one forward (retain_graph) replays the forward again first.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class _CapturedStep:
     x: torch.Tensor
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
-    y: torch.Tensor  # keeps the captured autograd graph, and so the saved activations, alive
+    y: torch.Tensor
     dy: torch.Tensor
     grads: tuple[torch.Tensor | None, ...]  # of x, topk_weights, w_gate_up, w_down (None: not wanted)
     lone_use_counts: tuple[int, ...]  # each weight-gradient buffer's storage use count while nobody else holds it
@@ -74,7 +76,7 @@ def _capture(path, x, topk_ids, topk_weights, weights: MoEWeights) -> _CapturedS
         y = run()
     dy = torch.empty_like(y)
     with torch.cuda.graph(backward_graph, pool=pool):
-        computed = iter(torch.autograd.grad(y, wanted, dy, retain_graph=True, allow_unused=True))
+        computed = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True))
     grads = tuple(next(computed) if t.requires_grad else None for t in inputs)
     lone = tuple(_use_count(g) if g is not None else 0 for g in grads[2:])
     return _CapturedStep(forward_graph, backward_graph, pool, x_static, ids_static, weights_static, y, dy, grads, lone)
@@ -89,6 +91,7 @@ class _ReplayedStep(torch.autograd.Function):
         step.forward_graph.replay()
         step.forwards += 1
         ctx.step, ctx.forward_number, ctx.weights = step, step.forwards, (w_gate_up, w_down)
+        ctx.versions, ctx.backwards = (w_gate_up._version, w_down._version), 0
         return step.y.detach().clone()
 
     @staticmethod
@@ -100,6 +103,11 @@ class _ReplayedStep(torch.autograd.Function):
                 "cuda_graph: this backward's forward was replayed over by a later forward of the same shapes, "
                 "whose activations the graph now holds; run each backward before the next forward (or train "
                 "that loop on triton_grouped or grouped_mm_fused)"
+            )
+        if ctx.versions != (ctx.weights[0]._version, ctx.weights[1]._version):
+            raise RuntimeError(
+                "cuda_graph: an expert weight was modified in place between this forward and its backward, "
+                "which needs the weights its forward used"
             )
         buffers = zip(("w_gate_up", "w_down"), ctx.weights, step.grads[2:], step.lone_use_counts)
         for name, weight, buffer, lone in buffers:
@@ -113,6 +121,9 @@ class _ReplayedStep(torch.autograd.Function):
                     "zero_grad, or torch.autograd.grad's result) and the next backward would overwrite it: "
                     "keep a .clone() of it instead"
                 )
+        if ctx.backwards:  # the first backward freed (and reused) the activations: compute them again
+            step.forward_graph.replay()
+        ctx.backwards += 1
         step.dy.copy_(dy)
         step.backward_graph.replay()
         dx, d_topk_weights, d_gate_up, d_down = step.grads
