@@ -79,21 +79,35 @@ def test_bench_train_refuses_a_path_without_backward():
         main("bench train --device cpu --shrink 64 --tokens-list 8 --paths grouped_loop".split())
 
 
+MIXTRAL = MoEConfig(hidden_size=4096, ffn_size=14336, num_experts=8, top_k=2, dtype=torch.bfloat16)
+
+
+def peak_activations(problem, paths) -> dict[str, float]:
+    peak = {}
+    for path in paths:
+        step = train_step(problem, path)
+        step.step()  # compiled and tuned first: the autotuner's trial buffers are no activations
+        peak[path] = peak_activation_gb(step.step, step.leaves, problem.x.device)
+        release_graphs()  # a captured step's pool would count in the next path's figure
+    return peak
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["triton_grouped", "grouped_mm_fused", "grouped_mm", "cuda_graph"])
+@pytest.mark.parametrize("path", ["triton_grouped", "grouped_mm_fused", "grouped_mm"])
 def test_a_training_path_keeps_no_more_activation_memory_than_the_peer(path):
     """Peak memory of a step above its start and the gradients it leaves (bench train's figure), at Mixtral's
     sizes. Measured on nvidia-h200 at T=4096: 0.604 GB for grouped_mm, grouped_mm_fused and the peer, 0.839 for
     triton_grouped while it kept an [M, F] of zeros for its activation's absent gradient (at T=8192 1.68, and the
     peer's 1.21 once fixed)."""
-    config = MoEConfig(hidden_size=4096, ffn_size=14336, num_experts=8, top_k=2, dtype=torch.bfloat16)
-    problem = make_problem(config, 4096, seed=3, device="cuda")
-    peak = {}
-    for p in (path, PEER):
-        step = train_step(problem, p)
-        step.step()  # compiled and tuned first: the autotuner's trial buffers are no activations
-        peak[p] = peak_activation_gb(step.step, step.leaves, problem.x.device)
-        release_graphs()  # a captured step's pool would count in the next path's figure
-    # cuda_graph's pool also keeps its forward output's and dx's buffers ([T, H] each) between steps
-    kept = 2 * problem.x.numel() * problem.x.element_size() / 1e9 if path == "cuda_graph" else 0
-    assert peak[path] <= 1.05 * peak[PEER] + kept, f"{path} keeps {peak[path]:.3f} GB, the peer {peak[PEER]:.3f} GB"
+    peak = peak_activations(make_problem(MIXTRAL, 4096, seed=3, device="cuda"), (path, PEER))
+    assert peak[path] <= 1.05 * peak[PEER], f"{path} keeps {peak[path]:.3f} GB, the peer {peak[PEER]:.3f} GB"
+
+
+@pytest.mark.gpu
+def test_a_captured_step_counts_its_graph_pool():
+    """cuda_graph's step allocates almost nothing when it replays; what it holds is its pool, which the figure
+    counts (less the weight gradients in it). Measured on nvidia-h200 at Mixtral's T=4096: 1.814 GB against
+    triton_grouped's 0.604: of the pool's 4.60 GB, 2.82 are the weight gradients and 1.71 blocks that the capture
+    freed and no later request of it fitted. Left out, the figure would read below 0.1 GB."""
+    peak = peak_activations(make_problem(MIXTRAL, 4096, seed=3, device="cuda"), ("cuda_graph", "triton_grouped"))
+    assert peak["cuda_graph"] >= peak["triton_grouped"], peak

@@ -8,8 +8,9 @@ torch.cuda.make_graphed_callables does the same but hands out its static gradien
 come out as twice the second (pytorch/pytorch#181723). Here nothing is overwritten unseen:
 - y, dx and d topk_weights ([T, H], [T, H], [T, K]) are copied out of the graph (its pool keeps their buffers);
 - the weight gradients are handed out as the graph's buffers (a copy of them costs a fifth of Qwen3-30B-A3B's step):
-  a .grad still holding its buffer at the next backward first moves to memory of its own, so accumulation stays
-  right, and a buffer held anywhere else (a .grad kept after zero_grad, torch.autograd.grad's result) raises;
+  a .grad still holding its buffer at the next replay (the forward graph reuses the buffers' memory for its
+  temporaries) first moves to memory of its own, so accumulation stays right, and a buffer held anywhere else
+  (a .grad kept after zero_grad, torch.autograd.grad's result) raises;
 - the saved activations live in the graph, so a backward after a later forward of the same graph raises, and so
   does one after its weights were changed in place (as autograd's version check does).
 The captured backward frees the activations as it goes, as eager autograd does, so the pool is about the eager
@@ -18,6 +19,7 @@ step's peak; a second backward of one forward (retain_graph) replays the forward
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -57,11 +59,15 @@ def _capture(path, x, topk_ids, topk_weights, weights: MoEWeights) -> _CapturedS
     x_static = x.detach().clone().requires_grad_(x.requires_grad)
     ids_static = topk_ids.clone()
     weights_static = topk_weights.detach().clone().requires_grad_(topk_weights.requires_grad)
-    inputs = (x_static, weights_static, weights.w_gate_up, weights.w_down)
+    # the expert weights enter as leaves of their own (aliases of the same memory): the captured graph then never
+    # touches the AccumulateGrad nodes of the caller's weights, which would carry the capture's stream afterwards
+    gate_up, down = (w.detach().requires_grad_(w.requires_grad) for w in (weights.w_gate_up, weights.w_down))
+    aliased = dataclasses.replace(weights, w_gate_up=gate_up, w_down=down)
+    inputs = (x_static, weights_static, gate_up, down)
     wanted = [t for t in inputs if t.requires_grad]
 
     def run():
-        return path(x_static, ids_static, weights_static, weights)
+        return path(x_static, ids_static, weights_static, aliased)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -72,14 +78,33 @@ def _capture(path, x, topk_ids, topk_weights, weights: MoEWeights) -> _CapturedS
     torch.cuda.current_stream().wait_stream(stream)
     pool = torch.cuda.graph_pool_handle()
     forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(forward_graph, pool=pool):
+    # captured on the warm-up's stream, whose AccumulateGrad nodes (kept alive by its y) carry that stream
+    with torch.cuda.graph(forward_graph, pool=pool, stream=stream):
         y = run()
     dy = torch.empty_like(y)
-    with torch.cuda.graph(backward_graph, pool=pool):
+    with torch.cuda.graph(backward_graph, pool=pool, stream=stream):
         computed = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True))
     grads = tuple(next(computed) if t.requires_grad else None for t in inputs)
     lone = tuple(_use_count(g) if g is not None else 0 for g in grads[2:])
+    y = y.detach()  # the captured autograd graph goes (its saved activations live on in the pool)
     return _CapturedStep(forward_graph, backward_graph, pool, x_static, ids_static, weights_static, y, dy, grads, lone)
+
+
+def _free_gradient_buffers(step: _CapturedStep, weights: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Before a replay overwrites the weight-gradient buffers (the backward writes them; the forward may reuse
+    their memory for its own temporaries, as the two graphs share a pool): a .grad still on its buffer moves to
+    memory of its own, and a buffer held anywhere else raises."""
+    for name, weight, buffer, lone in zip(("w_gate_up", "w_down"), weights, step.grads[2:], step.lone_use_counts):
+        if buffer is None:
+            continue
+        if weight.is_leaf and weight.grad is not None and weight.grad.data_ptr() == buffer.data_ptr():
+            weight.grad = weight.grad.clone()
+        if _use_count(buffer) > lone:
+            raise RuntimeError(
+                f"cuda_graph: the {name} gradient of the last backward is still held (a .grad kept after "
+                "zero_grad, or torch.autograd.grad's result) and the next replay would overwrite it: "
+                "keep a .clone() of it instead"
+            )
 
 
 class _ReplayedStep(torch.autograd.Function):
@@ -88,6 +113,7 @@ class _ReplayedStep(torch.autograd.Function):
         step.x.copy_(x)
         step.topk_ids.copy_(topk_ids)
         step.topk_weights.copy_(topk_weights)
+        _free_gradient_buffers(step, (w_gate_up, w_down))
         step.forward_graph.replay()
         step.forwards += 1
         ctx.step, ctx.forward_number, ctx.weights = step, step.forwards, (w_gate_up, w_down)
@@ -109,18 +135,7 @@ class _ReplayedStep(torch.autograd.Function):
                 "cuda_graph: an expert weight was modified in place between this forward and its backward, "
                 "which needs the weights its forward used"
             )
-        buffers = zip(("w_gate_up", "w_down"), ctx.weights, step.grads[2:], step.lone_use_counts)
-        for name, weight, buffer, lone in buffers:
-            if buffer is None:
-                continue
-            if weight.is_leaf and weight.grad is not None and weight.grad.data_ptr() == buffer.data_ptr():
-                weight.grad = weight.grad.clone()  # accumulated into since: give it memory of its own first
-            if _use_count(buffer) > lone:
-                raise RuntimeError(
-                    f"cuda_graph: the {name} gradient of the last backward is still held (a .grad kept after "
-                    "zero_grad, or torch.autograd.grad's result) and the next backward would overwrite it: "
-                    "keep a .clone() of it instead"
-                )
+        _free_gradient_buffers(step, ctx.weights)
         if ctx.backwards:  # the first backward freed (and reused) the activations: compute them again
             step.forward_graph.replay()
         ctx.backwards += 1
