@@ -9,7 +9,7 @@ for part in "${parts[@]}"; do
   case $part in
     tests) MOEKIT_GROUPED_GEMM_TUNE=0 HYPOTHESIS_PROFILE=gpu run ${LIMIT:-240} python -m pytest -q -p no:cacheprovider -n 4 \
       tests/unit/test_kernel_grouped_gemm_fp8.py tests/unit/test_experts_fp8.py tests/unit/test_layer_fp8.py \
-      tests/unit/test_tolerance_table.py tests/unit/test_quantize.py -W ignore::RuntimeWarning ;;
+      tests/unit/test_tolerance_table.py tests/unit/test_quantize.py tests/distributed/test_dispatch_fp8.py -W ignore::RuntimeWarning ;;
     block|row) run 330 python -m moekit bench experts --dtype fp8 --quant "$part" --runs 10 \
       --tokens-list "$tokens" --quiet --json "$out/experts-fp8-$part.json" ;;
   esac

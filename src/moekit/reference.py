@@ -123,11 +123,10 @@ def reference_experts_fp8(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     weights: QuantizedMoEWeights,
-    activation_scheme: str = "block",
 ) -> torch.Tensor:
     """The FP8 recipe's routed experts, in float64 (CPU) on the dequantized values: x [T, H] quantized as the
     weights' scheme says (per 1 x 128 tile or per row, moekit.quantize.quantize_rows), each expert's gate/up and
-    SwiGLU, that activation quantized under activation_scheme, then down; the weighted top-k sum [T, H].
+    SwiGLU, that activation quantized the same way, then down; the weighted top-k sum [T, H].
 
     An FP8 backend computes the same values: what remains between the two is the order of the float32 sums.
     """
@@ -135,7 +134,7 @@ def reference_experts_fp8(
     y = torch.zeros(x.shape, dtype=torch.float64)
     topk_weights = topk_weights.double().cpu()
     for token_idx, slot, activation, w_down in fp8_recipe_activations(x, topk_ids, weights):
-        activation = quantize_rows(activation, activation_scheme, block).dequantize(torch.float64)
+        activation = quantize_rows(activation, weights.scheme, block).dequantize(torch.float64)
         y.index_add_(0, token_idx, (activation @ w_down.T) * topk_weights[token_idx, slot, None])
     return y
 

@@ -9,12 +9,11 @@ from hypothesis import strategies as st
 
 from moekit import MoEConfig, quantize_weights, route
 from moekit.experts import FP8_EXPERT_BACKENDS
-from moekit.experts.registry import FP8_ACTIVATION_SCHEMES
 from moekit.quantize import SCHEMES
 from moekit.reference import reference_experts, reference_experts_fp8
 from moekit.testing import assert_close_to_reference
-from moekit.testing.fp8_cases import requantization_flip_error, with_spread_blocks
-from moekit.testing.numerics import FP8_MMA_TOLERANCE, TOLERANCE, fp8_kernel_tolerance
+from moekit.testing.fp8_cases import activation_margin, requantization_flip_error, with_spread_blocks
+from moekit.testing.numerics import fp8_kernel_tolerance
 from moekit.testing.strategies import MoECase, moe_cases
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -38,15 +37,13 @@ def check(impl, case: MoECase, scheme: str, device, *, against_exact: bool = Fal
     dtype = problem.config.dtype
     assert out.dtype == dtype and out.shape == problem.x.shape and out.device == problem.x.device
     args = (problem.x, routing.topk_ids, routing.topk_weights)
-    activation_scheme = FP8_ACTIVATION_SCHEMES[impl.name]
-    recipe = reference_experts_fp8(*args, q, activation_scheme)
-    # the kernel's activation is off the float64 one by its accumulation error (FP8_MMA_TOLERANCE on the GPU's
-    # tensor cores, float32 rounding in the interpreter), so elements at a rounding boundary may re-quantize to the
-    # neighbouring e4m3 value: three standard deviations of that on top (requantization_flip_error)
-    margin = 2 * (FP8_MMA_TOLERANCE if device.type == "cuda" else TOLERANCE[torch.float32])
-    flips = requantization_flip_error(*args, q, activation_scheme, margin)
+    recipe = reference_experts_fp8(*args, q)
+    # the kernel's activation is off the float64 one by its accumulation error, so elements at a rounding boundary
+    # may re-quantize to the neighbouring e4m3 value: three standard deviations of that on top
+    flips = requantization_flip_error(*args, q, activation_margin(device, scheme, dtype))
     what = f"{impl.name} ({scheme}) against the FP8 recipe (flip allowance {3 * flips:.1e})"
-    assert_close_to_reference(out, recipe, dtype, what, fp8_kernel_tolerance(dtype) + 3 * flips)
+    tolerance = fp8_kernel_tolerance(dtype, fast_accumulation=scheme == "row" and device.type == "cuda")
+    assert_close_to_reference(out, recipe, dtype, what, tolerance + 3 * flips)
     if against_exact:
         exact = reference_experts(*args, weights)
         assert_close_to_reference(out, exact, torch.float8_e4m3fn, f"{impl.name} ({scheme}) against the oracle")

@@ -6,12 +6,10 @@ triton_grouped_fp8 where measured: see the issue #22 note)."""
 import torch
 
 from moekit.experts.cuda_graph import cuda_graph_support, replay_captured
-from moekit.experts.registry import FP8_ACTIVATION_SCHEMES, FP8_EXPERT_BACKENDS
+from moekit.experts.registry import FP8_EXPERT_BACKENDS
 from moekit.experts.triton_grouped import sixteen
 from moekit.experts.triton_grouped_fp8 import check_fp8_weights, triton_fp8_support, triton_grouped_fp8
 from moekit.validation import check_routing
-
-FP8_ACTIVATION_SCHEMES["cuda_graph_fp8"] = FP8_ACTIVATION_SCHEMES["triton_grouped_fp8"]
 
 
 def cuda_graph_fp8_support(device: torch.device, dtype: torch.dtype, scheme: str) -> tuple[bool, str]:

@@ -25,9 +25,6 @@ from moekit.registry import Registry
 
 EXPERT_BACKENDS = Registry("expert backend", guard_training=True)
 FP8_EXPERT_BACKENDS = Registry("FP8 expert backend", guard_training=True)
-# how each FP8 backend quantizes the SwiGLU activation for its down projection: "block" (per 1 x 128 tile) or
-# "row"; moekit.reference.reference_experts_fp8 follows the same recipe
-FP8_ACTIVATION_SCHEMES: dict[str, str] = {}
 SORTED_ROWS: dict[str, Callable] = {}
 # an FP8 backend's sorted-rows form: fn(rows: QuantizedRows [M, H] grouped by expert, expert_offsets [E + 1],
 # weights: QuantizedMoEWeights of those E experts, out_dtype) -> [M, H] unweighted, as an FP8 dispatch delivers them

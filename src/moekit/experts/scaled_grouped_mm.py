@@ -5,14 +5,12 @@ unpermute. Rowwise weights only: the op has no 128 x 128 block scales."""
 
 import torch
 
-from moekit.experts.registry import FP8_ACTIVATION_SCHEMES, FP8_EXPERT_BACKENDS
+from moekit.experts.registry import FP8_EXPERT_BACKENDS
 from moekit.experts.triton_grouped import sixteen
 from moekit.experts.triton_grouped_fp8 import check_fp8_weights
 from moekit.kernels.availability import fp8_triton_support
 from moekit.permute import expert_layout
 from moekit.validation import check_routing
-
-FP8_ACTIVATION_SCHEMES["scaled_grouped_mm"] = "row"
 
 
 def scaled_grouped_mm_support(device: torch.device, dtype: torch.dtype, scheme: str) -> tuple[bool, str]:
@@ -53,7 +51,8 @@ def scaled_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
 
     def grouped(a, a_scale, w, w_scale):  # a [M, K] e4m3 @ w[e].T, w [E, N, K] e4m3; scales [M, 1], [E, N, 1]
         return torch._scaled_grouped_mm(
-            a, w.transpose(1, 2), a_scale.view(-1), w_scale.view(E, -1), offs=ends, out_dtype=torch.bfloat16
+            a, w.transpose(1, 2), a_scale.view(-1), w_scale.view(E, -1), offs=ends, out_dtype=torch.bfloat16,
+            use_fast_accum=True,  # as triton_grouped_fp8 sums rowwise-scaled products (grouped_gemm_fp8)
         )
 
     activation = quantize_rows_triton(swiglu(grouped(rows.values, rows.scale, gate_up.values, gate_up.scale)), "row")

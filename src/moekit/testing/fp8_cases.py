@@ -12,6 +12,7 @@ import torch
 
 from moekit.quantize import BLOCK_SIZE, FP8, FP8_MAX, QuantizedMoEWeights, quantize_rows
 from moekit.reference import fp8_recipe_activations, reference_experts_fp8
+from moekit.testing.numerics import TOLERANCE, fp8_kernel_tolerance
 from moekit.weights import MoEWeights
 
 
@@ -35,12 +36,21 @@ def with_spread_blocks(weights: MoEWeights, seed: int) -> MoEWeights:
     )
 
 
+def activation_margin(device: torch.device, scheme: str, dtype: torch.dtype) -> float:
+    """How far (relative) a kernel's SwiGLU activation may sit from the float64 one when it is quantized, in a
+    layer of dtype: twice its accumulation error (float32 rounding in the interpreter, fp8_kernel_tolerance on the
+    GPU's tensor cores), and under "row", where a pass of its own quantizes it, its rounding to dtype first."""
+    on_gpu = device.type == "cuda"
+    accumulation = fp8_kernel_tolerance(torch.float32, scheme == "row") if on_gpu else TOLERANCE[torch.float32]
+    stored = torch.finfo(dtype).eps / 2 if scheme == "row" else 0.0
+    return 2 * accumulation + stored
+
+
 def requantization_flip_error(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     weights: QuantizedMoEWeights,
-    activation_scheme: str,
     margin: float,
 ) -> float:
     """How far from the FP8 recipe (relative to its norm) a kernel may land only because its SwiGLU activation,
@@ -48,15 +58,16 @@ def requantization_flip_error(
 
     Every activation element within margin of a rounding boundary is taken to flip by the step to the value it
     would reach; their effects on y are summed as independent errors (root of the sum of squares). Zero for an
-    exact kernel with margin 0; on Hopper's FP8 tensor cores the activation is off by FP8_MMA_TOLERANCE or so,
-    and one flipped element moves a whole token's output, so small problems see errors of a few percent.
+    exact kernel with margin 0; on Hopper's FP8 tensor cores the activation is off by its accumulation error
+    (activation_margin), and one flipped element moves a whole token's output, so small problems see errors of a
+    few percent.
     """
     block = weights.w_gate_up.block_size
     variance = torch.zeros(x.shape, dtype=torch.float64)
-    y = reference_experts_fp8(x, topk_ids, topk_weights, weights, activation_scheme)
+    y = reference_experts_fp8(x, topk_ids, topk_weights, weights)
     router_weights = topk_weights.double().cpu()
     for token_idx, slot, activation, w_down in fp8_recipe_activations(x, topk_ids, weights):
-        q = quantize_rows(activation, activation_scheme, block)
+        q = quantize_rows(activation, weights.scheme, block)
         scale = q.element_scale().double()
         nearest = q.values.double()
         step = torch.zeros_like(activation)
