@@ -7,7 +7,7 @@ moekit.kernels.quantize_rows); on the GPU all of it is compiled."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moekit.kernels.availability import fp8_triton_support
@@ -114,6 +114,33 @@ def test_the_tensor_cores_sum_over_mixtrals_k_within_the_accumulation_tolerance(
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems(), swiglu=st.booleans(), programs_per_sm=st.sampled_from([1, 2]))
+def test_k_steps_of_two_scale_blocks_under_row_scales(dev, monkeypatch, problem, swiglu, programs_per_sm):
+    """The decode tiles whose K step spans 256 (valid only where no scale changes along K: the tuner drops them for
+    block scales) against the float64 product, as the tuned runs on the GPU would pick them."""
+    import triton
+
+    from moekit.kernels import grouped_gemm_fp8 as module
+
+    counts, a, b, _, _ = problem
+    kernel = module._grouped_gemm_fp8_kernel
+    tile = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256, "PROGRAMS_PER_SM": programs_per_sm}
+    monkeypatch.setattr(kernel, "configs", [triton.Config(tile, num_warps=4, num_stages=1 if dev.type == "cpu" else 3)])
+    monkeypatch.setattr(kernel, "cache", {})
+    qa, qb = quantize_rows(a, "row"), quantize(b, "row")
+    offsets = offsets_of(counts, "cpu")
+    out, _ = grouped_gemm_fp8(qa.values.to(dev), qa.scale.to(dev), qb.values.to(dev), qb.scale.to(dev),
+                              offsets.to(dev), out_dtype=torch.float32, swiglu=swiglu)  # fmt: skip
+    expected = expert_products(qa.dequantize(torch.float64), qb.dequantize(torch.float64), offsets)
+    if swiglu:
+        gate, up = expected.chunk(2, dim=1)
+        expected = F.silu(gate) * up
+    tolerance = fp8_kernel_tolerance(torch.float32, fast_accumulation=dev.type == "cuda")
+    assert_close_to_reference(out[: offsets[-1]], expected, torch.float32, f"swiglu {swiglu}, counts {counts}",
+                              tolerance)  # fmt: skip
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=problems(k_multiple=16), swiglu=st.booleans(), quantize_out=st.booleans())
 def test_tensor_descriptor_loads_give_the_pointer_loads_result(dev, monkeypatch, problem, swiglu, quantize_out):
     """The copy-engine path reads whole tiles (the next expert's rows, the up rows past a gate tile, zeros past K)
@@ -157,6 +184,7 @@ def test_the_requantized_epilogue_is_quantize_rows_of_the_activation(dev, proble
     pad_to=st.sampled_from([1, 8]), scheme=st.sampled_from(SCHEMES),
     dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 99),
 )  # fmt: skip
+@example(T=3, H=8192 + 136, K=2, E=3, pad_to=1, scheme="row", dtype=torch.float32, seed=1)  # a row of two blocks
 def test_quantize_rows_triton_is_quantize_rows_permuted(dev, T, H, K, E, pad_to, scheme, dtype, seed):
     """Each token's e4m3 values and scales land, bit-equal to quantize_rows', in its K rows; padding rows hold 0
     with scale 1. Rows span outliers (amax 1e4 times the rest), zeros and fp16's whole range."""

@@ -52,27 +52,41 @@ OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _configs() -> list[triton.Config]:
-    # BLOCK_K is the scale block: one scale per operand row and K step; BLOCK_N a multiple of it, so that a
-    # re-quantized output tile holds whole 1 x 128 scale groups.
-    shapes = [
-        (16, 128, 4, 4),  # decode: a few rows per expert, the kernel streams the weights
-        (16, 128, 4, 6),  # the same, more loads in flight (the copy engine's tiles)
-        (32, 128, 4, 4),
-        (64, 128, 4, 4),
-        (64, 128, 4, 3),
-        (64, 128, 8, 3),
-        (64, 128, 8, 4),
-        (64, 256, 8, 3),
-        (128, 128, 8, 3),
-        (128, 128, 8, 4),
-        (128, 128, 4, 4),
-        (128, 256, 8, 3),
+    # BLOCK_K is the scale block (one scale per operand row and K step) where a scale changes along K; under row
+    # scales a K step may span two (fewer, longer steps: 3-4% on the decode GEMMs, H200). BLOCK_N is a multiple
+    # of it, so that a re-quantized output tile holds whole 1 x 128 scale groups. PROGRAMS_PER_SM 2: at decode a
+    # tile is a few K steps of streamed weight, so one program's pipeline ramp and epilogue dominate; a second
+    # program per SM loads meanwhile (Qwen3-30B-A3B's down GEMM at T = 16: 52.9 -> 39.8 us)
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K in scale blocks, warps, stages, programs per SM
+        (16, 128, 1, 4, 4, 1),  # decode: a few rows per expert, the kernel streams the weights
+        (16, 128, 1, 4, 6, 1),  # the same, more loads in flight (the copy engine's tiles)
+        (16, 128, 1, 4, 4, 2),
+        (16, 128, 1, 4, 3, 2),
+        (16, 128, 2, 4, 3, 2),
+        (16, 128, 2, 4, 4, 2),
+        (32, 128, 1, 4, 4, 2),
+        (32, 128, 1, 4, 4, 1),
+        (64, 128, 1, 4, 4, 1),
+        (64, 128, 1, 4, 3, 1),
+        (64, 128, 1, 4, 3, 2),
+        (64, 128, 1, 8, 3, 1),
+        (64, 128, 1, 8, 4, 1),
+        (64, 256, 1, 8, 3, 1),
+        (128, 128, 1, 8, 3, 1),
+        (128, 128, 1, 8, 4, 1),
+        (128, 128, 1, 4, 4, 1),
+        (128, 256, 1, 8, 3, 1),
+    ]
+    tuned = [
+        ({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk * BLOCK_SIZE, "PROGRAMS_PER_SM": n}, w, s)
+        for bm, bn, bk, w, s, n in shapes
     ]
     return tile_configs(
-        [({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_SIZE}, w, s) for bm, bn, w, s in shapes],
-        # two scale groups per tile row under the interpreter, one in the GPU's correctness config: both are tested
-        interpreter=({"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": BLOCK_SIZE}, 4, 1),
-        correctness=({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": BLOCK_SIZE}, 4, 3),
+        tuned,
+        # two scale groups per tile row under the interpreter, one in the GPU's correctness config: both are tested;
+        # two programs per SM under the interpreter, one in the correctness config: both grids are tested
+        interpreter=({"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": BLOCK_SIZE, "PROGRAMS_PER_SM": 2}, 4, 1),
+        correctness=({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": BLOCK_SIZE, "PROGRAMS_PER_SM": 1}, 4, 3),
     )
 
 
@@ -81,7 +95,9 @@ def _prune_configs(configs, named_args, **kwargs):
     accumulators and, where a scale changes along K, each K step's product held beside its accumulator: the
     block-scaled SwiGLU GEMM at 128 x 128 on 8 warps spilled to 194 TFLOP/s where 64 x 128 reached 394 (H200)."""
     args = {**named_args, **kwargs}
-    accumulators = (2 if args.get("SWIGLU") else 1) * (2 if args.get("A_BLOCKED") or args.get("B_BLOCKED") else 1)
+    blocked = args.get("A_BLOCKED") or args.get("B_BLOCKED")
+    configs = [c for c in configs if not blocked or c.kwargs["BLOCK_K"] == BLOCK_SIZE]  # a must, not a preference
+    accumulators = (2 if args.get("SWIGLU") else 1) * (2 if blocked else 1)
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * accumulators <= 128 * 32 * c.num_warps]
     return kept or configs
 
@@ -153,6 +169,7 @@ def _grouped_gemm_fp8_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # only in the grid
 ):
     num_n_tiles = tl.cdiv(N_OUT, BLOCK_N)
     tiles, tiles_end = _tile_table(offsets_ptr, E, num_n_tiles, BLOCK_M, BLOCK_E)
@@ -339,7 +356,7 @@ def grouped_gemm_fp8(
 
         def grid(meta):
             most_tiles = (triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(n_out, meta["BLOCK_N"])
-            return (min(programs, most_tiles),)
+            return (min(programs * meta["PROGRAMS_PER_SM"], most_tiles),)
 
         _grouped_gemm_fp8_kernel[grid](
             a,

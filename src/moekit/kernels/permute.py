@@ -85,7 +85,7 @@ def _unpermute_backward_kernel(
 
 def row_block(width: int) -> int:
     """The block of the kernels that give one row (or token) to a program and walk its width in blocks: the width's
-    power of two, at most 1024 (permute, unpermute, SwiGLU, the slot sums, the row quantization)."""
+    power of two, at most 1024 (permute, unpermute, SwiGLU, the slot sums)."""
     return min(1024, triton.next_power_of_2(max(width, 1)))
 
 
