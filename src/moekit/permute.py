@@ -1,4 +1,5 @@
-"""Routing -> expert-sorted row buffer and back, in torch, with no host synchronisation.
+"""Routing -> expert-sorted row buffer and back, in torch (a small unpadded batch on CUDA sorts in one Triton
+program, moekit.kernels.layout_sort), with no host synchronisation.
 
 Rows are grouped by expert (stable: token order within an expert). With pad_to > 1 each expert's
 block starts at a multiple of pad_to, for kernels that want whole tiles per expert; padding rows are
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from moekit.kernels.availability import triton_on_cuda
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,19 @@ class ExpertLayout:
 
 def expert_layout(topk_ids: torch.Tensor, num_experts: int, *, pad_to: int = 1) -> ExpertLayout:
     """topk_ids [T, K] (ids in [0, E), distinct per token) -> ExpertLayout on topk_ids' device."""
+    T, K = topk_ids.shape
+    # a small batch on CUDA (a decode step) sorts in one Triton program: the torch form is a dozen launches
+    # (the ids are integers: float32 only asks whether a Triton kernel runs on that device)
+    if pad_to == 1 and triton_on_cuda(topk_ids.device, torch.float32):
+        from moekit.kernels.layout_sort import fits_layout_sort, layout_sort
+
+        if fits_layout_sort(T * K, num_experts):
+            return ExpertLayout(*layout_sort(topk_ids, num_experts), T, K, T * K, pad_to)
+    return expert_layout_torch(topk_ids, num_experts, pad_to=pad_to)
+
+
+def expert_layout_torch(topk_ids: torch.Tensor, num_experts: int, *, pad_to: int = 1) -> ExpertLayout:
+    """expert_layout in torch ops, on any device and batch."""
     if pad_to < 1:
         raise ValueError(f"pad_to must be >= 1, got {pad_to}")
     T, K = topk_ids.shape
