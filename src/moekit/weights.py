@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from moekit.config import MoEConfig
+from moekit.kernels.availability import triton_on_cuda
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,12 @@ def _mm_has_float32_out(device_index: int) -> bool:
 
 def _bf16_parts(w: torch.Tensor) -> torch.Tensor:
     """w [E, H] float32 -> [3E, H] bf16, the stack of hi, mid, lo with hi + mid + lo = w (3 x 8 significant
-    bits: float32's 24). Two parts (16 bits) leave ~2^-17 of each weight out: ~2.4e-6 of the logits."""
+    bits: float32's 24). Two parts (16 bits) leave ~2^-17 of each weight out: ~2.4e-6 of the logits. One Triton
+    launch on CUDA (moekit.kernels.bf16_parts), these torch ops elsewhere."""
+    if triton_on_cuda(w.device, w.dtype):
+        from moekit.kernels.bf16_parts import bf16_parts_triton
+
+        return bf16_parts_triton(w)
     hi = w.to(torch.bfloat16)
     rest = w - hi.float()
     mid = rest.to(torch.bfloat16)

@@ -74,6 +74,19 @@ def test_split_bf16_parts_are_float32_accurate():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(96, 1024), (7, 333), (256, 7168), (0, 16)], ids=str)
+def test_cuda_split_is_the_torch_split_bit_for_bit(shape):
+    """The one-launch Triton split on CUDA gives torch's parts exactly, over six binades of weights with zeros,
+    float32 subnormals (the lo part underflows bf16's range there too) and odd sizes."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))
+    if w.numel():
+        w.view(-1)[::7] = 0.0
+        w.view(-1)[1::11] = 1e-40
+    assert torch.equal(_bf16_parts(w.cuda()).cpu(), _bf16_parts(w))  # the CPU split is torch's ops
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 333, 4096])
 def test_cuda_bf16_logits_are_float32_accurate(tokens):
     """router_logits' tensor-core path against float64, and its two-part twin on the same GPU: the bound
