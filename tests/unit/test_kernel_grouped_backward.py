@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moekit.kernels.availability import KERNEL_DTYPES
@@ -160,6 +160,7 @@ def test_grouped_gemm_swiglu_backward_matches_float64_autograd(triton_device, dt
     scaled=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(counts=[1], sizes=(8, 24), pad=0, scaled=True, seed=327)  # one row whose row-scale gradient cancels
 def test_sorted_rows_mlp_backward_matches_float64_autograd(
     triton_device, monkeypatch, triton_gemms, dtype, counts, sizes, pad, scaled, seed
 ):
@@ -257,7 +258,21 @@ def check_mlp(out, got, leaves, offsets, d_out, dtype, what) -> None:
         ref = ref if ref is not None else torch.zeros(value.shape, dtype=torch.float64)
         value = value[:valid] if name in ("rows", "row_scale") else value
         ref = ref[:valid] if name in ("rows", "row_scale") else ref
-        assert_close_to_reference(value, ref, dtype, f"{what}: d{name}", gradient_tolerance(dtype))
+        if name == "row_scale":
+            check_row_scale_gradient(value, ref, ref_out / ref_leaves[3][:valid, None], d_out[:valid], dtype, what)
+        else:
+            assert_close_to_reference(value, ref, dtype, f"{what}: d{name}", gradient_tolerance(dtype))
+
+
+def check_row_scale_gradient(value, ref, unscaled_out, d_out, dtype, what) -> None:
+    """d row_scale[i] = sum_h d_out[i, h] * unscaled_out[i, h], one dot product over H per row: its rounding error
+    scales with the terms, not with a sum they may cancel in (one row of H = 8 gave -0.0099 against -0.0098 in
+    float16, 1.4e-2 relative). So the error is taken relative to the terms' magnitude sum_h |d_out * out|, under
+    the same gradient tolerance: a wrong term or a dropped row still fails by far."""
+    magnitude = (d_out.double().cpu() * unscaled_out.detach()).abs().sum(1)
+    err = float((value.detach().double().cpu() - ref).norm() / magnitude.norm().clamp(min=1e-300))
+    tol = gradient_tolerance(dtype)
+    assert err <= tol, f"{what}: drow_scale: error {err:.3e} of the terms' magnitude exceeds {tol:.1e}"
 
 
 @pytest.mark.parametrize(
