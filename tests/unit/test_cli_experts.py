@@ -98,3 +98,42 @@ def test_experts_rejects_unknown_names():
         main(["bench", "experts", "--backends", "nope"])
     with pytest.raises(SystemExit, match="--shapes: unknown shape 'gpt'"):
         main(["bench", "experts", "--shapes", "gpt", "--shrink", "64", "--tokens-list", "4"])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the FP8 kernels run on the CPU under the "
+                    "Triton interpreter only")  # fmt: skip
+def test_experts_fp8_table_has_the_bf16_speedups_and_no_queued_figures_without_graphs(tmp_path, capsys):
+    out = tmp_path / "experts.json"
+    args = "bench experts --device cpu --dtype fp8 --quant row --shapes mixtral --shrink 64 --tokens-list 4 --runs 2"
+    assert main([*args.split(), "--quiet", "--json", str(out)]) == 0
+    results = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["triton_grouped_fp8"]["status"] == "ok" and results["triton_grouped"]["status"] == "ok"
+    assert results["cuda_graph_fp8"]["status"] == "unsupported: CUDA graphs need a CUDA device"
+    assert all(r["queued_ms"] is None and r["queued_pct_of_copy"] is None for r in results.values())
+    printed = capsys.readouterr().out
+    assert "queued x bf16" in printed and "x best bf16" in printed
+    speedup = results["triton_grouped"]["ms"] / results["triton_grouped_fp8"]["ms"]
+    assert re.search(rf"│ triton_grouped_fp8 .*│\s*{speedup:.2f} │\s*- │", printed), printed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda_graph", "triton_grouped"])
+def test_graph_replays_are_also_timed_queued(backend):
+    """A replayed forward gets the queued rate beside its synced one (at most the synced time, give or take
+    noise: queuing only hides the launch latency); an eager backend gets none."""
+    import torch
+
+    from moekit import MoEConfig, make_problem
+    from moekit.bench.ceilings import Ceilings
+    from moekit.bench.forward import time_forward
+
+    config = MoEConfig(hidden_size=256, ffn_size=512, num_experts=8, top_k=2, router="fused_select",
+                       dtype=torch.bfloat16)  # fmt: skip
+    problem = make_problem(config, 64, seed=0, device="cuda")
+    t = time_forward(problem, backend, Ceilings(700.0, 4000.0), runs=10)
+    assert t.status == "ok" and t.ms > 0
+    if backend == "cuda_graph":
+        assert 0 < t.queued_ms <= 1.5 * t.ms
+        assert t.queued_pct_of_copy == pytest.approx(t.pct_of_copy * t.ms / t.queued_ms)
+    else:
+        assert t.queued_ms is None and t.queued_pct_of_copy is None

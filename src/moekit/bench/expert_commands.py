@@ -144,9 +144,9 @@ def _fp8_cases(args, device: torch.device) -> list[tuple[str, bool, bool]]:
     return cases + [(BEST_BF16 if device.type == "cuda" else "triton_grouped", False, False)]
 
 
-def _bf16_of(fp8_rows: list, best: dict) -> list:
-    """The 'x best bf16' cell of each row: the bf16 row's ms over this row's."""
-    return [f"{best['ms'] / r['ms']:.2f}" if best.get("ms") and r.get("ms") else "-" for r in fp8_rows]
+def _bf16_of(fp8_rows: list, best: dict, key: str = "ms") -> list:
+    """The 'x best bf16' cell of each row: the bf16 row's time (ms, or queued_ms) over this row's."""
+    return [f"{best[key] / r[key]:.2f}" if best.get(key) and r.get(key) else "-" for r in fp8_rows]
 
 
 def run_experts_command(args, device: torch.device, dtype: torch.dtype) -> int:
@@ -193,11 +193,13 @@ def run_experts_command(args, device: torch.device, dtype: torch.dtype) -> int:
                     row = [t.backend, tokens, ms, t.tflops or "-"]
                     if fp8:
                         row.append(t.pct_of_fp8_matmul or "-")
-                    rows.append(row + [t.pct_of_matmul or "-", t.weight_gbps or "-", t.pct_of_copy or "-"])
+                    rows.append(row + [t.pct_of_matmul or "-", t.weight_gbps or "-", t.pct_of_copy or "-",
+                                       t.queued_ms or "-", t.queued_pct_of_copy or "-"])  # fmt: skip
                 if fp8:  # each row's speed-up over the bf16 row of its T
-                    speedups = _bf16_of([x.as_dict() for x in timed], timed[-1].as_dict())
-                    for row, speedup in zip(rows[-len(timed) :], speedups):
-                        row.append(speedup)
+                    fp8_rows, best = [x.as_dict() for x in timed], timed[-1].as_dict()
+                    speedups = zip(_bf16_of(fp8_rows, best), _bf16_of(fp8_rows, best, "queued_ms"))
+                    for row, (speedup, queued_speedup) in zip(rows[-len(timed) :], speedups):
+                        row += [speedup, queued_speedup]
                 del problem, quantized
             what = f"FP8 e4m3 ({scheme} scales), tokens in {dtype}" if fp8 else str(dtype)
             title = (
@@ -207,9 +209,10 @@ def run_experts_command(args, device: torch.device, dtype: torch.dtype) -> int:
                 + (f", FP8 dense {ceilings.fp8_matmul_tflops:.4g} TFLOP/s" if ceilings.fp8_matmul_tflops else "")
             )
             tables.append((title, rows))
-    columns = ["backend", "T", "ms", "TFLOP/s", "% FP8 dense", "% matmul", "weight GB/s", "% copy", "x best bf16"]
+    columns = ["backend", "T", "ms", "TFLOP/s", "% FP8 dense", "% matmul", "weight GB/s", "% copy", "queued ms",
+               "queued % copy", "x best bf16", "queued x bf16"]  # fmt: skip
     if not fp8:
-        columns = [c for c in columns if c not in ("% FP8 dense", "x best bf16")]
+        columns = [c for c in columns if c not in ("% FP8 dense", "x best bf16", "queued x bf16")]
     for title, rows in tables:
         print_table(title, columns, rows)
     if args.json:

@@ -13,7 +13,7 @@ import torch
 
 from moekit.bench.ceilings import Ceilings
 from moekit.bench.flops import routed_expert_flops
-from moekit.bench.timing import as_cuda_graph, measure
+from moekit.bench.timing import as_cuda_graph, measure, measure_queued
 from moekit.experts import EXPERT_BACKENDS, FP8_EXPERT_BACKENDS
 from moekit.experts.cuda_graph import best_eager_path
 from moekit.problem import MoEProblem
@@ -54,6 +54,11 @@ class ForwardTiming:
     weight_gbps: float | None = None
     pct_of_copy: float | None = None
     pct_of_fp8_matmul: float | None = None
+    # graph replays only: five queued back to back between two events (measure_queued), the rate of a serving
+    # loop whose host runs ahead; ms, one synced replay, also counts the graph's launch latency (17-47 us of a
+    # decode step on an H200)
+    queued_ms: float | None = None
+    queued_pct_of_copy: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -133,12 +138,16 @@ def time_forward(
         else:
             forward = whole_forward(impl.fn)
         ms = measure(forward, device, runs=runs, warmup=warmup).median_ms
+        replayed = graph or backend in ("cuda_graph", "cuda_graph_fp8")
+        queued_ms = measure_queued(forward, device, runs=runs, warmup=warmup).median_ms if replayed else None
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
         return ForwardTiming(name, T, f"OOM: {str(error).splitlines()[0][:80]}")
     tflops = routed_expert_flops(T, config) / ms / 1e9
     routing = route(problem.router_logits(), config, weights.score_correction_bias)
-    gbps = active_weight_bytes(routing.topk_ids, weights) / ms / 1e6
+    weight_bytes = active_weight_bytes(routing.topk_ids, weights)
+    gbps = weight_bytes / ms / 1e6
+    queued_pct = 100 * weight_bytes / queued_ms / 1e6 / ceilings.copy_gbps if queued_ms else None
     fp8_pct = 100 * tflops / ceilings.fp8_matmul_tflops if ceilings.fp8_matmul_tflops else None
     return ForwardTiming(
         name,
@@ -150,4 +159,6 @@ def time_forward(
         gbps,
         100 * gbps / ceilings.copy_gbps,
         fp8_pct,
+        queued_ms,
+        queued_pct,
     )
